@@ -1,0 +1,225 @@
+"""The engine: requests in, a scheduler step and a model step at a time, outputs out."""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from vlmserve.config import CacheConfig, ModelConfig, ModelLoadError, SchedulerConfig, text_config
+from vlmserve.engine.block_manager import BlockManager
+from vlmserve.engine.detokenizer import init_offsets
+from vlmserve.engine.output_processor import OutputProcessor
+from vlmserve.engine.scheduler import Scheduler
+from vlmserve.engine.sequence import Sequence
+from vlmserve.outputs import CompletionOutput, RequestOutput
+from vlmserve.sampling_params import SamplingParams
+from vlmserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_prompt_tokens_computed: int = 0  # prompt tokens run through the model (recomputes included)
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    num_generation_tokens: int = 0
+    num_preemptions: int = 0
+    max_batch_seqs: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # sequences per step, most recent last (bounded)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    arrival_time: float
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+
+def _eos_ids(model_dir: str, hf_config, tokenizer) -> set[int]:
+    ids: set[int] = set()
+
+    def add(v):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(i for i in v if isinstance(i, int))
+
+    if os.path.isfile(os.path.join(model_dir, "generation_config.json")):
+        try:
+            add(GenerationConfig.from_pretrained(model_dir).eos_token_id)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read generation_config.json in {model_dir!r}: {e}") from e
+    if not ids:
+        add(getattr(text_config(hf_config), "eos_token_id", None))
+    add(tokenizer.eos_token_id)
+    return ids
+
+
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {model_dir!r}: {e}") from e
+
+
+class LLMEngine:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig, device: torch.device, tokenizer=None):
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.device = device
+        self.tokenizer = tokenizer or load_tokenizer(model_config.model, model_config.trust_remote_code)
+        self.eos_token_ids = _eos_ids(model_config.model, model_config.hf_config, self.tokenizer)
+        self.vocab_size = text_config(model_config.hf_config).vocab_size
+
+        t0 = time.perf_counter()
+        self.runner = ModelRunner(model_config, cache_config, scheduler_config, device)
+        num_blocks = self.runner.determine_num_blocks()
+        capacity = num_blocks * cache_config.block_size
+        if capacity < model_config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {cache_config.block_size}), "
+                f"fewer than max_model_len={model_config.max_model_len}: lower max_model_len or give "
+                "the cache more blocks")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.num_kv_blocks = num_blocks
+        logger.info("loaded %s (%s, %s) on %s in %.1fs; KV cache: %d blocks of %d tokens",
+                    model_config.model, model_config.architecture, model_config.dtype, device,
+                    time.perf_counter() - t0, num_blocks, cache_config.block_size)
+
+        self.block_manager = BlockManager(num_blocks, cache_config.block_size,
+                                          cache_config.enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids,
+                                                model_config.max_model_len)
+        self.requests: dict[str, _Request] = {}
+        self.stats = EngineStats()
+        self._seq_ids = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        n = len(prompt_token_ids)
+        if n > self.model_config.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens, more than max_model_len="
+                             f"{self.model_config.max_model_len}")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None, arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            p = params if params.n == 1 or params.seed is None else params.clone(seed=params.seed + i)
+            seq = Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, p, arrival,
+                           want_prompt_logprobs=(i == 0))
+            init_offsets(seq)
+            seqs.append(seq)
+        self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs, arrival)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- stepping ------------------------------------------------------------------------
+    def step(self, include_unfinished: bool = False) -> list[RequestOutput]:
+        """Run one scheduler + model step. Returns the outputs of requests that finished in it
+        (and, with include_unfinished, of every request that made progress)."""
+        sched = self.scheduler.schedule()
+        st = self.stats
+        st.num_preemptions = self.scheduler.num_preemptions
+        st.num_cached_prompt_tokens = self.scheduler.num_cached_tokens
+        if not sched:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress: a request cannot fit in the KV cache")
+            return []
+        stop_ids = {s.seq.seq_id: self.output_processor.stop_ids_for(s.seq)
+                    for s in sched.scheduled if s.seq.params.min_tokens}
+        for s in sched.scheduled:
+            c = s.seq.num_computed_tokens
+            st.num_prompt_tokens_computed += max(0, min(c + s.num_new_tokens, s.seq.num_prompt_tokens) - c)
+        results = self.runner.execute(sched, stop_ids)
+        st.num_steps += 1
+        nseq = len(sched.scheduled)
+        st.max_batch_seqs = max(st.max_batch_seqs, nseq)
+        st.batch_sizes.append(nseq)
+        if len(st.batch_sizes) > 4096:
+            del st.batch_sizes[:2048]
+
+        touched: dict[str, _Request] = {}
+        for s, res in zip(sched.scheduled, _align(sched.scheduled, results)):
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_computed_blocks(seq)
+            self.output_processor.process(res)
+            if res.token_id is not None:
+                st.num_generation_tokens += 1
+                if seq.first_token_time is None:
+                    seq.first_token_time = time.monotonic()
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            req = self.requests.get(seq.request_id)
+            if req is not None:
+                touched[seq.request_id] = req
+
+        outputs = []
+        for rid, req in touched.items():
+            done = req.finished
+            if done or include_unfinished:
+                outputs.append(self._make_output(req, done))
+            if done:
+                del self.requests[rid]
+        return outputs
+
+    def _make_output(self, req: _Request, finished: bool) -> RequestOutput:
+        first = req.seqs[0]
+        completions = [
+            CompletionOutput(index=s.index, text=s.output_text, token_ids=list(s.output_token_ids),
+                             cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                             logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                             finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+            for s in req.seqs]
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+            prompt_logprobs=list(first.prompt_logprobs) if first.want_prompt_logprobs else None,
+            outputs=completions, finished=finished, num_cached_tokens=first.num_cached_tokens,
+            metrics={"arrival_time": req.arrival_time, "first_token_time": first.first_token_time})
+
+
+def _align(scheduled, results):
+    """The runner reorders sequences (decodes first); give results back in scheduling order."""
+    by_id = {r.seq.seq_id: r for r in results}
+    return [by_id[s.seq.seq_id] for s in scheduled]

@@ -1,0 +1,94 @@
+"""The state of one sequence (one of the `n` samples of a request) as it moves through the engine."""
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from vlmserve.outputs import PositionLogprobs
+from vlmserve.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Token ids (prompt then output), how many of them are in the KV cache, and output bookkeeping."""
+
+    def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, arrival_time: float | None = None,
+                 want_prompt_logprobs: bool = False):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.status = SequenceStatus.WAITING
+
+        # KV cache state, owned by the block manager and the scheduler.
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chain hashes of the full blocks of token_ids
+        self.num_cached_blocks = 0  # leading blocks of block_table registered in the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
+        self.num_preemptions = 0
+
+        # Sampling state.
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        self.want_prompt_logprobs = want_prompt_logprobs and params.prompt_logprobs is not None
+        self.prompt_logprobs: list[PositionLogprobs | None] = [None] if self.want_prompt_logprobs else []
+
+        # Output state, owned by the output processor.
+        self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.output_text = ""
+        self.detok_prefix_offset = 0
+        self.detok_read_offset = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while tokens other than the last sampled one are still missing from the KV cache."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    def block_extra_keys(self, block_index: int, block_size: int) -> tuple:
+        """Extra identity of a block beyond its token ids (multimodal content hashes go here)."""
+        return ()
+
+    def reset_for_recompute(self) -> None:
+        """Preemption by recompute: the KV cache is dropped; prompt and output tokens are kept."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.num_cached_blocks = 0
+        self.num_preemptions += 1
+        self.status = SequenceStatus.WAITING

@@ -1,0 +1,138 @@
+"""The offline entry point: `LLM(model=...)`, then `generate(...)`."""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+from tqdm.auto import tqdm
+
+from vlmserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from vlmserve.engine.llm_engine import LLMEngine
+from vlmserve.outputs import RequestOutput
+from vlmserve.sampling_params import SamplingParams
+
+DEMO_MODEL_NAME = "vlmserve-demo"
+DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "demo_model")
+
+PromptType = str | dict
+
+
+def resolve_model_path(model: str | None) -> str:
+    if model is None or model == DEMO_MODEL_NAME:
+        return DEMO_MODEL_DIR
+    return model
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class LLM:
+    """Offline inference over a local Hugging Face model directory."""
+
+    def __init__(self, model: str | None = None, *, task: str = "generate", tokenizer: str | None = None,
+                 dtype: str | torch.dtype = "auto", seed: int = 0, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 block_size: int = 16, num_kv_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.9, trust_remote_code: bool = False,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False,
+                 tensor_parallel_size: int = 1, device: str | None = None):
+        if task != "generate":
+            raise ValueError(f"task {task!r} is not supported by this version of vlmserve (only 'generate')")
+        if tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        dev = torch.device(device) if device else default_device()
+        model_config = ModelConfig.create(resolve_model_path(model), dtype, max_model_len, seed,
+                                          trust_remote_code, dev)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(8192, max_num_seqs)
+        scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs,
+                                           max_num_batched_tokens=max_num_batched_tokens,
+                                           max_model_len=model_config.max_model_len)
+        cache_config = CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
+                                   gpu_memory_utilization=gpu_memory_utilization,
+                                   enable_prefix_caching=enable_prefix_caching)
+        tok = None
+        if tokenizer is not None:
+            from vlmserve.engine.llm_engine import load_tokenizer
+            tok = load_tokenizer(tokenizer, trust_remote_code)
+        self.enforce_eager = enforce_eager
+        self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config, dev, tokenizer=tok)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    # ---- prompts -------------------------------------------------------------------------
+    def _prompt_token_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.get_tokenizer()(prompt).input_ids
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)):
+                    raise TypeError("prompt_token_ids must be a list of ints")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                text = prompt["prompt"]
+                if not isinstance(text, str):
+                    raise TypeError(f"'prompt' must be a string, got {type(text).__name__}")
+                return text, self.get_tokenizer()(text).input_ids
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        raise TypeError(f"a prompt is a string or a dict, got {type(prompt).__name__}")
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        # Validate everything before anything runs: one bad prompt fails the call, not the engine.
+        engine = self.llm_engine
+        parsed = []
+        for prompt in prompts:
+            text, ids = self._prompt_token_ids(prompt)
+            engine.validate_prompt(ids)
+            parsed.append((text, ids))
+        ids = []
+        for (text, tok_ids), p in zip(parsed, params):
+            rid = str(next(self._request_counter))
+            engine.add_request(rid, tok_ids, p, prompt=text)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
+                   disable=not use_tqdm)
+        t0 = time.perf_counter()
+        in_tok = out_tok = 0
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    done[out.request_id] = out
+                    in_tok += len(out.prompt_token_ids)
+                    out_tok += sum(len(c.token_ids) for c in out.outputs)
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"input: {in_tok / dt:.1f} toks/s, output: {out_tok / dt:.1f} toks/s")
+                    bar.update(1)
+        except BaseException:
+            for rid in request_ids:
+                engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[rid] for rid in request_ids]

@@ -1,0 +1,25 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu,
+         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+         "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+def get_act_fn(name: str):
+    if name not in _ACTS:
+        raise ValueError(f"unsupported activation {name!r}")
+    return _ACTS[name]
+
+
+class ActAndMul(nn.Module):
+    """act(gate) * up over a fused [gate | up] projection."""
+
+    def __init__(self, act: str = "silu"):
+        super().__init__()
+        self.act = get_act_fn(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return self.act(gate) * up

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """How a flat batch of tokens splits into sequences and where their KV entries live.
+
+    The batch holds `num_decodes` single-token decode sequences first, then prefill chunks.
+    Token i of the batch is written to cache slot `slot_mapping[i]` (block * block_size + offset).
+    """
+    num_decodes: int
+    query_start_loc: list[int]  # B + 1 offsets into the flat token batch
+    seq_lens: list[int]  # tokens in the cache for each sequence once this step's are written
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32/int64, padded with 0
+    seq_lens_tensor: torch.Tensor  # [B] int64, on the device
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)

@@ -1,0 +1,37 @@
+"""Architecture name (config.json "architectures") -> model class, imported on first use.
+Out-of-tree models register with `ModelRegistry.register_model`."""
+from __future__ import annotations
+
+import importlib
+
+from vlmserve.config import ModelLoadError
+
+_BUILTIN: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Phi3ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+}
+
+
+class _ModelRegistry:
+    def __init__(self):
+        self._custom: dict[str, type] = {}
+
+    def register_model(self, architecture: str, model_cls: type) -> None:
+        self._custom[architecture] = model_cls
+
+    def supported_architectures(self) -> list[str]:
+        return sorted(set(_BUILTIN) | set(self._custom))
+
+    def resolve(self, architecture: str) -> type:
+        if architecture in self._custom:
+            return self._custom[architecture]
+        if architecture not in _BUILTIN:
+            raise ModelLoadError(f"unsupported architecture {architecture!r}; vlmserve supports: "
+                                 f"{', '.join(self.supported_architectures())}")
+        module, name = _BUILTIN[architecture]
+        return getattr(importlib.import_module(f"vlmserve.models.{module}"), name)
+
+
+ModelRegistry = _ModelRegistry()

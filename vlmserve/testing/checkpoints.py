@@ -1,0 +1,136 @@
+"""Random-weight checkpoints of real architectures, saved as real checkpoints are.
+
+Two key layouts: "v5" is what transformers 5 `save_pretrained` writes; "hub" is what checkpoints
+on the hub were written with (transformers 4.x): top-level `rope_theta` / `rope_scaling` and
+`torch_dtype` in config.json, rotary `inv_freq` buffers among the weights, shards with an index."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import torch
+from safetensors.torch import save_file
+
+_WORDS = ("the a an of to in is was for on with as by at from it this that be are were not but or "
+          "cat dog bird fish tree house river mountain city road car train boat plane sun moon star "
+          "red green blue yellow purple orange black white small large quick slow bright dark happy "
+          "runs jumps flies swims sees finds makes takes gives tells asks walks sings reads writes "
+          "image picture photo shape circle square triangle cross color describe what where who why "
+          "one two three four five six seven eight nine ten hello world model engine token cache "
+          "café naïve über 東京 こんにちは 😀 🚀").split()
+
+
+def _corpus(n_lines: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 16))]
+        text = " ".join(words)
+        if rng.random() < 0.3:
+            text = text.capitalize() + rng.choice([".", "?", "!", ","])
+        if rng.random() < 0.1:
+            text += "\n" + str(rng.randint(0, 9999))
+        lines.append(text)
+    return lines
+
+
+def train_tokenizer(out_dir: str, vocab_size: int = 512, seed: int = 0):
+    """A byte-level BPE tokenizer trained here, saved as a transformers fast tokenizer, with a BOS
+    token prepended as Llama's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(4000, seed), trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _config(arch: str, tokenizer, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "phi3": Phi3Config}[arch]
+    kw = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id, initializer_range=0.08, tie_word_embeddings=False)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def make_text_checkpoint(out_dir: str, arch: str = "llama", layout: str = "v5", num_shards: int = 1,
+                         seed: int = 0, tokenizer_vocab: int = 512, **config_overrides) -> str:
+    """Write a random-weight causal LM of `arch` (llama, mistral, qwen2, phi3) to `out_dir`."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = train_tokenizer(out_dir, tokenizer_vocab, seed)
+    config = _config(arch, tokenizer, **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id).save_pretrained(out_dir)
+    if layout == "v5":
+        model.save_pretrained(out_dir, max_shard_size="200KB" if num_shards > 1 else "10GB")
+    elif layout == "hub":
+        _save_hub_layout(model, config, out_dir, num_shards)
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return out_dir
+
+
+def _save_hub_layout(model, config, out_dir: str, num_shards: int) -> None:
+    from vlmserve.layers.rotary import rope_parameters
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    rope = rope_parameters(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * rope["partial_rotary_factor"])
+    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+    for i in range(config.num_hidden_layers):  # 4.x checkpoints carried this buffer
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    names = sorted(state)
+    shards = [names[i::num_shards] for i in range(num_shards)]
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if num_shards == 1 else f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        save_file({k: state[k] for k in shard}, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    if num_shards > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                       "weight_map": weight_map}, f, indent=2)
+    config.architectures = [type(model).__name__]
+    cfg = config.to_diff_dict()
+    for key in ("rope_parameters", "dtype", "transformers_version"):
+        cfg.pop(key, None)
+    cfg["rope_theta"] = rope["rope_theta"]
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if scaling.get("rope_type", "default") == "default":
+        cfg["rope_scaling"] = None
+    else:
+        cfg["rope_scaling"] = {"type" if scaling["rope_type"] == "longrope" else "rope_type": scaling.pop("rope_type"),
+                               **scaling}
+        omp = scaling.get("original_max_position_embeddings")
+        if omp and scaling is not None and config.model_type == "phi3":
+            cfg["original_max_position_embeddings"] = omp
+            cfg["rope_scaling"].pop("original_max_position_embeddings", None)
+    if rope["partial_rotary_factor"] != 1.0:
+        cfg["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    cfg["torch_dtype"] = "float32"
+    cfg["transformers_version"] = "4.44.2"
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)

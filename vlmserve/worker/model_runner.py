@@ -1,0 +1,185 @@
+"""Runs one engine step on the model: builds the flat batch (decodes first, then prefill chunks),
+the attention metadata and the KV cache slots, runs the forward pass, and samples."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vlmserve.config import CacheConfig, ModelConfig, SchedulerConfig, text_config
+from vlmserve.engine.scheduler import SchedulerOutput, ScheduledSeq
+from vlmserve.engine.sequence import Sequence
+from vlmserve.layers.attention import Attention, AttentionMetadata
+from vlmserve.layers.attention.backends import get_attention_backend
+from vlmserve.worker.model_loader import load_model
+from vlmserve.worker.sampler import SampledLogprobs, Sampler, gather_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SeqStepResult:
+    seq: Sequence
+    token_id: int | None = None  # None: a prefill chunk that did not reach the end of the prompt
+    logprobs: tuple | None = None  # (token logprob, rank, topk ids, topk logprobs) of the sampled token
+    prompt_logprobs: list[tuple] | None = None  # per newly scored prompt position, the same tuple
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig, device: torch.device):
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.device = device
+        self.model = load_model(model_config, device)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.sampler = Sampler(device, model_config.seed)
+        self.kv_caches: list[torch.Tensor] = []
+        self.block_size = cache_config.block_size
+
+    # ---- KV cache ------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.model_config.dtype).element_size()
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * elem for a in self.attn_layers)
+
+    def determine_num_blocks(self) -> int:
+        cfg = self.cache_config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = self.kv_bytes_per_block()
+        if self.device.type == "cuda":
+            budget = self._profile_cuda_budget()
+        else:
+            gib = os.environ.get("VLMSERVE_CPU_KVCACHE_SPACE")
+            budget = int(float(gib) * (1 << 30)) if gib else cfg.cpu_kv_cache_bytes
+        blocks_per_seq = -(-self.model_config.max_model_len // self.block_size)
+        enough = self.scheduler_config.max_num_seqs * blocks_per_seq
+        num = min(budget // per_block, enough)
+        if num < 1:
+            raise RuntimeError("no memory is left for the KV cache; lower max_model_len or free memory")
+        return int(num)
+
+    @torch.inference_mode()
+    def _profile_cuda_budget(self) -> int:
+        """Run the largest step the scheduler can make, then give the KV cache what is left of
+        gpu_memory_utilization."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.scheduler_config.max_num_batched_tokens, self.model_config.max_model_len)
+        nblocks = -(-n // self.block_size)
+        self.allocate_kv_cache(nblocks)
+        seq_ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(
+            num_decodes=0, query_start_loc=[0, n], seq_lens=[n],
+            slot_mapping=torch.arange(n, device=self.device),
+            block_tables=torch.arange(nblocks, device=self.device)[None, :],
+            seq_lens_tensor=torch.tensor([n], device=self.device), block_size=self.block_size)
+        hidden = self.model(seq_ids, torch.arange(n, device=self.device), meta)
+        self.model.compute_logits(hidden[-min(n, self.scheduler_config.max_num_seqs):])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.kv_caches = []
+        for a in self.attn_layers:
+            a.kv_cache = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+        return int(total * self.cache_config.gpu_memory_utilization - peak - used_by_others)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        backend = get_attention_backend()
+        self.kv_caches = []
+        for a in self.attn_layers:
+            shape = backend.kv_cache_shape(num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+            cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            a.kv_cache = cache
+            self.kv_caches.append(cache)
+
+    # ---- one step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, stop_ids: dict[int, list[int]]) -> list[SeqStepResult]:
+        items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens = []
+        sample_rows: list[int] = []  # index into items
+        sample_idx: list[int] = []  # index into the flat batch
+        prompt_lp: list[tuple[int, int, int]] = []  # (item, first position, last position)
+        num_decodes = 0
+        for i, it in enumerate(items):
+            seq, n = it.seq, it.num_new_tokens
+            c = seq.num_computed_tokens
+            table = seq.block_table
+            if n == 1:
+                num_decodes += 1
+                input_ids.append(seq.token_ids[c])
+                positions.append(c)
+                slots.append(table[c // bs] * bs + c % bs)
+            else:
+                input_ids.extend(seq.token_ids[c:c + n])
+                pos = range(c, c + n)
+                positions.extend(pos)
+                slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if seq.want_prompt_logprobs:
+                first = max(c, len(seq.prompt_logprobs) - 1)
+                last = min(c + n - 1, seq.num_prompt_tokens - 2)
+                if first <= last:
+                    prompt_lp.append((i, first, last))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(c + n)
+            if c + n == seq.num_tokens:
+                sample_rows.append(i)
+                sample_idx.append(qsl[-1] - 1)
+
+        dev = self.device
+        max_blocks = max(len(it.seq.block_table) for it in items)
+        tables = torch.zeros((len(items), max_blocks), dtype=torch.long)
+        for i, it in enumerate(items):
+            t = it.seq.block_table
+            tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        meta = AttentionMetadata(
+            num_decodes=num_decodes, query_start_loc=qsl, seq_lens=seq_lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=tables.to(dev), seq_lens_tensor=torch.tensor(seq_lens, device=dev),
+            block_size=bs)
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        hidden = self._forward(ids_t, pos_t, meta, items)
+
+        results = [SeqStepResult(it.seq) for it in items]
+        if sample_rows:
+            seqs = [items[i].seq for i in sample_rows]
+            logits = self.model.compute_logits(hidden[sample_idx])
+            tokens, lp = self.sampler(logits, seqs, [stop_ids.get(s.seq_id, []) for s in seqs])
+            tokens = tokens.tolist()
+            lp_rows = _logprob_rows(lp, [s.params.logprobs for s in seqs]) if lp is not None else None
+            for j, i in enumerate(sample_rows):
+                results[i].token_id = tokens[j]
+                if lp_rows is not None and seqs[j].params.logprobs is not None:
+                    results[i].logprobs = lp_rows[j]
+        for i, first, last in prompt_lp:
+            seq = items[i].seq
+            start = qsl[i] + first - seq.num_computed_tokens
+            h = hidden[start:start + last - first + 1]
+            logprobs = torch.log_softmax(self.model.compute_logits(h).float(), dim=-1)
+            targets = torch.tensor(seq.token_ids[first + 1:last + 2], device=dev)
+            k = seq.params.prompt_logprobs
+            results[i].prompt_logprobs = _logprob_rows(gather_logprobs(logprobs, targets, k), [k] * len(targets))
+        return results
+
+    def _forward(self, input_ids, positions, meta, items: list[ScheduledSeq]) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+
+def _logprob_rows(lp: SampledLogprobs, ks: list[int | None]) -> list[tuple]:
+    tok = lp.token_logprobs.tolist()
+    ranks = lp.token_ranks.tolist()
+    ids = lp.topk_ids.tolist()
+    vals = lp.topk_logprobs.tolist()
+    return [(tok[r], ranks[r], ids[r][:k or 0], vals[r][:k or 0]) for r, k in enumerate(ks)]
