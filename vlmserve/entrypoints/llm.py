@@ -67,9 +67,14 @@ class LLM:
         return self.llm_engine.tokenizer
 
     # ---- prompts -------------------------------------------------------------------------
+    def _tokenize(self, text: str) -> list[int]:
+        if not text:
+            raise ValueError("the prompt is empty: give some text")
+        return self.get_tokenizer()(text).input_ids
+
     def _prompt_token_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, self.get_tokenizer()(prompt).input_ids
+            return prompt, self._tokenize(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
@@ -80,7 +85,7 @@ class LLM:
                 text = prompt["prompt"]
                 if not isinstance(text, str):
                     raise TypeError(f"'prompt' must be a string, got {type(text).__name__}")
-                return text, self.get_tokenizer()(text).input_ids
+                return text, self._tokenize(text)
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         raise TypeError(f"a prompt is a string or a dict, got {type(prompt).__name__}")
 

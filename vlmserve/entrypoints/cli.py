@@ -1,0 +1,38 @@
+"""The `vlmserve` command. Each subcommand is added by a small `_add_*_parser(subparsers)` function
+that sets `func`, the callable run with the parsed arguments."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_bench_parser(subparsers) -> None:
+    from vlmserve.benchmarks import throughput
+
+    bench = subparsers.add_parser("bench", help="run a benchmark")
+    kinds = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    p = kinds.add_parser("throughput", help="offline throughput, optionally beside HF and vLLM",
+                         description=throughput.__doc__,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    throughput.add_cli_args(p)
+    p.set_defaults(func=throughput.main)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlmserve.version import __version__
+
+    parser = argparse.ArgumentParser(prog="vlmserve", description="vlmserve: inference and serving of "
+                                     "vision-language models")
+    parser.add_argument("--version", action="version", version=f"vlmserve {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_bench_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
