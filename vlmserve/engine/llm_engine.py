@@ -16,6 +16,8 @@ from vlmserve.engine.detokenizer import init_offsets
 from vlmserve.engine.output_processor import OutputProcessor
 from vlmserve.engine.scheduler import Scheduler
 from vlmserve.engine.sequence import Sequence
+from vlmserve.multimodal import MULTIMODAL_REGISTRY, MultiModalItem
+from vlmserve.multimodal.processing import MultiModalInputError
 from vlmserve.outputs import CompletionOutput, RequestOutput
 from vlmserve.sampling_params import SamplingParams
 from vlmserve.worker.model_runner import ModelRunner
@@ -76,7 +78,8 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
 
 class LLMEngine:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 scheduler_config: SchedulerConfig, device: torch.device, tokenizer=None):
+                 scheduler_config: SchedulerConfig, device: torch.device, tokenizer=None,
+                 limit_mm_per_prompt: dict[str, int] | None = None, mm_processor_kwargs: dict | None = None):
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
@@ -87,6 +90,14 @@ class LLMEngine:
 
         t0 = time.perf_counter()
         self.runner = ModelRunner(model_config, cache_config, scheduler_config, device)
+        proc_cls = MULTIMODAL_REGISTRY.processor_class(type(self.runner.model))
+        self.mm_processor = proc_cls(model_config, self.tokenizer, mm_processor_kwargs) if proc_cls else None
+        self.limit_mm_per_prompt = dict(limit_mm_per_prompt or {})
+        if self.mm_processor is not None:
+            unknown = set(self.limit_mm_per_prompt) - set(self.mm_processor.modalities)
+            if unknown:
+                raise ValueError(f"limit_mm_per_prompt names {sorted(unknown)}, which this model does not "
+                                 f"take (it takes: {', '.join(self.mm_processor.modalities)})")
         num_blocks = self.runner.determine_num_blocks()
         capacity = num_blocks * cache_config.block_size
         if capacity < model_config.max_model_len:
@@ -121,8 +132,22 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids out of the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
 
+    def process_multimodal(self, prompt_token_ids: list[int], mm_data: dict | None,
+                           mm_processor_kwargs: dict | None = None) -> tuple[list[int], list[MultiModalItem]]:
+        """Expand the placeholders of a prompt for its media and make the items' model inputs."""
+        if not mm_data:
+            if self.mm_processor is not None:
+                # A prompt that names placeholders with no media is caught here too.
+                return self.mm_processor.apply(prompt_token_ids, {}, self.limit_mm_per_prompt)
+            return prompt_token_ids, []
+        if self.mm_processor is None:
+            raise MultiModalInputError(f"{self.model_config.architecture} takes no multimodal input")
+        return self.mm_processor.apply(prompt_token_ids, mm_data, self.limit_mm_per_prompt,
+                                       mm_processor_kwargs)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, arrival_time: float | None = None) -> None:
+                    prompt: str | None = None, arrival_time: float | None = None,
+                    mm_items: list[MultiModalItem] | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
@@ -131,7 +156,7 @@ class LLMEngine:
         for i in range(params.n):
             p = params if params.n == 1 or params.seed is None else params.clone(seed=params.seed + i)
             seq = Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, p, arrival,
-                           want_prompt_logprobs=(i == 0))
+                           want_prompt_logprobs=(i == 0), mm_items=mm_items)
             init_offsets(seq)
             seqs.append(seq)
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs, arrival)

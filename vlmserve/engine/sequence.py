@@ -21,7 +21,7 @@ class Sequence:
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, arrival_time: float | None = None,
-                 want_prompt_logprobs: bool = False):
+                 want_prompt_logprobs: bool = False, mm_items: list | None = None):
         self.seq_id = seq_id
         self.request_id = request_id
         self.index = index
@@ -30,6 +30,7 @@ class Sequence:
         self.params = params
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.status = SequenceStatus.WAITING
+        self.mm_items = mm_items or []  # MultiModalItem, by prompt position
 
         # KV cache state, owned by the block manager and the scheduler.
         self.num_computed_tokens = 0
@@ -82,8 +83,12 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens > 1
 
     def block_extra_keys(self, block_index: int, block_size: int) -> tuple:
-        """Extra identity of a block beyond its token ids (multimodal content hashes go here)."""
-        return ()
+        """Extra identity of a block beyond its token ids: the content hash of every multimodal item
+        that has placeholder tokens in it, so another image behind the same tokens misses."""
+        if not self.mm_items:
+            return ()
+        start, end = block_index * block_size, (block_index + 1) * block_size
+        return tuple((it.hash, it.offset - start) for it in self.mm_items if it.offset < end and it.end > start)
 
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: the KV cache is dropped; prompt and output tokens are kept."""

@@ -39,7 +39,8 @@ class LLM:
                  block_size: int = 16, num_kv_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, trust_remote_code: bool = False,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
-                 tensor_parallel_size: int = 1, device: str | None = None):
+                 tensor_parallel_size: int = 1, limit_mm_per_prompt: dict[str, int] | None = None,
+                 mm_processor_kwargs: dict | None = None, device: str | None = None):
         if task != "generate":
             raise ValueError(f"task {task!r} is not supported by this version of vlmserve (only 'generate')")
         if tensor_parallel_size != 1:
@@ -60,7 +61,9 @@ class LLM:
             from vlmserve.engine.llm_engine import load_tokenizer
             tok = load_tokenizer(tokenizer, trust_remote_code)
         self.enforce_eager = enforce_eager
-        self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config, dev, tokenizer=tok)
+        self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config, dev, tokenizer=tok,
+                                    limit_mm_per_prompt=limit_mm_per_prompt,
+                                    mm_processor_kwargs=mm_processor_kwargs)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
@@ -109,12 +112,15 @@ class LLM:
         parsed = []
         for prompt in prompts:
             text, ids = self._prompt_token_ids(prompt)
+            mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+            mm_kwargs = prompt.get("mm_processor_kwargs") if isinstance(prompt, dict) else None
+            ids, mm_items = engine.process_multimodal(ids, mm_data, mm_kwargs)
             engine.validate_prompt(ids)
-            parsed.append((text, ids))
+            parsed.append((text, ids, mm_items))
         ids = []
-        for (text, tok_ids), p in zip(parsed, params):
+        for (text, tok_ids, mm_items), p in zip(parsed, params):
             rid = str(next(self._request_counter))
-            engine.add_request(rid, tok_ids, p, prompt=text)
+            engine.add_request(rid, tok_ids, p, prompt=text, mm_items=mm_items)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 

@@ -11,7 +11,12 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
     "Phi3ForCausalLM": ("llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+    "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
 }
+
+# The language model inside a multimodal checkpoint, by its text config's model_type.
+_TEXT_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                       "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 class _ModelRegistry:
@@ -35,3 +40,10 @@ class _ModelRegistry:
 
 
 ModelRegistry = _ModelRegistry()
+
+
+def text_model_class(text_config) -> type:
+    model_type = getattr(text_config, "model_type", None)
+    if model_type not in _TEXT_BY_MODEL_TYPE:
+        raise ModelLoadError(f"unsupported language model type {model_type!r} inside a multimodal model")
+    return ModelRegistry.resolve(_TEXT_BY_MODEL_TYPE[model_type])

@@ -70,8 +70,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                  skip_prefixes: tuple[str, ...] = ()) -> None:
     """Copy checkpoint tensors into `model`'s parameters; every parameter must be filled.
 
-    `renames` maps checkpoint name prefixes to ours (first match wins), which is how both the
-    transformers 4.x hub layout and the transformers 5 layout of a checkpoint load."""
+    `renames` maps checkpoint name prefixes to ours, each rule applied in turn, which is how both
+    the transformers 4.x hub layout and the transformers 5 layout of a checkpoint load."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     filled: dict[str, set[str] | bool] = {}
@@ -81,7 +81,6 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         for old, new in renames:
             if name.startswith(old):
                 name = new + name[len(old):]
-                break
         if name.endswith(IGNORED_SUFFIXES) or name.startswith(skip_prefixes):
             continue
         for ours, theirs, shard in stacked:

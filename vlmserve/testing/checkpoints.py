@@ -134,3 +134,71 @@ def _save_hub_layout(model, config, out_dir: str, num_shards: int) -> None:
     cfg["transformers_version"] = "4.44.2"
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+# transformers 5 name prefix -> the prefix LLaVA checkpoints on the hub (4.x) have
+_LLAVA_HUB_NAMES = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                    ("model.vision_tower.", "vision_tower.vision_model."),
+                    ("model.multi_modal_projector.", "multi_modal_projector.")]
+
+
+def make_llava_checkpoint(out_dir: str, layout: str = "hub", seed: int = 0, image_size: int = 64,
+                          patch_size: int = 8, vision_feature_layer=-2,
+                          vision_feature_select_strategy: str = "default", text_arch: str = "llama",
+                          vision_overrides: dict | None = None, **text_overrides) -> str:
+    """A random-weight LlavaForConditionalGeneration with a CLIP image processor and a tokenizer
+    whose `<image>` token is the config's image_token_index."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, GenerationConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = train_tokenizer(out_dir, 512, seed)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.save_pretrained(out_dir)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    text_cfg = _config(text_arch, tokenizer, **text_overrides)
+    vkw = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               image_size=image_size, patch_size=patch_size, projection_dim=32)
+    vkw.update(vision_overrides or {})
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**vkw), text_config=text_cfg,
+                         image_token_index=image_token, vision_feature_layer=vision_feature_layer,
+                         vision_feature_select_strategy=vision_feature_select_strategy,
+                         image_seq_length=(image_size // patch_size) ** 2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger projector weights, so that image content moves the logits
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(4.0)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=[0.48145466, 0.4578275, 0.40821073],
+                       image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(out_dir)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id).save_pretrained(out_dir)
+    if layout == "v5":
+        model.save_pretrained(out_dir)
+        return out_dir
+    if layout != "hub":
+        raise ValueError(f"unknown layout {layout!r}")
+    state = {}
+    # model.state_dict() has the names transformers 5 uses in memory.
+    for k, v in model.state_dict().items():
+        for new, old in _LLAVA_HUB_NAMES:
+            if k.startswith(new):
+                k = old + k[len(new):]
+                break
+        state[k] = v.contiguous()
+    state["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(
+        (image_size // patch_size) ** 2 + 1)[None]
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    config.architectures = ["LlavaForConditionalGeneration"]
+    cfg = config.to_diff_dict()
+    cfg.pop("transformers_version", None)
+    tc = cfg.get("text_config", {})
+    rope = tc.pop("rope_parameters", None) or {}
+    tc["rope_theta"] = rope.get("rope_theta", 10000.0)
+    tc.pop("dtype", None)
+    cfg["torch_dtype"] = "float32"
+    cfg["transformers_version"] = "4.44.2"
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return out_dir

@@ -13,6 +13,8 @@ from vlmserve.engine.scheduler import SchedulerOutput, ScheduledSeq
 from vlmserve.engine.sequence import Sequence
 from vlmserve.layers.attention import Attention, AttentionMetadata
 from vlmserve.layers.attention.backends import get_attention_backend
+from vlmserve.models.interfaces import supports_multimodal
+from vlmserve.worker.encoder_cache import EncoderCache
 from vlmserve.worker.model_loader import load_model
 from vlmserve.worker.sampler import SampledLogprobs, Sampler, gather_logprobs
 
@@ -39,6 +41,8 @@ class ModelRunner:
         self.sampler = Sampler(device, model_config.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = cache_config.block_size
+        self.is_multimodal = supports_multimodal(self.model)
+        self.encoder_cache = EncoderCache(max(16384, scheduler_config.max_num_batched_tokens))
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -174,7 +178,42 @@ class ModelRunner:
         return results
 
     def _forward(self, input_ids, positions, meta, items: list[ScheduledSeq]) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+        embeds = self._merged_embeddings(input_ids, meta, items) if self.is_multimodal else None
+        return self.model(input_ids, positions, meta, inputs_embeds=embeds)
+
+    def _merged_embeddings(self, input_ids, meta, items: list[ScheduledSeq]) -> torch.Tensor | None:
+        """Token embeddings with the embeddings of multimodal items written over their placeholder
+        positions. Items not in the encoder cache are encoded first, all of a modality in one call."""
+        spans = []  # (flat start, item, first item token, last item token + 1)
+        for i, it in enumerate(items):
+            c, n = it.seq.num_computed_tokens, it.num_new_tokens
+            for mm in it.seq.mm_items:
+                lo, hi = max(c, mm.offset), min(c + n, mm.end)
+                if lo < hi:
+                    spans.append((meta.query_start_loc[i] + lo - c, mm, lo - mm.offset, hi - mm.offset))
+        if not spans:
+            return None
+        cache = self.encoder_cache
+        keep = {mm.hash for _, mm, _, _ in spans}
+        missing: dict[str, dict] = {}
+        for _, mm, _, _ in spans:
+            if mm.hash not in missing and cache.get(mm.hash) is None:
+                missing[mm.hash] = mm
+        by_modality: dict[str, list] = {}
+        for mm in missing.values():
+            by_modality.setdefault(mm.modality, []).append(mm)
+        for modality, mms in by_modality.items():
+            data = [{k: v.to(self.device) for k, v in mm.data.items()} for mm in mms]
+            for mm, emb in zip(mms, self.model.embed_multimodal(modality, data)):
+                if emb.shape[0] != mm.length:
+                    raise RuntimeError(f"the encoder gave {emb.shape[0]} embeddings for a {modality} "
+                                       f"with {mm.length} placeholder tokens")
+                cache.put(mm.hash, emb, keep)
+                cache.num_encoded_items += 1
+        embeds = self.model.embed_input_ids(input_ids)
+        for dst, mm, lo, hi in spans:
+            embeds[dst:dst + hi - lo] = cache.get(mm.hash)[lo:hi].to(embeds.dtype)
+        return embeds
 
 
 def _logprob_rows(lp: SampledLogprobs, ks: list[int | None]) -> list[tuple]:

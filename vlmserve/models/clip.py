@@ -1,0 +1,109 @@
+"""CLIP vision transformer (the image tower of LLaVA-1.5), returning the hidden states of a chosen
+layer. Images of one size are batched; attention is full (no cache)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmserve.layers.activation import get_act_fn
+
+
+def _quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
+                                         stride=cfg.patch_size, bias=False)
+        num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        self.position_embedding = nn.Embedding(num_positions, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // self.num_heads
+        self.scale = self.head_dim ** -0.5
+        d = cfg.hidden_size
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, -1))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.act = _quick_gelu if cfg.hidden_act == "quick_gelu" else get_act_fn(cfg.hidden_act)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(num_layers))
+
+
+class CLIPVisionModel(nn.Module):
+    """Only the layers up to the deepest one whose output is used are built (and loaded).
+    Parameter names are transformers 5's (`embeddings.`, `pre_layrnorm.`, `encoder.layers.N.`);
+    4.x checkpoints nest them under `vision_model.`, which `WEIGHT_RENAMES` strips."""
+
+    def __init__(self, cfg, feature_layers: list[int]):
+        super().__init__()
+        total = cfg.num_hidden_layers
+        # HF's hidden_states[i]: i = 0 is the embeddings (after pre_layrnorm), i = k the k-th layer's output.
+        self.feature_layers = [l if l >= 0 else total + 1 + l for l in feature_layers]
+        if not all(0 <= l <= total for l in self.feature_layers):
+            raise ValueError(f"vision_feature_layer {feature_layers} is out of range for {total} layers")
+        self.num_layers = max(self.feature_layers)
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.encoder = CLIPEncoder(cfg, self.num_layers)
+
+    def unused_weight_prefixes(self, prefix: str, total_layers: int) -> tuple[str, ...]:
+        unused = [f"{prefix}encoder.layers.{i}." for i in range(self.num_layers, total_layers)]
+        return tuple(unused) + (f"{prefix}post_layernorm.", f"{prefix}embeddings.position_ids")
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """[B, 3, H, W] -> the hidden states of each feature layer, [B, 1 + patches, D] each."""
+        h = self.pre_layrnorm(self.embeddings(pixel_values))
+        states = [h]
+        for layer in self.encoder.layers:
+            h = layer(h)
+            states.append(h)
+        return [states[l] for l in self.feature_layers]

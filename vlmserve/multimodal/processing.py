@@ -1,0 +1,175 @@
+"""The multimodal processor: raw media of a request -> model inputs and placeholder tokens.
+
+A model's processor subclasses `BaseMultiModalProcessor` and says:
+- `placeholder_token_id(modality)`: the token that marks in a prompt where an item goes;
+- `max_tokens_per_item(modality)`: the most tokens one item can take;
+- `dummy_items(modality, count)`: raw items of that largest size, for memory profiling;
+- `process_raw(modality, items, kwargs)`: raw items -> `ProcessedItem`s (encoder inputs and token count);
+- optionally `process_embeds(modality, value)`: precomputed embeddings -> a `ProcessedItem`.
+`apply` does the rest: input forms, limits, matching placeholders to items, expansion, hashing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmserve.config import ModelConfig, text_config
+from vlmserve.multimodal.hashing import hash_item
+from vlmserve.multimodal.inputs import MultiModalItem
+
+
+@dataclass
+class ProcessedItem:
+    data: dict[str, torch.Tensor]
+    num_tokens: int
+
+
+class MultiModalInputError(ValueError):
+    """Multimodal input that does not fit the model or the prompt."""
+
+
+def _is_image_like(x) -> bool:
+    if isinstance(x, Image.Image):
+        return True
+    if isinstance(x, np.ndarray):
+        return x.ndim in (2, 3)
+    if isinstance(x, torch.Tensor):
+        return x.ndim in (2, 3) and (x.dtype == torch.uint8 or 3 in (x.shape[0], x.shape[-1]))
+    return False
+
+
+class BaseMultiModalProcessor:
+    modalities: tuple[str, ...] = ("image",)
+
+    def __init__(self, model_config: ModelConfig, tokenizer, mm_processor_kwargs: dict | None = None):
+        self.model_config = model_config
+        self.hf_config = model_config.hf_config
+        self.tokenizer = tokenizer
+        self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
+        self.hidden_size = text_config(self.hf_config).hidden_size
+
+    # ---- what a model's processor provides ------------------------------------------------
+    def placeholder_token_id(self, modality: str) -> int:
+        raise NotImplementedError
+
+    def max_tokens_per_item(self, modality: str) -> int:
+        raise NotImplementedError
+
+    def dummy_items(self, modality: str, count: int) -> list:
+        raise NotImplementedError
+
+    def process_raw(self, modality: str, items: list, kwargs: dict) -> list[ProcessedItem]:
+        raise NotImplementedError
+
+    def process_embeds(self, modality: str, value) -> ProcessedItem:
+        """Precomputed embeddings [num_tokens, hidden] for models whose items have a fixed size."""
+        if not isinstance(value, torch.Tensor) or value.ndim != 2:
+            raise MultiModalInputError(f"{modality} embeddings must be a tensor of shape "
+                                       f"(n_items, {self.max_tokens_per_item(modality)}, {self.hidden_size})")
+        expected = (self.max_tokens_per_item(modality), self.hidden_size)
+        if tuple(value.shape) != expected:
+            raise MultiModalInputError(
+                f"{modality} embeddings have shape (n_items, {value.shape[0]}, {value.shape[1]}), "
+                f"the model takes (n_items, {expected[0]}, {expected[1]})")
+        return ProcessedItem({f"{modality}_embeds": value}, value.shape[0])
+
+    # ---- input forms ---------------------------------------------------------------------
+    def _split_items(self, modality: str, value) -> list[tuple[str, object]]:
+        """-> [("raw", item) | ("embeds", value)] in prompt order."""
+        if isinstance(value, dict):
+            return [("embeds", value)]
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape[-1] == self.hidden_size \
+                and value.ndim in (2, 3):
+            return [("embeds", e) for e in (value if value.ndim == 3 else [value])]
+        if _is_image_like(value) or not isinstance(value, (list, tuple)):
+            value = [value]
+        out = []
+        for i, v in enumerate(value):
+            if isinstance(v, (dict, torch.Tensor)) and not _is_image_like(v):
+                out.extend(self._split_items(modality, v))
+            elif self.is_raw_item(modality, v):
+                out.append(("raw", v))
+            else:
+                raise MultiModalInputError(f"{modality} {i}: unsupported type {type(v).__name__}; give a "
+                                           "PIL image, an image array, or embeddings as a tensor")
+        return out
+
+    def is_raw_item(self, modality: str, v) -> bool:
+        return _is_image_like(v)
+
+    # ---- the whole request ---------------------------------------------------------------
+    def apply(self, prompt_token_ids: list[int], mm_data: dict, limits: dict[str, int],
+              request_kwargs: dict | None = None) -> tuple[list[int], list[MultiModalItem]]:
+        kwargs = {**self.mm_processor_kwargs, **(request_kwargs or {})}
+        per_modality: dict[str, list[ProcessedItem]] = {}
+        hashes: dict[str, list[str]] = {}
+        for modality, value in mm_data.items():
+            if modality not in self.modalities:
+                raise MultiModalInputError(f"this model does not take {modality!r} input "
+                                           f"(it takes: {', '.join(self.modalities)})")
+            parts = self._split_items(modality, value)
+            limit = limits.get(modality, 1)
+            if len(parts) > limit:
+                raise MultiModalInputError(
+                    f"{len(parts)} {modality}s in one prompt, more than the limit of {limit} "
+                    f"(raise limit_mm_per_prompt={{'{modality}': {len(parts)}}})")
+            raw = [v for kind, v in parts if kind == "raw"]
+            try:
+                processed_raw = iter(self.process_raw(modality, raw, kwargs) if raw else [])
+            except MultiModalInputError:
+                raise
+            except Exception as e:
+                raise MultiModalInputError(f"cannot process the {modality}: {type(e).__name__}: {e}") from e
+            items, item_hashes = [], []
+            for kind, v in parts:
+                items.append(next(processed_raw) if kind == "raw" else self.process_embeds(modality, v))
+                item_hashes.append(hash_item(v, modality=modality, **kwargs))
+            per_modality[modality], hashes[modality] = items, item_hashes
+        return self._expand(prompt_token_ids, per_modality, hashes)
+
+    def _expand(self, ids: list[int], per_modality: dict[str, list[ProcessedItem]],
+                hashes: dict[str, list[str]]) -> tuple[list[int], list[MultiModalItem]]:
+        placeholder_of = {self.placeholder_token_id(m): m for m in self.modalities}
+        found: dict[str, int] = {m: 0 for m in self.modalities}
+        for t in ids:
+            if t in placeholder_of:
+                found[placeholder_of[t]] += 1
+        for m in self.modalities:
+            given = len(per_modality.get(m, []))
+            if found[m] != given:
+                raise MultiModalInputError(
+                    f"the prompt has {found[m]} {m} placeholder(s) but {given} {m}(s) were given; "
+                    f"put one {self.placeholder_text(m)} in the prompt for each {m}")
+        out: list[int] = []
+        items: list[MultiModalItem] = []
+        seen = {m: 0 for m in self.modalities}
+        for t in ids:
+            m = placeholder_of.get(t)
+            if m is None:
+                out.append(t)
+                continue
+            k = seen[m]
+            seen[m] += 1
+            p = per_modality[m][k]
+            expansion = self.expand_placeholder(m, p)
+            items.append(MultiModalItem(m, len(out), len(expansion), p.data, hashes[m][k]))
+            out.extend(expansion)
+        return out, items
+
+    def expand_placeholder(self, modality: str, item: ProcessedItem) -> list[int]:
+        return [self.placeholder_token_id(modality)] * item.num_tokens
+
+    def placeholder_text(self, modality: str) -> str:
+        return self.tokenizer.decode([self.placeholder_token_id(modality)])
+
+    def dummy_request(self, limits: dict[str, int]) -> tuple[list[int], dict]:
+        """The largest multimodal prompt the limits allow: every item at its largest."""
+        ids, data = [], {}
+        for m in self.modalities:
+            n = limits.get(m, 1)
+            if n:
+                data[m] = self.dummy_items(m, n)
+                ids.extend([self.placeholder_token_id(m)] * n)
+        return ids or [0], data
