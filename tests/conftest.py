@@ -6,7 +6,7 @@ import torch
 # Two cores on CI: one intra-op pool, no oversubscription.
 torch.set_num_threads(int(os.environ.get("VLMSERVE_TEST_THREADS", "2")))
 
-from vlmserve.testing.checkpoints import make_text_checkpoint  # noqa: E402
+from vlmserve.testing.checkpoints import make_llava_checkpoint, make_text_checkpoint  # noqa: E402
 
 # Variants that exercise each architecture's peculiarities, in both key layouts.
 TEXT_MODELS = {
@@ -34,3 +34,9 @@ def text_model_dir(tmp_path_factory):
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    """A random-weight LLaVA in the hub (transformers 4.x) key layout: 64 px images, 64 tokens each."""
+    return make_llava_checkpoint(str(tmp_path_factory.mktemp("llava")), layout="hub")
