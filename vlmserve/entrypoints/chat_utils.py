@@ -120,3 +120,28 @@ async def load_media(connector: MediaConnector, media_urls: dict[str, list[str]]
         by_url = dict(zip(unique, loaded))
         data[modality] = [by_url[u] for u in urls]
     return data
+
+
+def placeholder_for(engine):
+    def placeholder(modality: str, index: int) -> str:
+        if engine.mm_processor is None:
+            raise ChatError(f"this model takes no {modality} input")
+        return engine.mm_processor.placeholder_text(modality)
+    return placeholder
+
+
+async def prepare_chat(engine, messages: list[dict], template: str | None, content_format: str,
+                       connector: MediaConnector, add_generation_prompt: bool = True,
+                       continue_final_message: bool = False, mm_processor_kwargs: dict | None = None):
+    """Messages -> (prompt text, token ids with placeholders expanded, multimodal items); the same
+    path for the server and for offline `LLM.chat`."""
+    template = template or getattr(engine.tokenizer, "chat_template", None)
+    if content_format == "auto":
+        content_format = detect_content_format(template) if template else "string"
+    parsed = parse_messages(messages, content_format, placeholder_for(engine))
+    text = render_chat(engine.tokenizer, parsed.conversation, template, add_generation_prompt,
+                       continue_final_message)
+    media = await load_media(connector, parsed.media_urls)
+    ids = engine.tokenizer(text, add_special_tokens=False).input_ids
+    ids, items = await asyncio.to_thread(engine.process_multimodal, ids, media, mm_processor_kwargs)
+    return text, ids, items

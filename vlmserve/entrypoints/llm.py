@@ -1,6 +1,7 @@
 """The offline entry point: `LLM(model=...)`, then `generate(...)`."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -11,6 +12,8 @@ from tqdm.auto import tqdm
 
 from vlmserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from vlmserve.engine.llm_engine import LLMEngine
+from vlmserve.entrypoints.chat_utils import load_chat_template, prepare_chat
+from vlmserve.multimodal.media import MediaConnector
 from vlmserve.outputs import RequestOutput
 from vlmserve.sampling_params import SamplingParams
 
@@ -40,7 +43,9 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, trust_remote_code: bool = False,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
                  tensor_parallel_size: int = 1, limit_mm_per_prompt: dict[str, int] | None = None,
-                 mm_processor_kwargs: dict | None = None, device: str | None = None):
+                 mm_processor_kwargs: dict | None = None, chat_template: str | None = None,
+                 allowed_local_media_path: str | None = None,
+                 allowed_media_domains: list[str] | None = None, device: str | None = None):
         if task != "generate":
             raise ValueError(f"task {task!r} is not supported by this version of vlmserve (only 'generate')")
         if tensor_parallel_size != 1:
@@ -61,6 +66,8 @@ class LLM:
             from vlmserve.engine.llm_engine import load_tokenizer
             tok = load_tokenizer(tokenizer, trust_remote_code)
         self.enforce_eager = enforce_eager
+        self.chat_template = load_chat_template(chat_template)
+        self.media = MediaConnector(allowed_local_media_path, allowed_media_domains)
         self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config, dev, tokenizer=tok,
                                     limit_mm_per_prompt=limit_mm_per_prompt,
                                     mm_processor_kwargs=mm_processor_kwargs)
@@ -99,14 +106,7 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        params = sampling_params
         # Validate everything before anything runs: one bad prompt fails the call, not the engine.
         engine = self.llm_engine
         parsed = []
@@ -115,14 +115,46 @@ class LLM:
             mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
             mm_kwargs = prompt.get("mm_processor_kwargs") if isinstance(prompt, dict) else None
             ids, mm_items = engine.process_multimodal(ids, mm_data, mm_kwargs)
-            engine.validate_prompt(ids)
-            parsed.append((text, ids, mm_items))
+            parsed.append((ids, mm_items, text))
+        return self._generate_prepared(parsed, params, use_tqdm)
+
+    def _generate_prepared(self, prompts: list[tuple], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        """prompts: (token ids, multimodal items[, prompt text]) each. Every prompt is validated
+        before any is queued, so one bad prompt fails the call, not the engine."""
+        engine = self.llm_engine
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) \
+            else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        for p in prompts:
+            engine.validate_prompt(p[0])
         ids = []
-        for (text, tok_ids, mm_items), p in zip(parsed, params):
+        for p, sp in zip(prompts, params):
             rid = str(next(self._request_counter))
-            engine.add_request(rid, tok_ids, p, prompt=text, mm_items=mm_items)
+            engine.add_request(rid, p[0], sp, prompt=p[2] if len(p) > 2 else None, mm_items=p[1])
             ids.append(rid)
         return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_content_format: str = "auto",
+             mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generate replies to OpenAI-style conversations (one, or a list of them), with the same
+        message parsing, chat template and media loading as the server."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of messages or of conversations")
+        conversations = messages if isinstance(messages[0], list) else [messages]
+        template = load_chat_template(chat_template) or self.chat_template
+        prompts = []
+        for conv in conversations:
+            _, ids, items = asyncio.run(prepare_chat(
+                self.llm_engine, conv, template, chat_template_content_format, self.media,
+                add_generation_prompt, continue_final_message, mm_processor_kwargs))
+            prompts.append((ids, items))
+        return self._generate_prepared(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse, Response
 from vlmserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from vlmserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from vlmserve.engine.llm_engine import LLMEngine
-from vlmserve.entrypoints.chat_utils import detect_content_format, load_chat_template, parse_messages, render_chat
+from vlmserve.entrypoints.chat_utils import (detect_content_format, load_chat_template, parse_messages,
+                                            placeholder_for, render_chat)
 from vlmserve.entrypoints.llm import DEMO_MODEL_NAME, default_device, resolve_model_path
 from vlmserve.entrypoints.openai.metrics import ServerMetrics
 from vlmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -106,7 +107,7 @@ def build_app(state: ServerState) -> FastAPI:
         state.check_model(req.model)
         tok = state.tokenizer
         if req.messages is not None:
-            parsed = parse_messages(req.messages, state.content_format, state.placeholder)
+            parsed = parse_messages(req.messages, state.content_format, placeholder_for(state.engine.engine))
             text = render_chat(tok, parsed.conversation, state.chat_template, req.add_generation_prompt)
             ids = tok(text, add_special_tokens=False).input_ids
         elif req.prompt is not None:
@@ -125,7 +126,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.render(state.engine.engine), media_type="text/plain; version=0.0.4")
 
     return app
 

@@ -28,14 +28,20 @@ class ServerMetrics:
         self.waiting = Gauge("vlmserve:num_requests_waiting", "Sequences waiting (queue length)", labels, registry=r)
         self.batch_size = Histogram("vlmserve:step_batch_size", "Sequences per engine step", labels,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.max_batch = Gauge("vlmserve:max_step_batch_size", "Most sequences in one engine step so far",
+                               labels, registry=r)
         self.labels = {"model_name": model_name}
+
+    def _set_gauges(self, engine) -> None:
+        lb = self.labels
+        self.kv_usage.labels(**lb).set(engine.block_manager.usage)
+        self.running.labels(**lb).set(len(engine.scheduler.running))
+        self.waiting.labels(**lb).set(engine.scheduler.num_waiting)
+        self.max_batch.labels(**lb).set(engine.stats.max_batch_seqs)
 
     def on_step(self, engine, outputs, step_seconds: float) -> None:
         lb = self.labels
-        sched = engine.scheduler
-        self.kv_usage.labels(**lb).set(engine.block_manager.usage)
-        self.running.labels(**lb).set(len(sched.running))
-        self.waiting.labels(**lb).set(sched.num_waiting)
+        self._set_gauges(engine)
         if engine.stats.batch_sizes:
             self.batch_size.labels(**lb).observe(engine.stats.batch_sizes[-1])
         now = time.monotonic()
@@ -55,5 +61,6 @@ class ServerMetrics:
                 if per_seq:
                     self.tpot.labels(**lb).observe((now - first) / per_seq)
 
-    def render(self) -> bytes:
+    def render(self, engine) -> bytes:
+        self._set_gauges(engine)  # also fresh when no step has run since requests left
         return generate_latest(self.registry)

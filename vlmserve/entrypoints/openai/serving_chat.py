@@ -8,7 +8,7 @@ import time
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from vlmserve.entrypoints.chat_utils import load_media, parse_messages, render_chat
+from vlmserve.entrypoints.chat_utils import prepare_chat
 from vlmserve.entrypoints.openai.logprobs_format import chat_logprobs
 from vlmserve.entrypoints.openai.protocol import ChatCompletionRequest, random_id
 from vlmserve.entrypoints.openai.state import APIError, ServerState, watch_disconnect
@@ -17,14 +17,9 @@ from vlmserve.outputs import RequestOutput
 
 async def prepare_chat_prompt(state: ServerState, req: ChatCompletionRequest):
     """-> (prompt text, token ids with placeholders expanded, multimodal items)."""
-    template = req.chat_template or state.chat_template
-    parsed = parse_messages(req.messages, state.content_format, state.placeholder)
-    text = render_chat(state.tokenizer, parsed.conversation, template, req.add_generation_prompt,
-                       req.continue_final_message)
-    media = await load_media(state.media, parsed.media_urls)
-    ids = state.tokenizer(text, add_special_tokens=False).input_ids
-    engine = state.engine.engine
-    ids, items = await asyncio.to_thread(engine.process_multimodal, ids, media, req.mm_processor_kwargs)
+    text, ids, items = await prepare_chat(
+        state.engine.engine, req.messages, req.chat_template or state.chat_template, state.content_format,
+        state.media, req.add_generation_prompt, req.continue_final_message, req.mm_processor_kwargs)
     if len(ids) > state.max_model_len:
         raise APIError(f"This model's maximum context length is {state.max_model_len} tokens. However, "
                        f"your messages resulted in {len(ids)} tokens.", param="messages")

@@ -41,12 +41,6 @@ class ServerState:
         if name is not None and name not in self.served_model_names:
             raise APIError(f"The model `{name}` does not exist.", 404, "NotFoundError", "model")
 
-    def placeholder(self, modality: str, index: int) -> str:
-        proc = self.engine.engine.mm_processor
-        if proc is None:
-            raise APIError(f"this model takes no {modality} input")
-        return proc.placeholder_text(modality)
-
     def max_tokens_for(self, prompt_len: int, requested: int | None) -> int:
         room = self.max_model_len - prompt_len
         if requested is None:
