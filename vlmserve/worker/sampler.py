@@ -61,8 +61,9 @@ def restrict_support(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
         sorted_p = sorted_p.masked_fill(ranks >= k, 0.0)
         sorted_p = sorted_p / sorted_p.sum(1, keepdim=True)
         # keep the smallest prefix whose mass reaches top_p: drop a token once the mass above it does
+        # (rows with top_p == 1 skip this: there a rounded cumsum can reach 1 and cut the tail)
         mass_above = sorted_p.cumsum(1) - sorted_p
-        sorted_p = sorted_p.masked_fill(mass_above >= top_p[:, None], 0.0)
+        sorted_p = sorted_p.masked_fill((mass_above >= top_p[:, None]) & (top_p[:, None] < 1), 0.0)
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
         probs = probs / probs.sum(1, keepdim=True)
     if bool((min_p > 0).any()):
@@ -80,7 +81,8 @@ class Sampler:
     def _seq_generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None:
             return None
-        if seq.generator is None:
+        if seq.generator is None or seq.generator.device.type != self.device.type:
+            # Sequence makes a CPU generator; rows on another device need one there, seeded alike
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         return seq.generator
 
