@@ -41,9 +41,7 @@ class Sequence:
         self.num_preemptions = 0
 
         # Sampling state.
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        self.generator: torch.Generator | None = None  # made from params.seed by the sampler, on its device
         self.want_prompt_logprobs = want_prompt_logprobs and params.prompt_logprobs is not None
         self.prompt_logprobs: list[PositionLogprobs | None] = [None] if self.want_prompt_logprobs else []
 
