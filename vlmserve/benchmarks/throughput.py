@@ -14,14 +14,19 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 BACKENDS = ("vlmserve", "hf", "vllm")
 PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer_throughput.py")
 PEER_RESULT_PREFIX = "VLLM_PEER_RESULT "
+# Environment that changes what the backends do; recorded with the results, and shown in the command.
+RELEVANT_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LD_PRELOAD", "VLMSERVE_CPU_KVCACHE_SPACE",
+                "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "CUDA_VISIBLE_DEVICES")
 DEFAULT_VLLM_PYTHON = "/tmp/vllm-peer/bin/python"
 
 
@@ -91,10 +96,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 def make_random_model(args, out_dir: str) -> str:
     from vlmserve.testing.checkpoints import make_text_checkpoint
 
-    overrides = dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                     num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-                     num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim,
-                     max_position_embeddings=max(2048, args.input_len + args.output_len))
+    overrides = {"hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
+                 "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
+                 "num_key_value_heads": args.num_kv_heads, "head_dim": args.head_dim,
+                 "max_position_embeddings": max(2048, args.input_len + args.output_len)}
     if args.vocab_size:
         overrides["vocab_size"] = args.vocab_size
     return make_text_checkpoint(out_dir, arch="llama", layout="v5", seed=args.seed,
@@ -168,8 +173,6 @@ def run_vlmserve(args, model_dir: str, prompts, warmup) -> dict:
                   cached_prompt_tokens=st.num_cached_prompt_tokens - cached0,
                   max_batch_seqs=st.max_batch_seqs, num_kv_blocks=engine.num_kv_blocks,
                   notes=f"max batch {st.max_batch_seqs} seqs, {st.num_steps - steps0} steps")
-    del llm, engine, outs
-    gc.collect()
     return res
 
 
@@ -181,10 +184,10 @@ def run_hf(args, model_dir: str, prompts, warmup) -> dict:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
     load_s = time.perf_counter() - t0
-    gc_ = model.generation_config
-    eos = gc_.eos_token_id if isinstance(gc_.eos_token_id, list) else [gc_.eos_token_id]
+    gen_cfg = model.generation_config
+    eos = gen_cfg.eos_token_id if isinstance(gen_cfg.eos_token_id, list) else [gen_cfg.eos_token_id]
     eos = [e for e in eos if e is not None]
-    pad = gc_.pad_token_id if gc_.pad_token_id is not None else (eos[0] if eos else 0)
+    pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (eos[0] if eos else 0)
 
     @torch.inference_mode()
     def generate(batch: list[list[int]], n: int) -> list[int]:
@@ -220,9 +223,14 @@ def run_hf(args, model_dir: str, prompts, warmup) -> dict:
                                        for r in runs])
     if len(runs) > 1:
         best["notes"] += " (best of " + ",".join(map(str, args.hf_batch_size)) + ")"
-    del model
-    gc.collect()
     return best
+
+
+def _forward_peer_output(stream, lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line)
+        if not line.startswith(PEER_RESULT_PREFIX):
+            print("  [vllm] " + line, end="", file=sys.stderr, flush=True)
 
 
 def _cpu_list(threads: int) -> str:
@@ -248,31 +256,30 @@ def run_vllm(args, model_dir: str, prompts, warmup) -> dict:
         env = dict(os.environ)
         # vLLM's "auto" binding keeps one core for its engine process: bind the same cores as the others.
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_list(args.threads))
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
         env["OMP_NUM_THREADS"] = str(args.threads)
         env.pop("PYTHONPATH", None)  # its venv, not ours
         print(f"  [vllm] {shlex.join(cmd)}", file=sys.stderr, flush=True)
+        # Its own session, so that a timeout ends vLLM's engine and worker processes with it.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1)
-        result = None
-        tail: list[str] = []
-        deadline = time.monotonic() + args.vllm_timeout
+                                bufsize=1, start_new_session=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=_forward_peer_output, args=(proc.stdout, lines), daemon=True)
+        reader.start()
         try:
-            for line in proc.stdout:
-                if line.startswith(PEER_RESULT_PREFIX):
-                    result = json.loads(line[len(PEER_RESULT_PREFIX):])
-                    continue
-                print("  [vllm] " + line, end="", file=sys.stderr, flush=True)
-                tail = (tail + [line])[-40:]
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"vLLM ran past --vllm-timeout={args.vllm_timeout}s")
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            proc.wait(timeout=args.vllm_timeout)
+        except BaseException as e:  # a timeout, or Ctrl-C: end the whole group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise TimeoutError(f"vLLM ran past --vllm-timeout={args.vllm_timeout:g}s") from None
+            raise
+        reader.join(timeout=10)
+    results = [ln for ln in lines if ln.startswith(PEER_RESULT_PREFIX)]
+    result = json.loads(results[-1][len(PEER_RESULT_PREFIX):]) if results else None
     if proc.returncode != 0 or result is None:
-        raise RuntimeError(f"vLLM exited with {proc.returncode}:\n" + "".join(tail[-15:]))
+        raise RuntimeError(f"vLLM exited with {proc.returncode}:\n" + "".join(lines[-15:]))
     return _result("vllm", prompts, result["output_lens"], result["elapsed_s"], args.output_len,
                    load_s=result["load_s"], vllm_version=result["vllm_version"],
                    torch_version=result["torch_version"], peer_settings=result.get("settings"),
@@ -291,10 +298,13 @@ def format_table(results: list[dict]) -> str:
             rows.append((r["backend"], "-", "-", "-", "-", "ERROR", r["error"].splitlines()[0][:60]))
             continue
         rows.append((r["backend"], f"{r['requests_per_s']:.2f}", f"{r['output_tokens_per_s']:.1f}",
-                     f"{r['total_tokens_per_s']:.1f}", f"{r['elapsed_s']:.1f}",
+                     f"{r['total_tokens_per_s']:.1f}", f"{r['elapsed_s']:.2f}",
                      "ok" if r["outputs_ok"] else "WRONG LENGTH", r.get("notes", "")))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
@@ -303,9 +313,8 @@ def machine_info(threads: int) -> dict:
     import transformers
 
     cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     return {"cpu": cpu, "cpus_available": len(os.sched_getaffinity(0)), "threads": threads,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
@@ -325,8 +334,10 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--num-warmup-prompts must be at least 1")
     torch.set_num_threads(args.threads)
     args.max_model_len = args.input_len + args.output_len
-    command = "vlmserve bench throughput " + shlex.join(sys.argv[3:] if sys.argv[1:3] == ["bench", "throughput"]
-                                                        else sys.argv[1:])
+    env = {k: os.environ[k] for k in RELEVANT_ENV if k in os.environ}
+    argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "throughput"] else sys.argv[1:]
+    command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), "vlmserve bench throughput",
+                        shlex.join(argv)])
     started = datetime.datetime.now().astimezone()
     load_start = os.getloadavg()
 
@@ -349,6 +360,7 @@ def main(args: argparse.Namespace) -> int:
                 res = RUNNERS[name](args, model_dir, prompts, warmup)
             except Exception as e:  # record it and go on with the other backends
                 res = {"backend": name, "error": f"{type(e).__name__}: {e}"}
+            gc.collect()  # the backend's model and KV cache go before the next one loads
             res["loadavg_before"] = before
             res["loadavg_after"] = os.getloadavg()
             results.append(res)
@@ -370,10 +382,10 @@ def main(args: argparse.Namespace) -> int:
           f"vlmserve {__version__}; load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
     print(table)
     if args.output_json:
-        settings = {k: v for k, v in vars(args).items() if k != "func"}
+        settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "benchmark")}
         with open(args.output_json, "w") as f:
             json.dump({"command": command, "date": started.isoformat(timespec="seconds"),
-                       "vlmserve_version": __version__, "machine": machine,
+                       "vlmserve_version": __version__, "machine": machine, "env": env,
                        "loadavg_start": load_start, "loadavg_end": load_end,
                        "settings": settings, "results": results}, f, indent=2)
     return 0 if all("error" not in r and r["outputs_ok"] for r in results) else 1

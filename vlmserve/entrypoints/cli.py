@@ -18,6 +18,15 @@ def _add_bench_parser(subparsers) -> None:
     p.set_defaults(func=throughput.main)
 
 
+def _add_serve_parser(subparsers) -> None:
+    from vlmserve.entrypoints.openai import api_server
+
+    p = subparsers.add_parser("serve", help="start the OpenAI-compatible server",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    api_server.add_serve_args(p)
+    p.set_defaults(func=api_server.run_server)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlmserve.version import __version__
 
@@ -25,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "vision-language models")
     parser.add_argument("--version", action="version", version=f"vlmserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve_parser(subparsers)
     _add_bench_parser(subparsers)
     return parser
 
