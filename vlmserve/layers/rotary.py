@@ -93,15 +93,19 @@ class RotaryEmbedding(nn.Module):
                 setattr(self, name, t.to(probe.device))
         return self
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hk, D]; positions: [T]."""
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for the tokens of a forward pass, [T, 1, rotary_dim]; looked up once per
+        pass and shared by all layers."""
         cos_t, sin_t = self.cos, self.sin
         if self.long_start is not None and int(positions.max()) >= self.long_start:
             # Like HF, longrope switches the whole forward to the long factors once a position
             # passes the original context length.
             cos_t, sin_t = self.long_cos, self.long_sin
-        cos = cos_t[positions].unsqueeze(1).to(q.dtype)
-        sin = sin_t[positions].unsqueeze(1).to(q.dtype)
+        return cos_t[positions].unsqueeze(1).to(dtype), sin_t[positions].unsqueeze(1).to(dtype)
+
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+        """q: [T, Hq, D], k: [T, Hk, D]; cos_sin from `lookup`."""
+        cos, sin = cos_sin
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
 

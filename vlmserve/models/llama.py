@@ -59,10 +59,10 @@ class LlamaAttention(nn.Module):
     def o_bias(config) -> bool:
         return bool(getattr(config, "attention_bias", False))
 
-    def forward(self, positions, x, meta: AttentionMetadata):
+    def forward(self, cos_sin, x, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         T = x.shape[0]
-        q, k = self.rotary(positions, q.view(T, self.num_heads, self.head_dim),
+        q, k = self.rotary(cos_sin, q.view(T, self.num_heads, self.head_dim),
                            k.view(T, self.num_kv_heads, self.head_dim))
         return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta))
 
@@ -78,13 +78,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, x, residual, meta):
+    def forward(self, cos_sin, x, residual, meta):
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
+        x = self.self_attn(cos_sin, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -104,9 +104,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, meta, inputs_embeds=None):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cos_sin = self.rotary.lookup(positions, x.dtype)
         residual = None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+            x, residual = layer(cos_sin, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
 

@@ -10,6 +10,19 @@ import torch.nn.functional as F
 class TorchSDPABackend:
     name = "torch_sdpa"
 
+    def __init__(self):
+        # Reused gather buffers: allocating ~100 MB per layer per step costs more than the copy.
+        self._workspace: dict[tuple, torch.Tensor] = {}
+
+    def _buffer(self, key: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        k = (key, like.dtype, like.device)
+        buf = self._workspace.get(k)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, int(buf.numel() * 1.5) if buf is not None else 0),
+                              dtype=like.dtype, device=like.device)
+            self._workspace[k] = buf
+        return buf[:numel]
+
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int):
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
@@ -32,12 +45,13 @@ class TorchSDPABackend:
                                      meta.block_tables[i], L, gqa)
         return out
 
-    @staticmethod
-    def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        # [B, nb] block ids -> [B, Hkv, nb * bs, D]
-        g = cache[block_tables]
-        b, nb, bs, h, d = g.shape
-        return g.view(b, nb * bs, h, d).transpose(1, 2)
+    def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor, key: str) -> torch.Tensor:
+        # [B, nb] block ids -> [B, Hkv, nb * bs, D], copied into a reused buffer
+        b, nb = block_tables.shape
+        _, bs, h, d = cache.shape
+        out = self._buffer(key, b * nb * bs * h * d, cache).view(b * nb, bs, h, d)
+        torch.index_select(cache, 0, block_tables.reshape(-1), out=out)
+        return out.view(b, nb * bs, h, d).transpose(1, 2)
 
     def _decode(self, layer, q, k_cache, v_cache, meta, gqa):
         nd = q.shape[0]
@@ -45,7 +59,7 @@ class TorchSDPABackend:
         max_len = max(meta.seq_lens[:nd])
         nb = -(-max_len // bs)
         tables = meta.block_tables[:nd, :nb]
-        kk, vv = self._gather(k_cache, tables), self._gather(v_cache, tables)
+        kk, vv = self._gather(k_cache, tables, "k"), self._gather(v_cache, tables, "v")
         kpos = torch.arange(nb * bs, device=q.device)
         lens = meta.seq_lens_tensor[:nd, None]
         mask = kpos[None, :] < lens
@@ -62,8 +76,8 @@ class TorchSDPABackend:
             kk, vv = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         else:
             nb = -(-seq_len // k_cache.shape[1])
-            kk = self._gather(k_cache, block_table[None, :nb])[:, :, :seq_len]
-            vv = self._gather(v_cache, block_table[None, :nb])[:, :, :seq_len]
+            kk = self._gather(k_cache, block_table[None, :nb], "k")[:, :, :seq_len]
+            vv = self._gather(v_cache, block_table[None, :nb], "v")[:, :, :seq_len]
         if seq_len == n and not layer.sliding_window:
             o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=layer.scale, enable_gqa=gqa)
         else:
