@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from vlmserve.config import ModelConfig
+from vlmserve.layers.linear import route_linears_through_onednn
 from vlmserve.models.registry import ModelRegistry
 from vlmserve.models.weight_utils import iterate_weights
 
@@ -26,4 +27,6 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     with _default_dtype(model_config.dtype), torch.device(device):
         model = cls(model_config.hf_config, model_config.max_model_len)
     model.load_weights(iterate_weights(model_config.model))
+    if device.type == "cpu":
+        route_linears_through_onednn(model)
     return model.eval()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlmserve.kernels import paged_attention_cpu
+
 
 class TorchSDPABackend:
     name = "torch_sdpa"
@@ -55,6 +57,11 @@ class TorchSDPABackend:
 
     def _decode(self, layer, q, k_cache, v_cache, meta, gqa):
         nd = q.shape[0]
+        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and paged_attention_cpu.available():
+            # reads the cache in place: no gathered copy
+            return paged_attention_cpu.paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens_tensor[:nd], layer.scale,
+                layer.sliding_window)
         bs = k_cache.shape[1]
         max_len = max(meta.seq_lens[:nd])
         nb = -(-max_len // bs)

@@ -1,0 +1,1 @@
+"""Compute kernels, each beside a reference implementation in torch that its tests compare with."""

@@ -1,0 +1,121 @@
+// Decode attention over the paged KV cache on the CPU, reading K and V in place through the block
+// table: one query token per sequence, an online softmax over the sequence's blocks, so every cached
+// row is read once. Work is split over (sequence, kv head); each item serves the q heads of its group.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// A cached row as float: float rows are used in place, others converted into `buf`.
+static inline const float* krow_as_float(const float* row, float*, int64_t) { return row; }
+static inline const float* krow_as_float(const at::BFloat16* row, float* buf, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[i]);
+  return buf;
+}
+
+template <typename T>
+static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& block_tables, const at::Tensor& seq_lens, at::Tensor& out,
+                          double scale, int64_t window) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t group = Hq / Hkv;
+  const int64_t max_blocks = block_tables.size(1);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t tok_stride = Hkv * D, blk_stride = bs * Hkv * D;
+  const float fscale = static_cast<float>(scale);
+
+  // One work item per sequence: its blocks are read front to back, each token row (all kv heads,
+  // contiguous) once for K and once for V, while the state of every q head stays in cache.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(Hq * D), acc(Hq * D), s(Hq * bs), m(Hq), l(Hq), kf(tok_stride), vf(tok_stride);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t L = lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, L - window) : 0;
+      for (int64_t i = 0; i < Hq * D; ++i) qf[i] = static_cast<float>(qp[b * Hq * D + i]) * fscale;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t blk = start / bs; blk * bs < L && blk < max_blocks; ++blk) {
+        const int64_t t0 = std::max(blk * bs, start), t1 = std::min(blk * bs + bs, L);
+        const int64_t n = t1 - t0;
+        const T* kblock = kp + bt[b * max_blocks + blk] * blk_stride + (t0 - blk * bs) * tok_stride;
+        const T* vblock = vp + bt[b * max_blocks + blk] * blk_stride + (t0 - blk * bs) * tok_stride;
+        for (int64_t t = 0; t < n; ++t) {
+          const T* krow = kblock + t * tok_stride;
+          const float* k = krow_as_float(krow, kf.data(), tok_stride);
+          for (int64_t hq = 0; hq < Hq; ++hq) {
+            const float* qh = qf.data() + hq * D;
+            const float* kh = k + (hq / group) * D;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < D; ++d) dot += qh[d] * kh[d];
+            s[hq * bs + t] = dot;
+          }
+        }
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+          float bmax = m[hq];
+          for (int64_t t = 0; t < n; ++t) bmax = std::max(bmax, s[hq * bs + t]);
+          const float corr = std::exp(m[hq] - bmax);  // 0 on the first block (m = -inf)
+          l[hq] *= corr;
+          float* ah = acc.data() + hq * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) ah[d] *= corr;
+          for (int64_t t = 0; t < n; ++t) {
+            const float p = std::exp(s[hq * bs + t] - bmax);
+            s[hq * bs + t] = p;
+            l[hq] += p;
+          }
+          m[hq] = bmax;
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          const float* v = krow_as_float(vblock + t * tok_stride, vf.data(), tok_stride);
+          for (int64_t hq = 0; hq < Hq; ++hq) {
+            const float p = s[hq * bs + t];
+            const float* vh = v + (hq / group) * D;
+            float* ah = acc.data() + hq * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) ah[d] += p * vh[d];
+          }
+        }
+      }
+      for (int64_t hq = 0; hq < Hq; ++hq) {
+        T* dst = op + (b * Hq + hq) * D;
+        const float inv = l[hq] > 0.f ? 1.f / l[hq] : 0.f;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[hq * D + d] * inv);
+      }
+    }
+  });
+}
+
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                  at::Tensor block_tables, at::Tensor seq_lens, double scale,
+                                  int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "head mismatch");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the cache must be contiguous");
+  q = q.contiguous();
+  block_tables = block_tables.to(at::kLong).contiguous();
+  seq_lens = seq_lens.to(at::kLong).contiguous();
+  auto out = at::empty_like(q);
+  if (q.scalar_type() == at::kFloat) {
+    decode_kernel<float>(q, k_cache, v_cache, block_tables, seq_lens, out, scale, window);
+  } else if (q.scalar_type() == at::kBFloat16) {
+    decode_kernel<at::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, out, scale, window);
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16 only");
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+}
