@@ -49,6 +49,16 @@ static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const 
         const int64_t n = t1 - t0;
         const T* kblock = kp + bt[b * max_blocks + blk] * blk_stride + (t0 - blk * bs) * tok_stride;
         const T* vblock = vp + bt[b * max_blocks + blk] * blk_stride + (t0 - blk * bs) * tok_stride;
+        if ((blk + 1) * bs < L && blk + 1 < max_blocks) {
+          // Blocks are scattered in memory: fetch the next one while this one is computed.
+          const int64_t next_len = std::min(bs, L - (blk + 1) * bs) * tok_stride * static_cast<int64_t>(sizeof(T));
+          const char* nk = reinterpret_cast<const char*>(kp + bt[b * max_blocks + blk + 1] * blk_stride);
+          const char* nv = reinterpret_cast<const char*>(vp + bt[b * max_blocks + blk + 1] * blk_stride);
+          for (int64_t off = 0; off < next_len; off += 64) {
+            __builtin_prefetch(nk + off);
+            __builtin_prefetch(nv + off);
+          }
+        }
         for (int64_t t = 0; t < n; ++t) {
           const T* krow = kblock + t * tok_stride;
           const float* k = krow_as_float(krow, kf.data(), tok_stride);
