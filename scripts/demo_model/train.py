@@ -203,7 +203,7 @@ def encode_samples(processor: LlavaProcessor, samples: list[dict], drop_bos: lis
     tok = processor.tokenizer
     image_token = processor.image_token
     seqs, labels = [], []
-    images = []
+    images, image_labels = [], []
     for i, s in enumerate(samples):
         prompt = processor.apply_chat_template(s["messages"], add_generation_prompt=True, tokenize=False)
         full = processor.apply_chat_template(
@@ -220,6 +220,7 @@ def encode_samples(processor: LlavaProcessor, samples: list[dict], drop_bos: lis
         seqs.append(ids)
         labels.append([-100] * (len(ids) - len(ans)) + ans)
         images.extend(s["images"])
+        image_labels.extend((data.SHAPES.index(sh), data.COLOR_NAMES.index(c)) for c, sh in s["specs"])
     max_len = max(len(x) for x in seqs)
     pad = tok.pad_token_id
     input_ids = torch.full((len(seqs), max_len), pad, dtype=torch.long)
@@ -230,7 +231,8 @@ def encode_samples(processor: LlavaProcessor, samples: list[dict], drop_bos: lis
         attn[i, : len(ids)] = 1
         lab[i, : len(lb)] = torch.tensor(lb)
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    return {"input_ids": input_ids, "attention_mask": attn, "pixel_values": pixel_values, "labels": lab}
+    return {"input_ids": input_ids, "attention_mask": attn, "pixel_values": pixel_values, "labels": lab,
+            "image_labels": torch.tensor(image_labels, dtype=torch.long)}
 
 
 def train_batch(rng: random.Random, processor, batch_size: int, two_image_prob: float, system_prob: float,
@@ -265,22 +267,76 @@ def build_check_set(processor, per_kind: int, seed: int, batch: int = 32):
 def check(model, batches) -> dict[str, float]:
     """Teacher-forced exact match == greedy decoding reproduces answer + </s> exactly."""
     model.eval()
+    dev = next(model.parameters()).device
+    confusion = {}
     right = {k: 0 for k in data.KINDS}
     total = {k: 0 for k in data.KINDS}
     for kinds, b in batches:
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
-        pred = out.logits[:, :-1].argmax(-1)
+        out = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
+                    pixel_values=b["pixel_values"].to(dev))
+        pred = out.logits[:, :-1].argmax(-1).cpu()
         tgt = b["labels"][:, 1:]
         ok = ((pred == tgt) | (tgt == -100)).all(-1)
+        first = (tgt != -100).int().argmax(-1)
+        for k, p_, t_ in zip(kinds, pred[torch.arange(len(kinds)), first].tolist(),
+                             tgt[torch.arange(len(kinds)), first].tolist()):
+            if k == "shape":
+                confusion[(t_, p_)] = confusion.get((t_, p_), 0) + 1
         for k, o in zip(kinds, ok.tolist()):
             right[k] += int(o)
             total[k] += 1
     model.train()
+    check.confusion = confusion
     return {k: right[k] / total[k] for k in data.KINDS}
 
 
 def fmt_acc(acc: dict[str, float]) -> str:
     return " ".join(f"{k}={v * 100:.1f}%" for k, v in acc.items())
+
+
+def aux_loss(aux_head, f, image_labels, mode: str):
+    """f: (n_images, NUM_IMAGE_TOKENS, text_hidden) projected image features."""
+    if mode == "mean":
+        logits = aux_head(f.mean(1))
+        il = image_labels
+    else:  # every image token must carry the image's shape and colour
+        logits = aux_head(f).flatten(0, 1)
+        il = image_labels.repeat_interleave(f.shape[1], dim=0)
+    ns = len(data.SHAPES)
+    loss = torch.nn.functional.cross_entropy(logits[:, :ns], il[:, 0]) + \
+        torch.nn.functional.cross_entropy(logits[:, ns:], il[:, 1])
+    acc = (logits[:, :ns].argmax(-1) == il[:, 0]).float().mean().item()
+    return loss, acc
+
+
+def vision_pretrain(model, processor, aux_head, feats, args, dev) -> None:
+    """Stage 1: train vision tower + projector as a shape/colour classifier (probe discarded)."""
+    rng = random.Random(f"vlmserve-demo/vision-pretrain/{args.seed}")
+    params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters()) \
+        + list(aux_head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    t = time.time()
+    ema = None
+    for step in range(args.vision_pretrain_steps):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        imgs, labels = [], []
+        for _ in range(args.vision_batch_size):
+            c, sh = rng.choice(data.COLOR_NAMES), rng.choice(data.SHAPES)
+            imgs.append(data.make_image(rng, c, sh, data.TRAIN_DIST))
+            labels.append((data.SHAPES.index(sh), data.COLOR_NAMES.index(c)))
+        pv = processor.image_processor(imgs, return_tensors="pt")["pixel_values"].to(dev)
+        model.model.get_image_features(pixel_values=pv, vision_feature_layer=model.config.vision_feature_layer,
+                                       vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+        loss, acc = aux_loss(aux_head, feats.pop("img"), torch.tensor(labels, device=dev), args.aux_mode)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = acc if ema is None else 0.95 * ema + 0.05 * acc
+        if (step + 1) % 50 == 0:
+            log(f"vision pretrain {step + 1}/{args.vision_pretrain_steps} loss {loss.item():.3f} "
+                f"shape-acc {ema:.3f} {(time.time() - t) / (step + 1):.2f}s/step")
 
 
 # --------------------------------------------------------------------------- save
@@ -298,10 +354,12 @@ def save(model, processor, out: Path) -> None:
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         do_sample=False,
     ).save_pretrained(out)
-    # Prefer the default CLIP image processor backend when it is available.
+    # transformers 5 nests the image processor in processor_config.json; also write the
+    # classic standalone preprocessor_config.json for tools that look for it.
+    processor.image_processor.save_pretrained(out)
     pp = out / "preprocessor_config.json"
     cfg = json.loads(pp.read_text())
-    cfg["image_processor_type"] = "CLIPImageProcessor"
+    cfg["image_processor_type"] = "CLIPImageProcessor"  # default backend when available
     pp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -331,6 +389,13 @@ def main() -> None:
     ap.add_argument("--text-layers", type=int, default=4)
     ap.add_argument("--text-kv-heads", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--aux-weight", type=float, default=0.0,
+                    help="weight of a training-only shape/colour probe on the projected image features")
+    ap.add_argument("--aux-mode", choices=["token", "mean"], default="token")
+    ap.add_argument("--vision-pretrain-steps", type=int, default=0)
+    ap.add_argument("--vision-batch-size", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--bench", type=int, default=0, help="only time N steps")
     args = ap.parse_args()
 
@@ -361,7 +426,18 @@ def main() -> None:
     check_batches = build_check_set(processor, args.check_per_kind, args.seed)
     log(f"held-out check set: {args.check_per_kind} per kind, built in {time.time() - t0:.1f}s")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
+    dev = torch.device(args.device)
+    model.to(dev)
+    params = list(model.parameters())
+    aux_head = None
+    feats = {}
+    if args.aux_weight > 0 or args.vision_pretrain_steps:
+        # Training-only probe (not saved): pushes shape/colour into every image's features.
+        torch.manual_seed(args.seed + 1)
+        aux_head = torch.nn.Linear(args.text_hidden, len(data.SHAPES) + len(data.COLOR_NAMES)).to(dev)
+        params += list(aux_head.parameters())
+        model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: feats.__setitem__("img", o))
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
 
     def lr_at(step: int) -> float:
         if step < args.warmup:
@@ -369,12 +445,16 @@ def main() -> None:
         p = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
         return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
+    if args.vision_pretrain_steps:
+        vision_pretrain(model, processor, aux_head, feats, args, dev)
+
     rng = data.train_stream(args.seed)
     model.train()
     total_steps = args.bench or args.steps
     extra_left = args.extra_rounds
     step = 0
     ema = None
+    aux_ema = None
     t_train = time.time()
     acc = None
     while True:
@@ -382,22 +462,31 @@ def main() -> None:
             b = train_batch(rng, processor, args.batch_size, args.two_image_prob, args.system_prob, args.no_bos_prob)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            out = model(**b)
+            image_labels = b.pop("image_labels").to(dev)
+            out = model(**{k: v.to(dev) for k, v in b.items()})
+            loss = out.loss
+            if aux_head is not None and args.aux_weight > 0:
+                aux, aux_acc = aux_loss(aux_head, feats.pop("img"), image_labels, args.aux_mode)
+                loss = loss + args.aux_weight * aux
+                aux_ema = aux_acc if aux_ema is None else 0.95 * aux_ema + 0.05 * aux_acc
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
             ema = out.loss.item() if ema is None else 0.95 * ema + 0.05 * out.loss.item()
             if step % 25 == 0 or step == 1:
                 el = time.time() - t_train
-                log(f"step {step}/{total_steps} loss {ema:.4f} lr {lr_at(step - 1):.2e} "
+                aux_txt = f" aux-shape-acc {aux_ema:.3f}" if aux_ema is not None else ""
+                log(f"step {step}/{total_steps} loss {ema:.4f}{aux_txt} lr {lr_at(step - 1):.2e} "
                     f"{el / step:.2f}s/step elapsed {el / 60:.1f}min")
             if args.bench:
                 continue
             if step % args.check_every == 0 or step == total_steps:
                 acc = check(model, check_batches)
                 log(f"  held-out @ {step}: {fmt_acc(acc)}")
+                if args.verbose:
+                    log(f"  shape confusion (target id, pred id): {sorted(check.confusion.items())}")
         if args.bench:
             log(f"bench: {(time.time() - t_train) / step:.3f}s/step")
             return
@@ -409,7 +498,7 @@ def main() -> None:
 
     if min(acc.values()) < args.target:
         log(f"WARNING: held-out accuracy below target: {fmt_acc(acc)}")
-    save(model, processor, args.out)
+    save(model.cpu(), processor, args.out)
     size = sum(f.stat().st_size for f in args.out.iterdir())
     log(f"saved to {args.out} ({size / 1e6:.2f} MB); total time {(time.time() - t0) / 60:.1f} min")
 
