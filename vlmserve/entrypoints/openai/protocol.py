@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from vlmserve.sampling_params import SamplingParams
 
 
+MAX_N = 128  # choices per request, as OpenAI's API allows
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -46,6 +49,8 @@ class _SamplingFields(_Request):
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
                            prompt_logprobs: int | None = None) -> SamplingParams:
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be between 1 and {MAX_N}, got {self.n}")
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
