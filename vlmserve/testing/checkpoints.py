@@ -145,14 +145,15 @@ _LLAVA_HUB_NAMES = [("model.language_model.", "language_model.model."), ("lm_hea
 def make_llava_checkpoint(out_dir: str, layout: str = "hub", seed: int = 0, image_size: int = 64,
                           patch_size: int = 8, vision_feature_layer=-2,
                           vision_feature_select_strategy: str = "default", text_arch: str = "llama",
-                          vision_overrides: dict | None = None, **text_overrides) -> str:
+                          vision_overrides: dict | None = None, tokenizer_vocab: int = 512,
+                          **text_overrides) -> str:
     """A random-weight LlavaForConditionalGeneration with a CLIP image processor and a tokenizer
     whose `<image>` token is the config's image_token_index."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, GenerationConfig, LlavaConfig,
                               LlavaForConditionalGeneration)
 
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer = train_tokenizer(out_dir, 512, seed)
+    tokenizer = train_tokenizer(out_dir, tokenizer_vocab, seed)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.save_pretrained(out_dir)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
