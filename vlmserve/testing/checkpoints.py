@@ -188,8 +188,6 @@ def make_llava_checkpoint(out_dir: str, layout: str = "hub", seed: int = 0, imag
                 k = old + k[len(new):]
                 break
         state[k] = v.contiguous()
-    state["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(
-        (image_size // patch_size) ** 2 + 1)[None]
     save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     config.architectures = ["LlavaForConditionalGeneration"]
     cfg = config.to_diff_dict()
