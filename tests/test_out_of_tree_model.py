@@ -1,87 +1,231 @@
-"""docs/adding_a_model.md, followed literally: its example code registers a toy VLM out of tree, and
-the engine serves it with the same logits as a plain computation on the same weights."""
+"""docs/adding_a_model.md, followed literally: the ```python example blocks of its out-of-tree toy VLM
+are run as written (config, processor, model, registration, checkpoint, `LLM(model=dir)` + generate),
+then the engine's output is checked against a direct torch computation of the same network on the
+same weights. The doc's registrations are undone after this module, so no other test sees them."""
+import json
 import os
 import re
+import shutil
+import sys
+import tempfile
 import types
 
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
-from safetensors.torch import save_file
-from transformers import GenerationConfig, LlamaForCausalLM, LlavaConfig
+from safetensors.torch import load_file, save_file
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from hf_reference import check_greedy_against_hf
 from vlmserve import LLM, SamplingParams
-from vlmserve.testing.checkpoints import _config, train_tokenizer
+from vlmserve.models.registry import ModelRegistry
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "adding_a_model.md")
-GREEDY = SamplingParams(temperature=0, max_tokens=10, logprobs=5, ignore_eos=True)
+ARCH = "ToyVLMForConditionalGeneration"
+TOL = 1e-4
+
+
+def doc_example_code() -> str:
+    with open(DOC) as f:
+        blocks = re.findall(r"^```python example\n(.*?)^```", f.read(), re.S | re.M)
+    assert len(blocks) == 4, "the doc's example is four ```python example blocks"
+    return "\n\n".join(blocks)
 
 
 @pytest.fixture(scope="module")
-def toy():
-    """The doc's example code, run as a module."""
-    blocks = re.findall(r"```python example\n(.*?)```", open(DOC).read(), re.S)
-    assert len(blocks) == 1
+def toy(tmp_path_factory):
+    """The doc's example run in a fresh module; its checkpoint lands in a pytest temp dir."""
     mod = types.ModuleType("toy_vlm_from_doc")
-    exec(compile(blocks[0], DOC, "exec"), mod.__dict__)
-    return mod
+    with pytest.MonkeyPatch.context() as mp:
+        # Global registries: work on copies, restored when the module's tests are done.
+        mp.setattr(ModelRegistry, "_custom", dict(ModelRegistry._custom))
+        mp.setattr(CONFIG_MAPPING, "_extra_content", dict(CONFIG_MAPPING._extra_content))
+        mp.setitem(sys.modules, mod.__name__, mod)
+        assert ARCH not in ModelRegistry.supported_architectures()
+        with pytest.MonkeyPatch.context() as tmp:
+            tmp.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("doc_example")))
+            exec(compile(doc_example_code(), DOC, "exec"), mod.__dict__)
+        yield mod
+    assert ARCH not in ModelRegistry.supported_architectures()
+    assert "toy_vlm" not in CONFIG_MAPPING
 
 
 @pytest.fixture(scope="module")
-def toy_dir(toy, tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("toy_vlm"))
-    tok = train_tokenizer(d, 512)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tok.save_pretrained(d)
-    text_cfg = _config("llama", tok)
-    cfg = LlavaConfig(text_config=text_cfg, image_token_index=tok.convert_tokens_to_ids("<image>"))
-    cfg.architectures = ["ToyVLMForConditionalGeneration"]
-    cfg.save_pretrained(d)
-    GenerationConfig(eos_token_id=tok.eos_token_id).save_pretrained(d)
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(text_cfg)  # HF names; vlmserve fuses q|k|v and gate|up on load
-    proj = torch.nn.Linear(3 * toy.PATCH * toy.PATCH, text_cfg.hidden_size)
-    state = {f"language_model.{k}": v.contiguous() for k, v in lm.state_dict().items()}
-    state.update({f"patch_proj.{k}": v for k, v in proj.state_dict().items()})
+def llm(toy):
+    return toy.llm  # the doc's own LLM(model=model_dir, dtype="float32"): default limit of 1 image
+
+
+@pytest.fixture(scope="module")
+def v5_llm(toy, tmp_path_factory):
+    """The same weights under the names a transformers-5 save would use, allowing 2 images a prompt."""
+    d = str(tmp_path_factory.mktemp("toy_vlm_v5"))
+    shutil.copytree(toy.model_dir, d, dirs_exist_ok=True)
+    back = [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+            ("vision.", "model.vision.")]
+    state = {}
+    for k, v in load_file(os.path.join(toy.model_dir, "model.safetensors")).items():
+        old, new = next((o, n) for o, n in back if k.startswith(o))
+        state[new + k[len(old):]] = v
     save_file(state, os.path.join(d, "model.safetensors"))
-    return d, lm.eval(), proj
+    return LLM(model=d, dtype="float32", limit_mm_per_prompt={"image": 2})
 
 
-def image(seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+def rand_image(w, h, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def reference_logprobs(toy, lm, proj, ids, images, image_token):
-    """The toy network computed directly: HF Llama on embeddings with the projected patches."""
-    proc = toy.ToyVLMProcessor.__new__(toy.ToyVLMProcessor)
-    feats = [proj(toy.patchify(p.data["pixel_values"])) for p in proc.process_raw("image", images, {})]
-    ids_t = torch.tensor(ids)
-    with torch.no_grad():
-        emb = lm.model.embed_tokens(ids_t.masked_fill(ids_t == image_token, 0))
-        pos = (ids_t == image_token).nonzero().flatten()
-        emb[pos] = torch.cat(feats)
-        logits = lm(inputs_embeds=emb[None]).logits[0]
-    return torch.log_softmax(logits.float(), -1)
+class Reference:
+    """The toy network computed directly from model.safetensors: the image encoder in plain torch
+    ops, the language model through HF transformers' LlamaForCausalLM."""
+
+    def __init__(self, model_dir):
+        with open(os.path.join(model_dir, "config.json")) as f:
+            cfg = json.load(f)
+        self.size, self.patch, self.pool = cfg["image_size"], cfg["patch_size"], cfg["pool_size"]
+        self.image_token = cfg["image_token_index"]
+        w = load_file(os.path.join(model_dir, "model.safetensors"))
+        self.w = w
+        self.lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg["text_config"])).eval()
+        self.lm.load_state_dict({k[len("language_model."):]: v for k, v in w.items()
+                                 if k.startswith("language_model.")})
+        self.vocab = cfg["text_config"]["vocab_size"]
+
+    def encode(self, img) -> torch.Tensor:
+        """One image -> [tokens, hidden]."""
+        img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+        x = np.asarray(img.convert("RGB").resize((self.size, self.size), Image.BILINEAR), np.float32) / 255.0
+        s, p, k = self.size, self.patch, self.pool
+        g = s // p
+        x = torch.from_numpy(x).reshape(g, p, g, p, 3).permute(0, 2, 4, 1, 3).reshape(g, g, 3 * p * p)
+        w = self.w
+        h = torch.nn.functional.gelu(x @ w["vision.patch_embed.weight"].T + w["vision.patch_embed.bias"])
+        h = h.reshape(g // k, k, g // k, k, -1).mean(dim=(1, 3)).reshape((g // k) ** 2, -1)
+        return h @ w["vision.projector.weight"].T + w["vision.projector.bias"]
+
+    @torch.no_grad()
+    def logprobs(self, ids, images=(), embeds=None) -> torch.Tensor:
+        ids = torch.tensor(ids)
+        at = ids == self.image_token
+        x = self.lm.model.embed_tokens(ids.masked_fill(at, 0))
+        feats = embeds if embeds is not None else [self.encode(im) for im in images]
+        x[at] = torch.cat(list(feats)) if len(feats) else x[at]
+        return torch.log_softmax(self.lm(inputs_embeds=x[None]).logits[0].float(), dim=-1)
 
 
-def test_the_doc_model_serves_with_reference_logits(toy, toy_dir):
-    d, lm, proj = toy_dir
-    llm = LLM(d, dtype="float32", max_model_len=256, limit_mm_per_prompt={"image": 2})
-    image_token = llm.llm_engine.mm_processor.placeholder_token_id("image")
-    prompts = [{"prompt": "what is in <image> this picture", "multi_modal_data": {"image": image(1)}},
-               {"prompt": "what is in <image> this picture", "multi_modal_data": {"image": image(2)}},
-               {"prompt": "<image> and <image> compared", "multi_modal_data": {"image": [image(3), image(4)]}}]
-    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+@pytest.fixture(scope="module")
+def ref(toy):
+    return Reference(toy.model_dir)
+
+
+def all_logprobs(ref):
+    return SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=ref.vocab,
+                          prompt_logprobs=ref.vocab)
+
+
+def assert_matches(ref_lp, out):
+    """Every logprob of the whole vocabulary, at every prompt and output position, within TOL."""
+    P = len(out.prompt_token_ids)
+    rows = [(i, out.prompt_logprobs[i]) for i in range(1, P)]
+    rows += [(P + j, lp) for j, lp in enumerate(out.outputs[0].logprobs)]
+    assert out.prompt_logprobs[0] is None and len(rows) == P - 1 + len(out.outputs[0].token_ids)
+    worst = 0.0
+    for pos, lp in rows:
+        assert len(lp) == ref_lp.shape[1]
+        ours = torch.tensor([lp[t].logprob for t in range(ref_lp.shape[1])])
+        worst = max(worst, (ours - ref_lp[pos - 1]).abs().max().item())
+    assert worst <= TOL, f"logprobs differ from the direct computation by up to {worst}"
+    for j, t in enumerate(out.outputs[0].token_ids):  # greedy: the reference's best token
+        row = ref_lp[P - 1 + j]
+        assert row[t] >= row.max() - TOL
+
+
+# ---- the doc's example as written --------------------------------------------------------
+def test_the_doc_checkpoint_and_registration(toy, llm):
+    d = toy.model_dir
+    assert "doc_example" in d  # made by tempfile.mkdtemp, inside pytest's temp dir
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["architectures"] == [ARCH] and cfg["model_type"] == "toy_vlm"
+    assert os.path.isfile(os.path.join(d, "model.safetensors"))
+    tok = llm.get_tokenizer()
+    assert tok("<image>", add_special_tokens=False).input_ids == [cfg["image_token_index"]]
+    assert cfg["image_token_index"] < cfg["text_config"]["vocab_size"]
+
+    assert ModelRegistry.resolve(ARCH) is toy.ToyVLMForConditionalGeneration
+    engine = llm.llm_engine
+    assert isinstance(engine.runner.model, toy.ToyVLMForConditionalGeneration)
+    assert isinstance(engine.mm_processor, toy.ToyVLMProcessor)
+    assert engine.mm_processor.placeholder_text("image") == toy.ToyVLMForConditionalGeneration.placeholder_str("image", 0)
+
+
+def test_the_doc_usage_generates(toy):
+    out, proc = toy.out, toy.llm.llm_engine.mm_processor
+    assert 1 <= len(out.outputs[0].token_ids) <= 8 and out.finished
+    n = proc.max_tokens_per_item("image")
+    assert n == toy.tokens_per_image(toy.llm.llm_engine.model_config.hf_config) == 16
+    ids, image_token = out.prompt_token_ids, proc.placeholder_token_id("image")
+    assert ids.count(image_token) == n
+    first = ids.index(image_token)
+    assert ids[first:first + n] == [image_token] * n  # one run, where <image> was
+
+
+# ---- behaviour ---------------------------------------------------------------------------
+def test_logits_equal_a_direct_computation(llm, ref):
+    prompts = [{"prompt": "What is in <image> this picture?", "multi_modal_data": {"image": rand_image(64, 48, 1)}},
+               {"prompt": "<image>\ndescribe the shape", "multi_modal_data": {"image": rand_image(20, 90, 2)}},
+               {"prompt": "the cat <image> runs", "multi_modal_data": {"image": np.asarray(rand_image(40, 40, 3))}},
+               "a text-only prompt in the same batch"]
+    outs = llm.generate(prompts, all_logprobs(ref), use_tqdm=False)
     for p, out in zip(prompts, outs):
-        imgs = p["multi_modal_data"]["image"]
-        imgs = imgs if isinstance(imgs, list) else [imgs]
-        assert out.prompt_token_ids.count(image_token) == toy.TOKENS_PER_IMAGE * len(imgs)
-        ref = reference_logprobs(toy, lm, proj, out.prompt_token_ids + out.outputs[0].token_ids, imgs, image_token)
-        check_greedy_against_hf(ref, len(out.prompt_token_ids), out.outputs[0], tol=1e-4)
-    assert outs[0].outputs[0].logprobs[0] != outs[1].outputs[0].logprobs[0]  # the image matters
+        images = [p["multi_modal_data"]["image"]] if isinstance(p, dict) else []
+        assert_matches(ref.logprobs(out.prompt_token_ids + out.outputs[0].token_ids, images), out)
 
-    with pytest.raises(ValueError, match="more than the limit of 2"):
-        llm.generate({"prompt": "<image><image><image>", "multi_modal_data": {"image": [image(0)] * 3}},
-                     use_tqdm=False)
+
+def test_a_different_image_changes_the_logprobs(llm, ref):
+    prompt = "What is in <image> this picture?"
+    a, b = rand_image(64, 48, 11), rand_image(64, 48, 12)
+    outs = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": im}} for im in (a, b, np.asarray(a))],
+                        SamplingParams(temperature=0.0, max_tokens=1, logprobs=ref.vocab), use_tqdm=False)
+    lp = [torch.tensor([o.outputs[0].logprobs[0][t].logprob for t in range(ref.vocab)]) for o in outs]
+    assert (lp[0] - lp[1]).abs().max() > 1e-2
+    assert (lp[0] - lp[2]).abs().max() < 1e-6  # the same pixels as a numpy array
+
+
+def test_image_embeddings_in_place_of_pixels(llm, ref):
+    img = rand_image(50, 30, 21)
+    emb = ref.encode(img)
+    assert emb.shape == (16, 64)
+    prompt = "look <image> here"
+    by_pixels, by_embeds = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": img}},
+                                         {"prompt": prompt, "multi_modal_data": {"image": emb}}],
+                                        all_logprobs(ref), use_tqdm=False)
+    assert by_embeds.outputs[0].token_ids == by_pixels.outputs[0].token_ids
+    assert_matches(ref.logprobs(by_embeds.prompt_token_ids + by_embeds.outputs[0].token_ids, embeds=[emb]),
+                   by_embeds)
+
+
+def test_other_key_layout_and_two_images(llm, v5_llm, ref):
+    a, b = rand_image(64, 48, 31), rand_image(48, 64, 32)
+    one = {"prompt": "What is in <image> this picture?", "multi_modal_data": {"image": a}}
+    ours, theirs = llm.generate(one, all_logprobs(ref), use_tqdm=False)[0], \
+        v5_llm.generate(one, all_logprobs(ref), use_tqdm=False)[0]
+    assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+    assert ours.outputs[0].logprobs[0][ours.outputs[0].token_ids[0]].logprob == pytest.approx(
+        theirs.outputs[0].logprobs[0][ours.outputs[0].token_ids[0]].logprob, abs=1e-6)
+    two = [{"prompt": "<image> first, then <image>", "multi_modal_data": {"image": ims}} for ims in ([a, b], [b, a])]
+    outs = v5_llm.generate(two, all_logprobs(ref), use_tqdm=False)
+    for p, out in zip(two, outs):
+        assert out.prompt_token_ids.count(ref.image_token) == 2 * 16
+        assert_matches(ref.logprobs(out.prompt_token_ids + out.outputs[0].token_ids, p["multi_modal_data"]["image"]),
+                       out)
+    assert outs[0].outputs[0].logprobs[0] != outs[1].outputs[0].logprobs[0]  # order matters
+
+
+def test_too_many_images(llm):
+    imgs = [rand_image(32, 32, 1), rand_image(32, 32, 2)]
+    with pytest.raises(ValueError, match="2 images in one prompt, more than the limit of 1"):
+        llm.generate({"prompt": "<image> and <image>", "multi_modal_data": {"image": imgs}}, use_tqdm=False)
+    # the engine is unharmed
+    assert llm.generate({"prompt": "<image>", "multi_modal_data": {"image": imgs[0]}},
+                        SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
