@@ -180,3 +180,14 @@ def test_text_model_refuses_images(text_model_dir):
     llm = LLM(text_model_dir("llama_tied"), dtype="float32", max_model_len=64)
     with pytest.raises(ValueError, match="takes no multimodal input"):
         llm.generate({"prompt": "hi", "multi_modal_data": {"image": rand_image(8, 8, 0)}}, use_tqdm=False)
+
+
+def test_profiling_items_are_the_largest_allowed(llm):
+    """The dummy multimodal prompt that sizes the KV cache on a GPU: as many items as the limit allows,
+    each at its largest, through the vision tower in one call."""
+    engine = llm.llm_engine
+    proc = engine.mm_processor
+    ids, items = proc.apply(*proc.dummy_request({"image": 2}), {"image": 2})
+    assert len(items) == 2 and all(it.length == proc.max_tokens_per_item("image") for it in items)
+    embeds = engine.runner.encode_dummy_items(items)
+    assert [tuple(e.shape) for e in embeds] == [(64, 64), (64, 64)]

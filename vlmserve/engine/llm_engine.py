@@ -98,7 +98,11 @@ class LLMEngine:
             if unknown:
                 raise ValueError(f"limit_mm_per_prompt names {sorted(unknown)}, which this model does not "
                                  f"take (it takes: {', '.join(self.mm_processor.modalities)})")
-        num_blocks = self.runner.determine_num_blocks()
+        dummy_items = []
+        if self.mm_processor is not None:  # profile memory with the largest multimodal prompt allowed
+            limits = {m: self.limit_mm_per_prompt.get(m, 1) for m in self.mm_processor.modalities}
+            _, dummy_items = self.mm_processor.apply(*self.mm_processor.dummy_request(limits), limits)
+        num_blocks = self.runner.determine_num_blocks(dummy_items)
         capacity = num_blocks * cache_config.block_size
         if capacity < model_config.max_model_len:
             raise ValueError(

@@ -49,13 +49,15 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.model_config.dtype).element_size()
         return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * elem for a in self.attn_layers)
 
-    def determine_num_blocks(self) -> int:
+    def determine_num_blocks(self, dummy_mm_items: list | None = None) -> int:
+        """KV cache blocks: as given, or what memory leaves after the largest step (on CUDA, measured
+        with `dummy_mm_items`, the items of the largest multimodal prompt, through their encoders)."""
         cfg = self.cache_config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
         per_block = self.kv_bytes_per_block()
         if self.device.type == "cuda":
-            budget = self._profile_cuda_budget()
+            budget = self._profile_cuda_budget(dummy_mm_items or [])
         else:
             gib = os.environ.get("VLMSERVE_CPU_KVCACHE_SPACE")
             budget = int(float(gib) * (1 << 30)) if gib else cfg.cpu_kv_cache_bytes
@@ -67,7 +69,18 @@ class ModelRunner:
         return int(num)
 
     @torch.inference_mode()
-    def _profile_cuda_budget(self) -> int:
+    def encode_dummy_items(self, items: list) -> list[torch.Tensor]:
+        """Run the encoders on profiling items, all of a modality in one call, as a step would."""
+        out = []
+        by_modality: dict[str, list] = {}
+        for mm in items:
+            by_modality.setdefault(mm.modality, []).append(mm)
+        for modality, mms in by_modality.items():
+            data = [{k: v.to(self.device) for k, v in mm.data.items()} for mm in mms]
+            out.extend(self.model.embed_multimodal(modality, data))
+        return out
+
+    def _profile_cuda_budget(self, dummy_mm_items: list) -> int:
         """Run the largest step the scheduler can make, then give the KV cache what is left of
         gpu_memory_utilization."""
         torch.cuda.empty_cache()
@@ -81,7 +94,9 @@ class ModelRunner:
             slot_mapping=torch.arange(n, device=self.device),
             block_tables=torch.arange(nblocks, device=self.device)[None, :],
             seq_lens_tensor=torch.tensor([n], device=self.device), block_size=self.block_size)
+        encoded = self.encode_dummy_items(dummy_mm_items)  # kept alive through the LM pass, as in a step
         hidden = self.model(seq_ids, torch.arange(n, device=self.device), meta)
+        del encoded
         self.model.compute_logits(hidden[-min(n, self.scheduler_config.max_num_seqs):])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device)
