@@ -17,6 +17,13 @@ def _add_bench_parser(subparsers) -> None:
     throughput.add_cli_args(p)
     p.set_defaults(func=throughput.main)
 
+    from vlmserve.benchmarks import serving
+
+    p = kinds.add_parser("serving", help="online serving against an OpenAI-compatible server",
+                         description=serving.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serving.add_cli_args(p)
+    p.set_defaults(func=serving.main)
+
 
 def _add_serve_parser(subparsers) -> None:
     from vlmserve.entrypoints.openai import api_server
