@@ -191,3 +191,32 @@ def test_profiling_items_are_the_largest_allowed(llm):
     assert len(items) == 2 and all(it.length == proc.max_tokens_per_item("image") for it in items)
     embeds = engine.runner.encode_dummy_items(items)
     assert [tuple(e.shape) for e in embeds] == [(64, 64), (64, 64)]
+
+
+def test_chat_template_from_the_processor_files(llava_dir, tmp_path):
+    """LLaVA checkpoints on the hub keep their template in chat_template.json; without any template a
+    chat request gets an error that says what to do."""
+    import json
+    import shutil
+
+    from shapes import data_url
+
+    d = tmp_path / "m"
+    shutil.copytree(llava_dir, d)
+    img = rand_image(64, 64, 3)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
+                                             {"type": "text", "text": "what is it"}]}]
+    llm = LLM(str(d), dtype="float32", max_model_len=512)
+    with pytest.raises(ValueError, match="no chat template"):
+        llm.chat(messages, use_tqdm=False)
+    template = ("{% for m in messages %}USER: {% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n"
+                "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    llm = LLM(str(d), dtype="float32", max_model_len=512)
+    chat = llm.chat(messages, GREEDY, use_tqdm=False)[0]
+    gen = llm.generate({"prompt": "USER: <image>\nwhat is it ASSISTANT:", "multi_modal_data": {"image": img}},
+                       GREEDY, use_tqdm=False)[0]
+    bos = llm.get_tokenizer().bos_token_id
+    # chat prompts are tokenized without special tokens (the template owns them), as HF does
+    assert [bos] + chat.prompt_token_ids == gen.prompt_token_ids
+    assert len(chat.outputs[0].token_ids) == GREEDY.max_tokens

@@ -3,6 +3,7 @@ messages reference (loaded once each), in the order their placeholders appear.""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,6 +32,28 @@ def load_chat_template(value: str | None) -> str | None:
     if any(c in value for c in "{%}"):
         return value
     raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+
+
+def model_chat_template(model_dir: str, tokenizer) -> str | None:
+    """The model's own template: the tokenizer's (tokenizer_config.json or chat_template.jinja, as
+    transformers loads them), else the processor's chat_template.json or processor_config.json."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        return template
+    for name in ("chat_template.jinja", "chat_template.json", "processor_config.json"):
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            if name.endswith(".jinja"):
+                return f.read()
+            try:
+                value = json.load(f).get("chat_template")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def detect_content_format(template: str) -> str:
@@ -135,7 +158,7 @@ async def prepare_chat(engine, messages: list[dict], template: str | None, conte
                        continue_final_message: bool = False, mm_processor_kwargs: dict | None = None):
     """Messages -> (prompt text, token ids with placeholders expanded, multimodal items); the same
     path for the server and for offline `LLM.chat`."""
-    template = template or getattr(engine.tokenizer, "chat_template", None)
+    template = template or model_chat_template(engine.model_config.model, engine.tokenizer)
     if content_format == "auto":
         content_format = detect_content_format(template) if template else "string"
     parsed = parse_messages(messages, content_format, placeholder_for(engine))

@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse, Response
 from vlmserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from vlmserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from vlmserve.engine.llm_engine import LLMEngine
-from vlmserve.entrypoints.chat_utils import (detect_content_format, load_chat_template, parse_messages,
-                                            placeholder_for, render_chat)
+from vlmserve.entrypoints.chat_utils import (detect_content_format, load_chat_template, model_chat_template,
+                                            parse_messages, placeholder_for, render_chat)
 from vlmserve.entrypoints.llm import DEMO_MODEL_NAME, default_device, resolve_model_path
 from vlmserve.entrypoints.openai.metrics import ServerMetrics
 from vlmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -210,7 +210,7 @@ def build_state(args) -> ServerState:
                        dev, limit_mm_per_prompt=args.limit_mm_per_prompt,
                        mm_processor_kwargs=args.mm_processor_kwargs)
     names = args.served_model_name or [DEMO_MODEL_NAME if args.model in (None, DEMO_MODEL_NAME) else args.model]
-    template = load_chat_template(args.chat_template) or getattr(engine.tokenizer, "chat_template", None)
+    template = load_chat_template(args.chat_template) or model_chat_template(path, engine.tokenizer)
     fmt = args.chat_template_content_format
     if fmt == "auto":
         fmt = detect_content_format(template) if template else "string"
