@@ -2,7 +2,13 @@
 the same output length (EOS ignored) go through each chosen backend in turn: vlmserve, Hugging Face
 `generate` (batched, left-padded, greedy) and vLLM's CPU build (in its own interpreter, through
 vlmserve/benchmarks/vllm_peer_throughput.py). Each backend gets a warm-up on a few other prompts,
-then one timed run, which must give every request exactly --output-len tokens."""
+then one timed run, which must give every request exactly --output-len tokens.
+
+With a LLaVA model (--random-model-arch llava, or a --model whose config is "llava") each request is
+one seeded random-noise image plus a text prompt of random words holding one `<image>`; every backend
+gets the same text and the same pixels and resizes them with its own processor (in the timed run),
+and the prompt token ids each backend ran (placeholder expanded) are checked against the expected
+ones."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import random
 import shlex
 import shutil
 import signal
@@ -47,7 +54,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     src = m.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a local Hugging Face model directory")
     src.add_argument("--random-model", action="store_true",
-                     help="write a random-weight llama checkpoint of the shape below and use it")
+                     help="write a random-weight checkpoint of the shape below and use it")
+    m.add_argument("--random-model-arch", choices=("llama", "llava"), default="llama",
+                   help="llama: the text model below; llava: a CLIP vision tower (--vision-*) in front of it")
     m.add_argument("--random-model-dir", help="where to write it (default: a temporary directory, "
                    "removed afterwards)")
     m.add_argument("--num-layers", type=int, default=6)
@@ -63,9 +72,23 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    help="target vocabulary of the tokenizer trained for the random model (its corpus "
                    "caps it near 1300)")
 
+    v = p.add_argument_group("vision tower of --random-model-arch llava (LLaVA-1.5 shaped: CLIP, "
+                             "2-layer projector, feature layer -2, 'default' strategy)")
+    v.add_argument("--vision-layers", type=int, default=4)
+    v.add_argument("--vision-hidden", type=int, default=256)
+    v.add_argument("--vision-heads", type=int, default=4)
+    v.add_argument("--vision-intermediate", type=int, default=1024)
+    v.add_argument("--image-size", type=int, default=224, help="the tower's input (px)")
+    v.add_argument("--patch-size", type=int, default=14,
+                   help="(image-size / patch-size)^2 image tokens per image")
+
     w = p.add_argument_group("workload")
     w.add_argument("--num-prompts", type=int, default=256)
-    w.add_argument("--input-len", type=int, default=128)
+    w.add_argument("--input-len", type=int, default=128,
+                   help="prompt tokens; with a LLaVA model, the text tokens (BOS and the one <image> "
+                   "placeholder included), to which the image adds its tokens")
+    w.add_argument("--source-image-size", default="320x240",
+                   help="WxH of the random images of a LLaVA workload, before each engine's processor")
     w.add_argument("--output-len", type=int, default=128)
     w.add_argument("--num-warmup-prompts", type=int, default=4)
     w.add_argument("--warmup-output-len", type=int, default=16)
@@ -94,16 +117,96 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 # ---- workload ----------------------------------------------------------------------------------
 def make_random_model(args, out_dir: str) -> str:
-    from vlmserve.testing.checkpoints import make_text_checkpoint
+    from vlmserve.testing.checkpoints import make_llava_checkpoint, make_text_checkpoint
 
+    image_tokens = (args.image_size // args.patch_size) ** 2 if args.random_model_arch == "llava" else 0
     overrides = {"hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
                  "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
                  "num_key_value_heads": args.num_kv_heads, "head_dim": args.head_dim,
-                 "max_position_embeddings": max(2048, args.input_len + args.output_len)}
+                 "max_position_embeddings": max(2048, args.input_len + image_tokens + args.output_len)}
     if args.vocab_size:
         overrides["vocab_size"] = args.vocab_size
-    return make_text_checkpoint(out_dir, arch="llama", layout="v5", seed=args.seed,
-                                tokenizer_vocab=args.tokenizer_vocab, **overrides)
+    if args.random_model_arch == "llama":
+        return make_text_checkpoint(out_dir, arch="llama", layout="v5", seed=args.seed,
+                                    tokenizer_vocab=args.tokenizer_vocab, **overrides)
+    vision = {"hidden_size": args.vision_hidden, "intermediate_size": args.vision_intermediate,
+              "num_hidden_layers": args.vision_layers, "num_attention_heads": args.vision_heads}
+    make_llava_checkpoint(out_dir, layout="hub", seed=args.seed, image_size=args.image_size,
+                          patch_size=args.patch_size, vision_overrides=vision,
+                          tokenizer_vocab=args.tokenizer_vocab, **overrides)
+    write_llava_processor_config(out_dir)
+    return out_dir
+
+
+def write_llava_processor_config(model_dir: str) -> None:
+    """processor_config.json, as LLaVA-1.5 checkpoints on the hub carry it: HF's `LlavaProcessor`
+    (which HF users and vLLM's LLaVA processing call) takes the patch size, the feature strategy and
+    the CLS token count from it to expand `<image>` into the same number of tokens as the model
+    produces. vlmserve does not read it."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with open(os.path.join(model_dir, "processor_config.json"), "w") as f:
+        json.dump({"processor_class": "LlavaProcessor", "image_token": "<image>",
+                   "patch_size": cfg.vision_config.patch_size, "num_additional_image_tokens": 1,
+                   "vision_feature_select_strategy": cfg.vision_feature_select_strategy}, f, indent=2)
+
+
+def is_llava(model_dir: str) -> bool:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).model_type == "llava"
+
+
+def prompt_ids(p) -> list[int]:
+    """The token ids a request should run: a text prompt's ids, or a LLaVA prompt's expanded ids."""
+    return p["ids"] if isinstance(p, dict) else p
+
+
+# Words the random tokenizers were trained on (vlmserve.testing.checkpoints), ASCII only.
+_PROMPT_WORDS = ("the a an of to in is was for on with as by at from it this that be are were not but or "
+                 "cat dog bird fish tree house river mountain city road car train boat plane sun moon star "
+                 "red green blue yellow purple orange black white small large quick slow bright dark happy "
+                 "runs jumps flies swims sees finds makes takes gives tells asks walks sings reads writes "
+                 "image picture photo shape circle square triangle cross color describe what where who why").split()
+
+
+def make_mm_prompts(model_dir: str, num: int, input_len: int, seed: int, source_size: str) -> list[dict]:
+    """`num` LLaVA requests: {"prompt": text, "image": PIL image, "ids": expected token ids}. The text
+    is `<image>` and a newline, then seeded random words up to `input_len` tokens (BOS and the
+    placeholder included); the image is seeded RGB noise of `source_size` (WxH). "ids" has the
+    placeholder expanded to the model's image tokens."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    v = cfg.vision_config
+    n_image = (v.image_size // v.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
+    image_id = cfg.image_token_index
+    placeholder = tok.convert_ids_to_tokens(image_id)
+    width, height = (int(x) for x in source_size.lower().split("x"))
+    rng, np_rng = random.Random(seed), np.random.default_rng(seed)
+    out = []
+    for _ in range(num):
+        text = placeholder + "\n"
+        n = len(tok(text).input_ids)
+        tries = 0
+        while n < input_len and tries < 200:  # a word that would overshoot is skipped
+            cand = text + ("" if text.endswith("\n") else " ") + rng.choice(_PROMPT_WORDS)
+            n_cand = len(tok(cand).input_ids)
+            tries += 1
+            if n_cand <= input_len:
+                text, n = cand, n_cand
+        ids = tok(text).input_ids
+        if ids.count(image_id) != 1:
+            raise RuntimeError(f"the prompt {text!r} does not tokenize to one {placeholder}")
+        k = ids.index(image_id)
+        expanded = ids[:k] + [image_id] * n_image + ids[k + 1:]
+        image = Image.fromarray(np_rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        out.append({"prompt": text, "image": image, "ids": expanded})
+    return out
 
 
 def make_prompts(model_dir: str, num: int, input_len: int, seed: int) -> list[list[int]]:
@@ -120,16 +223,23 @@ def make_prompts(model_dir: str, num: int, input_len: int, seed: int) -> list[li
     return allowed[rng.integers(0, len(allowed), size=(num, input_len))].tolist()
 
 
-def _result(backend: str, prompts: list[list[int]], output_lens: list[int], elapsed: float,
-            expected_len: int, **extra) -> dict:
-    n_in = sum(map(len, prompts))
+def _result(backend: str, prompts: list, output_lens: list[int], elapsed: float,
+            expected_len: int, ran_prompt_ids: list[list[int]] | None = None, **extra) -> dict:
+    """ran_prompt_ids: the prompt token ids the backend reports it ran, checked against the expected."""
+    n_in = sum(len(prompt_ids(p)) for p in prompts)
     n_out = sum(output_lens)
     bad = [i for i, n in enumerate(output_lens) if n != expected_len]
-    return {"backend": backend, "num_requests": len(prompts), "prompt_tokens": n_in,
-            "output_tokens": n_out, "elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed,
-            "output_tokens_per_s": n_out / elapsed, "total_tokens_per_s": (n_in + n_out) / elapsed,
-            "outputs_ok": not bad and len(output_lens) == len(prompts),
-            "bad_output_lengths": {i: output_lens[i] for i in bad[:10]}, **extra}
+    res = {"backend": backend, "num_requests": len(prompts), "prompt_tokens": n_in,
+           "output_tokens": n_out, "elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed,
+           "output_tokens_per_s": n_out / elapsed, "total_tokens_per_s": (n_in + n_out) / elapsed,
+           "outputs_ok": not bad and len(output_lens) == len(prompts),
+           "bad_output_lengths": {i: output_lens[i] for i in bad[:10]}}
+    if ran_prompt_ids is not None:
+        wrong = [i for i, p in enumerate(prompts)
+                 if i >= len(ran_prompt_ids) or list(ran_prompt_ids[i]) != prompt_ids(p)]
+        res["prompt_ids_ok"] = not wrong and len(ran_prompt_ids) == len(prompts)
+        res["wrong_prompt_ids"] = wrong[:10]
+    return {**res, **extra}
 
 
 @contextlib.contextmanager
@@ -159,16 +269,21 @@ def run_vlmserve(args, model_dir: str, prompts, warmup) -> dict:
     def params(n):
         return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
-    llm.generate([{"prompt_token_ids": p} for p in warmup], params(args.warmup_output_len), use_tqdm=False)
+    def inputs(ps):  # a LLaVA request goes in as text + PIL image: the engine tokenizes and processes
+        return [{"prompt": p["prompt"], "multi_modal_data": {"image": p["image"]}} if isinstance(p, dict)
+                else {"prompt_token_ids": p} for p in ps]
+
+    llm.generate(inputs(warmup), params(args.warmup_output_len), use_tqdm=False)
     engine = llm.llm_engine
     steps0, pre0, cached0 = (engine.stats.num_steps, engine.stats.num_preemptions,
                              engine.stats.num_cached_prompt_tokens)
     t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params(args.output_len), use_tqdm=False)
+    outs = llm.generate(inputs(prompts), params(args.output_len), use_tqdm=False)
     elapsed = time.perf_counter() - t0
     st = engine.stats
     res = _result("vlmserve", prompts, [len(o.outputs[0].token_ids) for o in outs], elapsed,
-                  args.output_len, load_s=load_s, num_steps=st.num_steps - steps0,
+                  args.output_len, ran_prompt_ids=[o.prompt_token_ids for o in outs],
+                  load_s=load_s, num_steps=st.num_steps - steps0,
                   num_preemptions=st.num_preemptions - pre0,
                   cached_prompt_tokens=st.num_cached_prompt_tokens - cached0,
                   max_batch_seqs=st.max_batch_seqs, num_kv_blocks=engine.num_kv_blocks,
@@ -181,8 +296,18 @@ def run_hf(args, model_dir: str, prompts, warmup) -> dict:
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    mm = isinstance(prompts[0], dict)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
+    processor = None
+    if mm:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+        processor = AutoProcessor.from_pretrained(model_dir)
+        processor.tokenizer.padding_side = "left"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    model = model.to(device).eval()
     load_s = time.perf_counter() - t0
     gen_cfg = model.generation_config
     eos = gen_cfg.eos_token_id if isinstance(gen_cfg.eos_token_id, list) else [gen_cfg.eos_token_id]
@@ -190,35 +315,47 @@ def run_hf(args, model_dir: str, prompts, warmup) -> dict:
     pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (eos[0] if eos else 0)
 
     @torch.inference_mode()
-    def generate(batch: list[list[int]], n: int) -> list[int]:
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, p in enumerate(batch):  # left padding
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+    def generate(batch: list, n: int) -> tuple[list[int], list[list[int]]]:
+        """-> output lengths, and the prompt ids that ran (padding dropped)."""
+        extra = {}
+        if mm:  # the processor expands <image>, left-pads the batch and makes the pixel values
+            enc = processor(text=[p["prompt"] for p in batch], images=[p["image"] for p in batch],
+                            return_tensors="pt", padding=True)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            extra["pixel_values"] = enc["pixel_values"].to(device)
+        else:
+            width = max(map(len, batch))
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, p in enumerate(batch):  # left padding
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+        width = ids.shape[1]
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
+                             max_new_tokens=n, min_new_tokens=n, pad_token_id=pad, **extra)
         new = out[:, width:].cpu()
         lens = []
         for row in new.tolist():  # up to and including the first EOS, if any came out
             stop = next((j for j, t in enumerate(row) if t in eos), None)
             lens.append(len(row) if stop is None else stop + 1)
-        return lens
+        return lens, [r[m.bool()].tolist() for r, m in zip(ids, mask)]
 
     runs = []
     for bs in args.hf_batch_size:
         generate(warmup[:bs], args.warmup_output_len)
         t0 = time.perf_counter()
         lens: list[int] = []
+        ran: list[list[int]] = []
         for i in range(0, len(prompts), bs):
-            lens += generate(prompts[i:i + bs], args.output_len)
+            batch_lens, batch_ids = generate(prompts[i:i + bs], args.output_len)
+            lens += batch_lens
+            ran += batch_ids
         elapsed = time.perf_counter() - t0
-        runs.append(_result("hf", prompts, lens, elapsed, args.output_len, load_s=load_s, batch_size=bs,
-                            notes=f"generate, batch {bs}"))
+        runs.append(_result("hf", prompts, lens, elapsed, args.output_len, ran_prompt_ids=ran,
+                            load_s=load_s, batch_size=bs, notes=f"generate, batch {bs}"))
         print(f"  hf batch {bs}: {runs[-1]['output_tokens_per_s']:.1f} output tok/s in {elapsed:.1f}s",
               file=sys.stderr, flush=True)
-    best = max(runs, key=lambda r: (r["outputs_ok"], r["output_tokens_per_s"]))
+    best = max(runs, key=lambda r: (r["outputs_ok"] and r.get("prompt_ids_ok", True), r["output_tokens_per_s"]))
     best = dict(best, all_batch_sizes=[{k: r[k] for k in ("batch_size", "elapsed_s", "output_tokens_per_s")}
                                        for r in runs])
     if len(runs) > 1:
@@ -244,8 +381,19 @@ def run_vllm(args, model_dir: str, prompts, warmup) -> dict:
                                 "shared/peers/setup-vllm-cpu.sh sets one up)")
     with tempfile.TemporaryDirectory(prefix="vlmserve-bench-") as td:
         path = os.path.join(td, "prompts.json")
+        if isinstance(prompts[0], dict):  # LLaVA: the text, and the pixels as lossless PNG files
+            def save(ps, tag):
+                paths = []
+                for i, p in enumerate(ps):
+                    paths.append(os.path.join(td, f"{tag}-{i:05d}.png"))
+                    p["image"].save(paths[-1])
+                return paths
+            data = {"prompts": [p["prompt"] for p in prompts], "images": save(prompts, "image"),
+                    "warmup_prompts": [p["prompt"] for p in warmup], "warmup_images": save(warmup, "warmup")}
+        else:
+            data = {"prompts": prompts, "warmup_prompts": warmup}
         with open(path, "w") as f:
-            json.dump({"prompts": prompts, "warmup_prompts": warmup}, f)
+            json.dump(data, f)
         cmd = [args.vllm_python, PEER_SCRIPT, "--model", model_dir, "--prompts", path,
                "--output-len", str(args.output_len), "--warmup-output-len", str(args.warmup_output_len),
                "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--seed", str(args.seed),
@@ -281,7 +429,7 @@ def run_vllm(args, model_dir: str, prompts, warmup) -> dict:
     if proc.returncode != 0 or result is None:
         raise RuntimeError(f"vLLM exited with {proc.returncode}:\n" + "".join(lines[-15:]))
     return _result("vllm", prompts, result["output_lens"], result["elapsed_s"], args.output_len,
-                   load_s=result["load_s"], vllm_version=result["vllm_version"],
+                   ran_prompt_ids=result.get("prompt_token_ids"), load_s=result["load_s"], vllm_version=result["vllm_version"],
                    torch_version=result["torch_version"], peer_settings=result.get("settings"),
                    notes=f"vLLM {result['vllm_version']} CPU" + (", eager" if args.vllm_enforce_eager else ""))
 
@@ -299,7 +447,8 @@ def format_table(results: list[dict]) -> str:
             continue
         rows.append((r["backend"], f"{r['requests_per_s']:.2f}", f"{r['output_tokens_per_s']:.1f}",
                      f"{r['total_tokens_per_s']:.1f}", f"{r['elapsed_s']:.2f}",
-                     "ok" if r["outputs_ok"] else "WRONG LENGTH", r.get("notes", "")))
+                     "WRONG LENGTH" if not r["outputs_ok"] else
+                     "WRONG PROMPT" if not r.get("prompt_ids_ok", True) else "ok", r.get("notes", "")))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
 
     def line(cells) -> str:
@@ -333,7 +482,6 @@ def main(args: argparse.Namespace) -> int:
     if args.num_warmup_prompts < 1:
         raise SystemExit("--num-warmup-prompts must be at least 1")
     torch.set_num_threads(args.threads)
-    args.max_model_len = args.input_len + args.output_len
     env = {k: os.environ[k] for k in RELEVANT_ENV if k in os.environ}
     argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "throughput"] else sys.argv[1:]
     command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), "vlmserve bench throughput",
@@ -345,15 +493,25 @@ def main(args: argparse.Namespace) -> int:
     model_dir = args.model
     if args.random_model:
         model_dir = args.random_model_dir or (tmp_dir := tempfile.mkdtemp(prefix="vlmserve-bench-model-"))
-        print(f"writing a random-weight llama checkpoint to {model_dir}", file=sys.stderr, flush=True)
+        print(f"writing a random-weight {args.random_model_arch} checkpoint to {model_dir}",
+              file=sys.stderr, flush=True)
         make_random_model(args, model_dir)
     try:
         n_all = args.num_prompts + args.num_warmup_prompts
-        everything = make_prompts(model_dir, n_all, args.input_len, args.seed)
+        mm = is_llava(model_dir)
+        if mm:
+            everything = make_mm_prompts(model_dir, n_all, args.input_len, args.seed, args.source_image_size)
+        else:
+            everything = make_prompts(model_dir, n_all, args.input_len, args.seed)
         prompts, warmup = everything[:args.num_prompts], everything[args.num_prompts:]
+        lens = [len(prompt_ids(p)) for p in everything]
+        args.max_model_len = max(lens) + max(args.output_len, args.warmup_output_len)
+        shape = (f"{min(lens)}-{max(lens)}" if min(lens) != max(lens) else f"{lens[0]}") + " tokens"
+        if mm:
+            shape += f" (1 image {args.source_image_size} + text)"
         results = []
         for name in args.backends:
-            print(f"== {name}: {len(prompts)} prompts x {args.input_len} in -> {args.output_len} out, "
+            print(f"== {name}: {len(prompts)} prompts x {shape} in -> {args.output_len} out, "
                   f"{args.dtype}, {args.threads} threads", file=sys.stderr, flush=True)
             before = os.getloadavg()
             try:
