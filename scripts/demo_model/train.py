@@ -3,8 +3,19 @@
     nice -n 10 python scripts/demo_model/train.py            # -> vlmserve/demo_model/
     nice -n 10 python scripts/demo_model/train.py --out /tmp/demo
 
-Runs on CPU with one thread; everything (tokenizer, weights, data) is seeded, so
-re-running reproduces the checkpoint.
+Runs on CPU with one thread (~22 min); everything (tokenizer, weights, data) is
+seeded, so re-running reproduces the checkpoint (up to float rounding across
+machines/library versions).
+
+Two stages, both on ``LlavaForConditionalGeneration``:
+  1. vision pretraining: the CLIP vision tower + projector are trained as a
+     shape/colour classifier through a training-only linear probe on the
+     mean-pooled projected image features (the probe is thrown away);
+  2. full LLaVA training on chat-template text, loss only on the answer + ``</s>``,
+     with the probe kept as a small auxiliary loss.
+A held-out check (teacher-forced exact match == greedy result) runs every
+``--check-every`` steps; if any question kind is below ``--target`` at the end,
+training continues in ``--check-every`` chunks (at most ``--extra-rounds``).
 """
 
 from __future__ import annotations
@@ -314,12 +325,13 @@ def vision_pretrain(model, processor, aux_head, feats, args, dev) -> None:
     rng = random.Random(f"vlmserve-demo/vision-pretrain/{args.seed}")
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters()) \
         + list(aux_head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    lr = args.vision_pretrain_lr or args.lr
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     t = time.time()
     ema = None
     for step in range(args.vision_pretrain_steps):
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            g["lr"] = lr * min(1.0, (step + 1) / args.warmup)
         imgs, labels = [], []
         for _ in range(args.vision_batch_size):
             c, sh = rng.choice(data.COLOR_NAMES), rng.choice(data.SHAPES)
@@ -357,6 +369,14 @@ def save(model, processor, out: Path) -> None:
     # transformers 5 nests the image processor in processor_config.json; also write the
     # classic standalone preprocessor_config.json for tools that look for it.
     processor.image_processor.save_pretrained(out)
+    # Portable tokenizer_config: the generic fast-tokenizer class (transformers 4.x and 5.x)
+    # and <image> declared as the named extra special token.
+    tc_path = out / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text())
+    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tc.pop("image_token", None)
+    tc["extra_special_tokens"] = {"image_token": "<image>"}
+    tc_path.write_text(json.dumps(tc, indent=2, sort_keys=True) + "\n")
     pp = out / "preprocessor_config.json"
     cfg = json.loads(pp.read_text())
     cfg["image_processor_type"] = "CLIPImageProcessor"  # default backend when available
@@ -370,12 +390,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--min-lr-frac", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--two-image-prob", type=float, default=0.4)
+    ap.add_argument("--two-image-prob", type=float, default=0.5)
     ap.add_argument("--system-prob", type=float, default=0.05)
     ap.add_argument("--no-bos-prob", type=float, default=0.1)
     ap.add_argument("--check-every", type=int, default=250)
@@ -389,11 +409,12 @@ def main() -> None:
     ap.add_argument("--text-layers", type=int, default=4)
     ap.add_argument("--text-kv-heads", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--aux-weight", type=float, default=0.0,
+    ap.add_argument("--aux-weight", type=float, default=0.5,
                     help="weight of a training-only shape/colour probe on the projected image features")
-    ap.add_argument("--aux-mode", choices=["token", "mean"], default="token")
-    ap.add_argument("--vision-pretrain-steps", type=int, default=0)
+    ap.add_argument("--aux-mode", choices=["token", "mean"], default="mean")
+    ap.add_argument("--vision-pretrain-steps", type=int, default=2000)
     ap.add_argument("--vision-batch-size", type=int, default=64)
+    ap.add_argument("--vision-pretrain-lr", type=float, default=0.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--bench", type=int, default=0, help="only time N steps")
@@ -499,6 +520,8 @@ def main() -> None:
     if min(acc.values()) < args.target:
         log(f"WARNING: held-out accuracy below target: {fmt_acc(acc)}")
     save(model.cpu(), processor, args.out)
+    for f in args.out.iterdir():
+        f.chmod(0o644)
     size = sum(f.stat().st_size for f in args.out.iterdir())
     log(f"saved to {args.out} ({size / 1e6:.2f} MB); total time {(time.time() - t0) / 60:.1f} min")
 
