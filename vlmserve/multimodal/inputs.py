@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -18,3 +19,15 @@ class MultiModalItem:
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+
+@dataclass
+class VideoFrames:
+    """A decoded video as it reaches a model's processor: the sampled frames and their rate.
+    `multimodal/video.py` makes these from video files and URLs; a user may also pass frames
+    directly (a list of PIL images or an array [T, H, W, 3]), which have no known rate."""
+    frames: np.ndarray  # [T, H, W, 3] uint8 RGB
+    fps: float | None = None  # rate of the sampled frames (not of the source), for time-aligned positions
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
