@@ -69,6 +69,8 @@ class ModelConfig:
     max_model_len: int
     seed: int = 0
     trust_remote_code: bool = False
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    load_format: str = "auto"  # "dummy": random weights made on the device, no checkpoint read
 
     @property
     def architecture(self) -> str:

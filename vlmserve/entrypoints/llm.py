@@ -45,7 +45,8 @@ class LLM:
                  tensor_parallel_size: int = 1, limit_mm_per_prompt: dict[str, int] | None = None,
                  mm_processor_kwargs: dict | None = None, chat_template: str | None = None,
                  allowed_local_media_path: str | None = None,
-                 allowed_media_domains: list[str] | None = None, device: str | None = None):
+                 allowed_media_domains: list[str] | None = None, device: str | None = None,
+                 load_format: str = "auto"):
         if task != "generate":
             raise ValueError(f"task {task!r} is not supported by this version of vlmserve (only 'generate')")
         if tensor_parallel_size != 1:
@@ -53,6 +54,10 @@ class LLM:
         dev = torch.device(device) if device else default_device()
         model_config = ModelConfig.create(resolve_model_path(model), dtype, max_model_len, seed,
                                           trust_remote_code, dev)
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format {load_format!r}: use 'auto' or 'dummy' (random weights)")
+        model_config.enforce_eager = enforce_eager
+        model_config.load_format = load_format
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(8192, max_num_seqs)
         scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs,

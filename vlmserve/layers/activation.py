@@ -21,5 +21,13 @@ class ActAndMul(nn.Module):
         self.act = get_act_fn(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.act is F.silu:
+            from vlmserve.layers.layernorm import fused_kernels_enabled
+            if fused_kernels_enabled():
+                from vlmserve.kernels.triton_fused import silu_and_mul
+                return silu_and_mul(x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

@@ -1,5 +1,16 @@
+import os
+
 import torch
 from torch import nn
+
+
+def fused_kernels_enabled() -> bool:
+    """Whether CUDA tensors go through the Triton kernels of kernels/triton_fused.py
+    (VLMSERVE_DISABLE_FUSED_KERNELS=1 keeps the torch code)."""
+    if os.environ.get("VLMSERVE_DISABLE_FUSED_KERNELS"):
+        return False
+    from vlmserve.kernels import triton_fused
+    return triton_fused.available()
 
 
 class RMSNorm(nn.Module):
@@ -11,6 +22,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda and fused_kernels_enabled():  # one Triton kernel instead of ~8 (kernels/triton_fused.py)
+            from vlmserve.kernels.triton_fused import rms_norm
+            return rms_norm(x, self.weight, self.eps, residual)
+        return self.forward_torch(x, residual)
+
+    def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The reference the fused kernel is checked against."""
         if residual is not None:
             x = x + residual
             residual = x

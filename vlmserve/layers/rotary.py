@@ -106,6 +106,12 @@ class RotaryEmbedding(nn.Module):
     def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hk, D]; cos_sin from `lookup`."""
         cos, sin = cos_sin
+        if q.is_cuda and self.rotary_dim == q.shape[-1] and q.stride(-1) == 1 and k.stride(-1) == 1:
+            from vlmserve.layers.layernorm import fused_kernels_enabled
+            if fused_kernels_enabled():  # one Triton kernel for q and k, in place
+                from vlmserve.kernels.triton_fused import rotary_inplace
+                rotary_inplace(q, k, cos, sin)
+                return q, k
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
 

@@ -38,6 +38,13 @@ class ModelRunner:
         self.device = device
         self.model = load_model(model_config, device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.attn_backend = get_attention_backend(device)  # the Triton kernels on CUDA
+        for a in self.attn_layers:
+            a.backend = self.attn_backend
+        # decode steps replay CUDA graphs (captured at the first decode step) unless enforce_eager
+        self.decode_graphs = None
+        self.use_cuda_graphs = (device.type == "cuda" and self.attn_backend.name == "triton"
+                                and not getattr(model_config, "enforce_eager", False))
         self.sampler = Sampler(device, model_config.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = cache_config.block_size
@@ -109,7 +116,7 @@ class ModelRunner:
         return int(total * self.cache_config.gpu_memory_utilization - peak - used_by_others)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        backend = get_attention_backend()
+        backend = self.attn_backend
         self.kv_caches = []
         for a in self.attn_layers:
             shape = backend.kv_cache_shape(num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
@@ -169,7 +176,12 @@ class ModelRunner:
             block_size=bs)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        hidden = self._forward(ids_t, pos_t, meta, items)
+        hidden = None
+        if self.use_cuda_graphs and num_decodes == len(items) and \
+                all(it.seq.num_computed_tokens >= it.seq.num_prompt_tokens for it in items):
+            hidden = self._replay_decode_graph(ids_t, pos_t, meta)
+        if hidden is None:
+            hidden = self._forward(ids_t, pos_t, meta, items)
 
         results = [SeqStepResult(it.seq) for it in items]
         if sample_rows:
@@ -191,6 +203,22 @@ class ModelRunner:
             k = seq.params.prompt_logprobs
             results[i].prompt_logprobs = _logprob_rows(gather_logprobs(logprobs, targets, k), [k] * len(targets))
         return results
+
+    def _replay_decode_graph(self, input_ids, positions, meta) -> torch.Tensor | None:
+        if self.decode_graphs is None:
+            from vlmserve.worker.cuda_graphs import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(self.model, self.device, self.scheduler_config.max_num_seqs,
+                                              self.model_config.max_model_len, self.block_size,
+                                              tuple(positions.shape[:-1]))
+            try:
+                self.decode_graphs.capture()
+            except Exception as e:  # a model whose decode step syncs with the host, say
+                logger.warning("CUDA graph capture failed (%s); decoding eagerly", e)
+                self.use_cuda_graphs = False
+                self.decode_graphs = None
+                return None
+        return self.decode_graphs.run(input_ids, positions, meta)
 
     def _forward(self, input_ids, positions, meta, items: list[ScheduledSeq]) -> torch.Tensor:
         embeds = self._merged_embeddings(input_ids, meta, items) if self.is_multimodal else None

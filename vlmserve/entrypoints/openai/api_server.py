@@ -200,6 +200,7 @@ def build_state(args) -> ServerState:
     path = resolve_model_path(args.model)
     model_config = ModelConfig.create(path, args.dtype, args.max_model_len, args.seed,
                                       args.trust_remote_code, dev)
+    model_config.enforce_eager = args.enforce_eager
     batched = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
     engine = LLMEngine(model_config,
                        CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,

@@ -98,10 +98,25 @@ class TorchSDPABackend:
 
 
 _BACKEND = None
+_CUDA_BACKENDS: dict = {}
 
 
-def get_attention_backend():
+def get_attention_backend(device: torch.device | str | None = None):
+    """The backend for a device: on CUDA the Triton kernels (VLMSERVE_ATTENTION_BACKEND=torch_sdpa
+    keeps the reference there), elsewhere TorchSDPABackend."""
     global _BACKEND
+    import os
+
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and os.environ.get("VLMSERVE_ATTENTION_BACKEND") != "torch_sdpa":
+        from vlmserve.kernels import triton_paged_attention
+
+        if triton_paged_attention.available():
+            from vlmserve.layers.attention.triton_backend import TritonPagedAttentionBackend
+
+            if dev not in _CUDA_BACKENDS:
+                _CUDA_BACKENDS[dev] = TritonPagedAttentionBackend(dev)
+            return _CUDA_BACKENDS[dev]
     if _BACKEND is None:
         _BACKEND = TorchSDPABackend()
     return _BACKEND

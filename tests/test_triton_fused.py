@@ -1,0 +1,55 @@
+"""The fused Triton kernels (RMSNorm, rotary, SiLU-and-mul) against the torch layers they replace,
+on the CPU through Triton's interpreter, at float32 tolerance."""
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' decorators run
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+if "vlmserve.kernels.triton_fused" in sys.modules:
+    importlib.reload(sys.modules["vlmserve.kernels.triton_fused"])
+from vlmserve.kernels import triton_fused as tf  # noqa: E402
+from vlmserve.layers.activation import ActAndMul  # noqa: E402
+from vlmserve.layers.layernorm import RMSNorm  # noqa: E402
+from vlmserve.layers.rotary import RotaryEmbedding  # noqa: E402
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(with_residual):
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = torch.randn(96, generator=g)
+    x = torch.randn(5, 96, generator=g)
+    res = torch.randn(5, 96, generator=g) if with_residual else None
+    got, ref = tf.rms_norm(x, norm.weight, norm.eps, res), norm.forward_torch(x, res)
+    if with_residual:
+        torch.testing.assert_close(got[0], ref[0], **TOL)
+        torch.testing.assert_close(got[1], ref[1], **TOL)
+    else:
+        torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_rotary_in_place_on_strided_views():
+    g = torch.Generator().manual_seed(1)
+    rope = RotaryEmbedding(32, 64, {"rope_theta": 10000.0, "rope_type": "default"}, 64)
+    T, hq, hk = 6, 4, 2
+    qkv = torch.randn(T, (hq + 2 * hk) * 32, generator=g)  # q, k as views of one projection, as llama makes them
+    q, k, _ = qkv.split([hq * 32, hk * 32, hk * 32], dim=-1)
+    q, k = q.view(T, hq, 32), k.view(T, hk, 32)
+    cos_sin = rope.lookup(torch.tensor([0, 3, 7, 8, 30, 63]), torch.float32)
+    ref_q, ref_k = rope.forward(cos_sin, q.clone(), k.clone())  # CPU tensors: the torch path
+    tf.rotary_inplace(q, k, *cos_sin)
+    torch.testing.assert_close(q, ref_q, **TOL)
+    torch.testing.assert_close(k, ref_k, **TOL)
+
+
+def test_silu_and_mul():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2 * 40, generator=g)
+    torch.testing.assert_close(tf.silu_and_mul(x), ActAndMul("silu").forward_torch(x), **TOL)

@@ -1,0 +1,98 @@
+"""The Triton paged-attention kernels against their torch references, on the CPU through Triton's
+interpreter (TRITON_INTERPRET=1), at float32 tolerance. Caches hold NaN outside the sequences' tokens
+and block tables hold huge ids past their used entries, so a read outside a sequence would show."""
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' decorators run
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+if "vlmserve.kernels.triton_paged_attention" in sys.modules:  # decorated without the interpreter
+    importlib.reload(sys.modules["vlmserve.kernels.triton_paged_attention"])
+from vlmserve.kernels import triton_paged_attention as tpa  # noqa: E402
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def _paged_cache(lens, block_size, kv_heads, head_dim, g, num_blocks=64):
+    """Random caches filled for sequences of `lens` tokens; NaN elsewhere."""
+    k = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"))
+    v = torch.full_like(k, float("nan"))
+    max_blocks = max(-(-L // block_size) for L in lens) + 1
+    tables = torch.full((len(lens), max_blocks), 10**9, dtype=torch.long)
+    ids = torch.randperm(num_blocks, generator=g)
+    used = 0
+    for b, L in enumerate(lens):
+        nb = -(-L // block_size)
+        tables[b, :nb] = ids[used:used + nb]
+        used += nb
+        for name, cache in (("k", k), ("v", v)):
+            flat = cache[tables[b, :nb]].reshape(-1, kv_heads, head_dim)
+            flat[:L] = torch.randn(L, kv_heads, head_dim, generator=g)
+            cache[tables[b, :nb]] = flat.view(nb, block_size, kv_heads, head_dim)
+    return k, v, tables
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (8, 2, 24)])
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_matches_reference(heads, kv_heads, head_dim, window, num_splits):
+    g = torch.Generator().manual_seed(heads * 100 + head_dim)
+    lens = [1, 9, 16, 17, 70]
+    k, v, tables = _paged_cache(lens, 8, kv_heads, head_dim, g)
+    q = torch.randn(len(lens), heads, head_dim, generator=g)
+    seq_lens = torch.tensor(lens)
+    scale = head_dim ** -0.5
+    out = tpa.paged_decode_attention(q, k, v, tables, seq_lens, scale, window, num_splits=num_splits, block_n=16)
+    ref = tpa.reference_paged_decode_attention(q, k, v, tables, seq_lens, scale, window)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_decode_padded_rows_give_zeros():
+    g = torch.Generator().manual_seed(1)
+    k, v, tables = _paged_cache([5, 12], 4, 2, 16, g)
+    tables = torch.cat([tables, torch.zeros_like(tables[:1])])
+    seq_lens = torch.tensor([5, 12, 0])
+    q = torch.randn(3, 4, 16, generator=g)
+    out = tpa.paged_decode_attention(q, k, v, tables, seq_lens, 0.25, num_splits=2, block_n=16)
+    ref = tpa.reference_paged_decode_attention(q[:2], k, v, tables[:2], seq_lens[:2], 0.25)
+    torch.testing.assert_close(out[:2], ref, **TOL)
+    assert (out[2] == 0).all()
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (8, 2, 16)])
+@pytest.mark.parametrize("window", [None, 11])
+def test_prefill_with_cached_context_matches_reference(heads, kv_heads, head_dim, window):
+    g = torch.Generator().manual_seed(heads + head_dim)
+    # two decodes first (skipped: first_seq=2), then a fresh prompt, a chunk after 20 cached tokens
+    # (a prefix-cache hit or an earlier chunk), and a one-token tail of a chunked prefill
+    lens = [9, 30, 37, 45, 21]
+    q_lens = [1, 1, 37, 25, 1]
+    k, v, tables = _paged_cache(lens, 8, kv_heads, head_dim, g)
+    qsl = torch.tensor([0] + q_lens).cumsum(0)
+    q = torch.randn(int(qsl[-1]), heads, head_dim, generator=g)
+    seq_lens = torch.tensor(lens)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    tpa.paged_prefill_attention(q, k, v, tables, qsl, seq_lens, scale, window, first_seq=2, out=out,
+                                block_m=16, block_n=16)
+    ref = tpa.reference_paged_prefill_attention(q, k, v, tables, qsl, seq_lens, scale, window, first_seq=2)
+    assert not out[2:].isnan().any()
+    torch.testing.assert_close(out[2:], ref[2:], **TOL)
+
+
+def test_store_kv_skips_negative_slots():
+    g = torch.Generator().manual_seed(3)
+    k_cache = torch.randn(6, 4, 2, 8, generator=g)
+    v_cache = torch.randn(6, 4, 2, 8, generator=g)
+    k, v = torch.randn(5, 2, 8, generator=g), torch.randn(5, 2, 8, generator=g)
+    slots = torch.tensor([3, 17, -1, 0, 23])
+    kr, vr = k_cache.clone(), v_cache.clone()
+    tpa.reference_store_kv(k, v, kr, vr, slots)
+    tpa.store_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, kr) and torch.equal(v_cache, vr)

@@ -1,0 +1,106 @@
+"""Fused elementwise kernels for the GPU, in Triton: (residual add +) RMSNorm, rotary embedding
+(neox layout) applied in place to q and k, and SiLU-and-mul. Unfused, each is 5-10 small kernels
+per layer, which costs more than the layer's matmuls in a small decode step. Their references are
+the torch layers they replace (layers/layernorm.py, layers/rotary.py, layers/activation.py), which
+tests and scripts/gpu_check.py compare them with."""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
+                        n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        c = tl.arange(0, BLOCK)
+        cm = c < n
+        x = tl.load(x_ptr + row * stride_x + c, mask=cm, other=0.0)
+        if HAS_RES:
+            x = x + tl.load(res_ptr + row * stride_r + c, mask=cm, other=0.0)  # rounded as torch's add
+            tl.store(res_out_ptr + row * stride_ro + c, x, mask=cm)
+        h = x.to(tl.float32)
+        h = h * tl.rsqrt(tl.sum(h * h, 0) / n + eps)
+        w = tl.load(w_ptr + c, mask=cm, other=0.0)
+        tl.store(out_ptr + row * stride_o + c, (w * h.to(x.dtype)).to(out_ptr.dtype.element_ty), mask=cm)
+
+    @triton.jit
+    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                       stride_ct, num_q_heads, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        i = tl.arange(0, BLOCK)
+        im = i < HALF
+        if h < num_q_heads:
+            base = q_ptr + t * stride_qt + h * stride_qh
+        else:
+            base = k_ptr + t * stride_kt + (h - num_q_heads) * stride_kh
+        cos = tl.load(cos_ptr + t * stride_ct + i, mask=im, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + t * stride_ct + i, mask=im, other=0.0).to(tl.float32)
+        x1 = tl.load(base + i, mask=im, other=0.0)
+        x2 = tl.load(base + HALF + i, mask=im, other=0.0)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        tl.store(base + i, (a * cos - b * sin).to(x1.dtype), mask=im)
+        tl.store(base + HALF + i, (b * cos + a * sin).to(x1.dtype), mask=im)
+
+    @triton.jit
+    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cm = c < n
+        g = tl.load(x_ptr + row * stride_x + c, mask=cm, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + row * stride_x + n + c, mask=cm, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + c, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=cm)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """As layers.layernorm.RMSNorm: x [T, H] (rows contiguous); with a residual, returns
+    (normed(x + residual), x + residual)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    T, n = x2.shape
+    out = torch.empty_like(x2)
+    res_out = torch.empty_like(x2) if residual is not None else out
+    res = residual.reshape(-1, n) if residual is not None else x2
+    if T:
+        _rmsnorm_kernel[(T,)](x2, res, weight, out, res_out, x2.stride(0), res.stride(0), out.stride(0),
+                              res_out.stride(0), n, float(eps), HAS_RES=residual is not None, BLOCK=_pow2(n),
+                              num_warps=8 if n >= 4096 else 4)
+    out = out.view(x.shape)
+    return out if residual is None else (out, res_out.view(x.shape))
+
+
+def rotary_inplace(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """q [T, Hq, D], k [T, Hk, D] (last dim contiguous), rotated over all of D in place with
+    cos, sin [T, 1, D] from RotaryEmbedding.lookup (the two halves repeat)."""
+    T, Hq, D = q.shape
+    if T == 0:
+        return
+    cos2, sin2 = cos.reshape(T, -1), sin.reshape(T, -1)
+    _rotary_kernel[(T, Hq + k.shape[1])](q, k, cos2, sin2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                         cos2.stride(0), Hq, HALF=D // 2, BLOCK=_pow2(D // 2))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2I] = [gate | up] -> silu(gate) * up, [T, I]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    T, n = x2.shape[0], x2.shape[1] // 2
+    out = torch.empty((T, n), dtype=x.dtype, device=x.device)
+    if T:
+        block = min(1024, _pow2(n))
+        _silu_and_mul_kernel[(T, triton.cdiv(n, block))](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block)
+    return out.view(*x.shape[:-1], n)

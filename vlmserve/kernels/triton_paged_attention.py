@@ -1,0 +1,305 @@
+"""Paged attention on the GPU in Triton, over the KV cache layout of the attention backends:
+k_cache, v_cache [num_blocks, block_size, Hkv, D], a block table per sequence.
+
+Three kernels, each with its torch reference below (tests run the kernels on the CPU through
+Triton's interpreter, TRITON_INTERPRET=1; scripts/gpu_check.py compares them on the GPU):
+- `store_kv`: writes a step's k, v at their slots; a negative slot (a padded row of a CUDA graph
+  batch) is skipped.
+- `paged_decode_attention`: one query token per sequence. Programs split over (sequence, KV head,
+  part of the context); each handles all query heads of its KV head (GQA group), so K and V are read
+  once per group. With more than one split, a second kernel merges the parts by their log-sum-exp.
+- `paged_prefill_attention`: query tiles of prefill chunks attending over the paged context and
+  causally within the chunk (chunked prefill and prefix-cache hits read what the cache holds).
+Sliding windows are supported in both."""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a torch build without Triton: callers use the torch backend
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                         stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_cb, stride_cs, stride_ch, block_size,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:
+            d = tl.arange(0, BLOCK_D)
+            dm = d < D
+            dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs + h * stride_ch + d
+            k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=dm)
+            v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=dm)
+            tl.store(kc_ptr + dst, k, mask=dm)
+            tl.store(vc_ptr + dst, v, mask=dm)
+
+    @triton.jit
+    def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+                       scale, window, block_size,
+                       stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb,
+                       stride_ot, stride_oh,
+                       NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+        start = 0
+        if window > 0:
+            start = tl.maximum(seq_len - window, 0)
+        # this split's share of the context, in whole tiles
+        tiles = tl.cdiv(seq_len - start, BLOCK_N)
+        per_split = tl.cdiv(tiles, NUM_SPLITS) * BLOCK_N
+        lo = start + split * per_split
+        hi = tl.minimum(lo + per_split, seq_len)
+
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        gm = g < GROUP
+        dm = d < D
+        heads = kvh * GROUP + g
+        q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=gm[:, None] & dm[None, :], other=0.0)
+        q = (q * scale).to(kc_ptr.dtype.element_ty)
+        m = tl.full([BLOCK_G], -1.0e30, tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            toks = n0 + tl.arange(0, BLOCK_N)
+            tm = toks < hi
+            blk = tl.load(tables_ptr + b * stride_tb + toks // block_size, mask=tm, other=0)
+            off = blk.to(tl.int64) * stride_cb + (toks % block_size) * stride_cs + kvh * stride_ch
+            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k))
+            s = tl.where(tm[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        safe_l = tl.where(l > 0, l, 1.0)
+        if NUM_SPLITS == 1:
+            o = acc / safe_l[:, None]
+            tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+        else:
+            # parts: [B, Hq, NUM_SPLITS, BLOCK_D] and [B, Hq, NUM_SPLITS], contiguous
+            row = (b * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
+            tl.store(part_out_ptr + row[:, None] * BLOCK_D + d[None, :], acc / safe_l[:, None],
+                     mask=gm[:, None])
+            lse = tl.where(l > 0, m + tl.log(safe_l), float("-inf"))
+            tl.store(part_lse_ptr + row, lse, mask=gm)
+
+    @triton.jit
+    def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_heads,
+                             NUM_SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        row = b * num_heads + h
+        s = tl.arange(0, NUM_SPLITS)
+        d = tl.arange(0, BLOCK_D)
+        lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s)
+        top = tl.max(lse, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(lse - top)
+        parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s)[:, None] * BLOCK_D + d[None, :])
+        o = tl.sum(parts * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+        tl.store(out_ptr + b * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+    @triton.jit
+    def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, tables_ptr, qsl_ptr, seq_lens_ptr,
+                        first_seq, scale, window, block_size,
+                        stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb,
+                        stride_ot, stride_oh,
+                        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        tile = tl.program_id(0)
+        seq = first_seq + tl.program_id(1)
+        h = tl.program_id(2)
+        q_start = tl.load(qsl_ptr + seq).to(tl.int32)
+        q_len = tl.load(qsl_ptr + seq + 1).to(tl.int32) - q_start
+        if tile * BLOCK_M < q_len:
+            seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+            ctx = seq_len - q_len  # tokens cached before this chunk
+            kvh = h // GROUP
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            rm = rows < q_len
+            qpos = ctx + rows
+            d = tl.arange(0, BLOCK_D)
+            dm = d < D
+            q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                        mask=rm[:, None] & dm[None, :], other=0.0)
+            q = (q * scale).to(kc_ptr.dtype.element_ty)
+            m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+            l = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            hi = tl.minimum(seq_len, ctx + (tile + 1) * BLOCK_M)  # causal: nothing past the tile's last row
+            lo = 0
+            if window > 0:
+                lo = tl.maximum(ctx + tile * BLOCK_M - window + 1, 0)
+            for n0 in range(lo, hi, BLOCK_N):
+                toks = n0 + tl.arange(0, BLOCK_N)
+                tm = toks < hi
+                blk = tl.load(tables_ptr + seq * stride_tb + toks // block_size, mask=tm, other=0)
+                off = blk.to(tl.int64) * stride_cb + (toks % block_size) * stride_cs + kvh * stride_ch
+                k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+                v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+                s = tl.dot(q, tl.trans(k))
+                keep = tm[None, :] & (toks[None, :] <= qpos[:, None])
+                if window > 0:
+                    keep = keep & (toks[None, :] > qpos[:, None] - window)
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                p = tl.exp(s - m_new[:, None])
+                alpha = tl.exp(m - m_new)
+                l = l * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m = m_new
+            o = acc / tl.where(l > 0, l, 1.0)[:, None]
+            tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=rm[:, None] & dm[None, :])
+
+
+# ---- launchers -----------------------------------------------------------------------------------
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D] (last dim contiguous); k_cache, v_cache [num_blocks, block_size, Hkv, D]
+    with equal strides; slot_mapping [T], negative for rows to skip."""
+    T, H, D = k.shape
+    if T == 0:
+        return
+    _store_kv_kernel[(T, H)](k, v, k_cache, v_cache, slot_mapping,
+                             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1],
+                             D=D, BLOCK_D=_next_pow2(D))
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Enough programs to fill the GPU twice over, at least 256 tokens per split, at most 16 splits."""
+    want = -(-2 * num_sms // max(1, num_seqs * num_kv_heads))
+    return max(1, min(16, _next_pow2(want), _next_pow2(-(-max_seq_len // 256))))
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float,
+                           sliding_window: int | None = None, num_splits: int = 1,
+                           out: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
+    """q: [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, >= blocks of the
+    longest sequence]; seq_lens [B] (the query is the token at seq_len - 1; 0: a padded row, output
+    zeros). Returns [B, Hq, D]."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    group = Hq // Hkv
+    block_d = _next_pow2(D)
+    if out is None:
+        out = torch.empty_like(q)
+    if B == 0:
+        return out
+    num_splits = _next_pow2(num_splits)
+    if num_splits > 1:
+        part_out = torch.empty((B, Hq, num_splits, block_d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    _decode_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        float(scale), int(sliding_window or 0), k_cache.shape[1],
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=D, BLOCK_D=block_d,
+        BLOCK_N=block_n, num_warps=4)
+    if num_splits > 1:
+        _merge_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1), Hq,
+                                      NUM_SPLITS=num_splits, D=D, BLOCK_D=block_d)
+    return out
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale: float,
+                            sliding_window: int | None = None, first_seq: int = 0, max_query_len: int | None = None,
+                            out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """Sequences first_seq.. of a flat batch. q: [T, Hq, D] (the whole batch); query_start_loc [B + 1]
+    and seq_lens [B] device tensors; the chunk's own k, v must already be in the cache. Writes the
+    rows of those sequences into `out` ([T, Hq, D]) and returns it."""
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    num = seq_lens.shape[0] - first_seq
+    if num <= 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[first_seq + 1:] - query_start_loc[first_seq:-1]).max())
+    grid = (triton.cdiv(max_query_len, block_m), num, Hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        first_seq, float(scale), int(sliding_window or 0), k_cache.shape[1],
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=Hq // Hkv, D=D, BLOCK_D=_next_pow2(D), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4 if block_m <= 64 else 8, num_stages=2)
+    return out
+
+
+# ---- torch references ----------------------------------------------------------------------------
+def reference_store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    keep = slot_mapping >= 0
+    H, D = k.shape[1:]
+    k_cache.view(-1, H, D)[slot_mapping[keep]] = k[keep]
+    v_cache.view(-1, H, D)[slot_mapping[keep]] = v[keep]
+
+
+def _gather_seq(cache, table, L):
+    bs, H, D = cache.shape[1:]
+    nb = -(-L // bs)
+    return cache[table[:nb].long()].reshape(-1, H, D)[:L].float()
+
+
+def reference_paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale: float,
+                                      sliding_window: int | None = None, first_seq: int = 0) -> torch.Tensor:
+    """Float32 per-sequence attention; rows of sequences before first_seq are left zero."""
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    out = torch.zeros_like(q)
+    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for i in range(first_seq, len(lens)):
+        s, e, L = qsl[i], qsl[i + 1], lens[i]
+        if e == s:
+            continue
+        k = _gather_seq(k_cache, block_tables[i], L).repeat_interleave(Hq // Hkv, dim=1)
+        v = _gather_seq(v_cache, block_tables[i], L).repeat_interleave(Hq // Hkv, dim=1)
+        qpos = torch.arange(L - (e - s), L, device=q.device)[:, None]
+        kpos = torch.arange(L, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if sliding_window:
+            mask &= kpos > qpos - sliding_window
+        scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * scale
+        scores = scores.masked_fill(~mask[None], float("-inf"))
+        out[s:e] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def reference_paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float,
+                                     sliding_window: int | None = None) -> torch.Tensor:
+    """Decode is prefill with one query token per sequence; padded rows (seq_len 0) give zeros."""
+    B = q.shape[0]
+    lens = seq_lens.long()
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long, device=q.device), (lens > 0).long().cumsum(0)])
+    return reference_paged_prefill_attention(q, k_cache, v_cache, block_tables, qsl, lens, scale, sliding_window) \
+        if B else q.clone()

@@ -1,0 +1,57 @@
+"""The CUDA attention backend: the Triton paged-attention kernels (vlmserve/kernels/
+triton_paged_attention.py) over the same KV cache layout as TorchSDPABackend. Decode rows go
+through the split-KV decode kernel, prefill chunks through the varlen prefill kernel, which reads
+the cached context (earlier chunks, prefix-cache hits) from the paged cache.
+
+CUDA-graph safe for decode batches: nothing here reads a device tensor back to the host; the
+number of KV splits comes from the host-side `meta.seq_lens` (the graph runner passes the longest
+length it allows, so a captured graph keeps one split count)."""
+from __future__ import annotations
+
+import torch
+
+from vlmserve.kernels import triton_paged_attention as tpa
+from vlmserve.layers.attention.backends import TorchSDPABackend
+
+
+class TritonPagedAttentionBackend:
+    name = "triton"
+    kv_cache_shape = staticmethod(TorchSDPABackend.kv_cache_shape)
+
+    def __init__(self, device: torch.device | None = None):
+        dev = torch.device(device) if device is not None else torch.device("cuda")
+        self.num_sms = torch.cuda.get_device_properties(dev).multi_processor_count \
+            if dev.type == "cuda" and torch.cuda.is_available() else 132
+        self._meta = None  # the step whose host-side summaries are below (one per step, not per layer)
+        self._max_decode_len = 0
+        self._qsl = None
+        self._max_query_len = 0
+
+    def _step_info(self, meta) -> None:
+        if meta is self._meta:
+            return
+        nd = meta.num_decodes
+        self._max_decode_len = max(meta.seq_lens[:nd]) if nd else 0
+        if meta.num_seqs > nd:
+            qsl = meta.query_start_loc
+            self._qsl = torch.tensor(qsl, dtype=torch.int32).to(meta.slot_mapping.device, non_blocking=True)
+            self._max_query_len = max(qsl[i + 1] - qsl[i] for i in range(nd, meta.num_seqs))
+        self._meta = meta
+
+    def forward(self, layer, q, k, v, kv_cache, meta):
+        """q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache as kv_cache_shape(); returns [T, Hq, D]."""
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        tpa.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self._step_info(meta)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            splits = tpa.decode_num_splits(nd, k_cache.shape[2], self._max_decode_len, self.num_sms)
+            tpa.paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
+                                       meta.seq_lens_tensor[:nd], layer.scale, layer.sliding_window,
+                                       num_splits=splits, out=out[:nd])
+        if meta.num_seqs > nd:
+            tpa.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, self._qsl,
+                                        meta.seq_lens_tensor, layer.scale, layer.sliding_window,
+                                        first_seq=nd, max_query_len=self._max_query_len, out=out)
+        return out

@@ -1,0 +1,93 @@
+"""CUDA graphs of decode steps: one graph of the model's forward per batch-size bucket, captured on
+first use into one shared memory pool (largest first, so smaller graphs reuse its memory). A decode
+batch of n sequences replays the smallest bucket >= n; the padded rows get slot -1 (the KV store
+skips them) and sequence length 0 (attention gives zeros), so they touch nothing.
+
+Static inputs: token ids, positions (1-D, or [3, T] for M-RoPE: any leading dims), slot mapping,
+block tables and sequence lengths. `LLM(enforce_eager=True)` / `--enforce-eager` turns graphs off."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vlmserve.layers.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+    out = [s for s in sizes if s < max_batch]
+    return out + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model, device: torch.device, max_batch: int, max_model_len: int, block_size: int,
+                 positions_leading_shape: tuple[int, ...] = ()):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.buckets = batch_buckets(max_batch)
+        n = self.buckets[-1]
+        max_blocks = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros((*positions_leading_shape, n), dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros((n, max_blocks), dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        # host-side seq_lens: the longest allowed, so that kernels pick launch shapes valid for any step
+        return AttentionMetadata(
+            num_decodes=bs, query_start_loc=list(range(bs + 1)), seq_lens=[self.max_model_len] * bs,
+            slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
+            seq_lens_tensor=self.seq_lens[:bs], block_size=self.block_size)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(1)  # reads one cache slot of block 0: harmless
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.buckets):
+                meta = self._meta(bs)
+                args = (self.input_ids[:bs], self.positions[..., :bs], meta)
+                self.model(*args)  # warm-up: kernel compilation and allocations happen outside the graph
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    out = self.model(*args)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[bs] = (graph, out)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        self.seq_lens.zero_()
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+        """Hidden states [n, H] of a decode-only batch, or None where no graph fits (then run eagerly)."""
+        n = input_ids.shape[0]
+        bs = self.bucket(n)
+        if bs is None or meta.num_decodes != n or positions.shape[:-1] != self.positions.shape[:-1] \
+                or meta.block_tables.shape[1] > self.block_tables.shape[1]:
+            return None
+        if not self.graphs:
+            self.capture()
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[..., :n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:bs].fill_(-1)
+        self.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        self.seq_lens[:n].copy_(meta.seq_lens_tensor)
+        self.seq_lens[n:bs].zero_()
+        graph, out = self.graphs[bs]
+        graph.replay()
+        return out[:n]
