@@ -34,6 +34,11 @@ def max_media_bytes() -> int:
     return int(os.environ.get("VLMSERVE_MAX_MEDIA_BYTES", str(32 << 20)))
 
 
+def max_video_bytes() -> int:
+    # Videos run larger than images: a minute of 720p H.264 is some 10-40 MB.
+    return int(os.environ.get("VLMSERVE_MAX_VIDEO_BYTES", str(128 << 20)))
+
+
 def decode_image(data: bytes, source: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
@@ -49,25 +54,34 @@ class MediaConnector:
         self.allowed_root = os.path.realpath(allowed_local_media_path) if allowed_local_media_path else None
         self.allowed_domains = {d.lower() for d in (allowed_media_domains or [])}
 
-    async def load_bytes(self, url: str, timeout: float) -> bytes:
+    async def load_bytes(self, url: str, timeout: float, limit: int | None = None) -> bytes:
         if not isinstance(url, str) or not url:
             raise MediaError("the media URL is empty")
         scheme = urlparse(url).scheme.lower()
         if scheme == "data":
-            return self._data_url(url)
+            return self._data_url(url, limit)
         if scheme == "file":
-            return await asyncio.to_thread(self._file_url, url)
+            return await asyncio.to_thread(self._file_url, url, limit)
         if scheme in ("http", "https"):
-            return await self._fetch(url, timeout)
+            return await self._fetch(url, timeout, limit)
         raise MediaError(f"unsupported media URL scheme {scheme!r}: use http(s), data or file URLs")
 
     async def load_image(self, url: str) -> Image.Image:
         data = await self.load_bytes(url, image_fetch_timeout())
         return await asyncio.to_thread(decode_image, data, _short(url))
 
+    async def load_video(self, url: str, **sampling):
+        """-> `VideoFrames`; `sampling`: per-request fps / num_frames / max_frames over the
+        server-wide defaults (see `vlmserve.multimodal.video.VideoOptions`)."""
+        from vlmserve.multimodal.video import VideoOptions, decode_video  # PyAV only once a video comes
+
+        options = VideoOptions.from_env().with_request(sampling)
+        data = await self.load_bytes(url, video_fetch_timeout(), max_video_bytes())
+        return await asyncio.to_thread(decode_video, data, options, _short(url))
+
     # ---- data: ---------------------------------------------------------------------------
     @staticmethod
-    def _data_url(url: str) -> bytes:
+    def _data_url(url: str, limit: int | None = None) -> bytes:
         header, sep, payload = url[5:].partition(",")
         if not sep:
             raise MediaError("malformed data URL: no ',' before the data")
@@ -77,12 +91,13 @@ class MediaConnector:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as e:
             raise MediaError(f"malformed base64 in data URL: {e}") from e
-        if len(data) > max_media_bytes():
-            raise MediaError(f"the media is larger than {max_media_bytes()} bytes")
+        limit = limit or max_media_bytes()
+        if len(data) > limit:
+            raise MediaError(f"the media is larger than {limit} bytes")
         return data
 
     # ---- file: ---------------------------------------------------------------------------
-    def _file_url(self, url: str) -> bytes:
+    def _file_url(self, url: str, limit: int | None = None) -> bytes:
         if self.allowed_root is None:
             raise MediaError("file URLs are not allowed: start the server with --allowed-local-media-path")
         parsed = urlparse(url)
@@ -93,8 +108,9 @@ class MediaConnector:
             raise MediaError("the file is outside --allowed-local-media-path")
         if not os.path.isfile(path):
             raise MediaError(f"no such file: {unquote(parsed.path)}")
-        if os.path.getsize(path) > max_media_bytes():
-            raise MediaError(f"the media is larger than {max_media_bytes()} bytes")
+        limit = limit or max_media_bytes()
+        if os.path.getsize(path) > limit:
+            raise MediaError(f"the media is larger than {limit} bytes")
         with open(path, "rb") as f:
             return f.read()
 
@@ -116,8 +132,8 @@ class MediaConnector:
                 raise MediaError(f"the media host {host!r} resolves to a non-public address; "
                                  "name it in --allowed-media-domains to allow it")
 
-    async def _fetch(self, url: str, timeout: float) -> bytes:
-        limit = max_media_bytes()
+    async def _fetch(self, url: str, timeout: float, limit: int | None = None) -> bytes:
+        limit = limit or max_media_bytes()
         try:
             async with asyncio.timeout(timeout):
                 async with httpx.AsyncClient(follow_redirects=False, timeout=timeout) as client:
