@@ -258,6 +258,17 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(server, client, media_dir):
     assert answer(ask(client, [image_part(img), text_part("What shape is this?")])) == "circle"
 
 
+def test_video_to_a_model_without_video_is_a_400(client, media_dir):
+    # The demo model (LLaVA) takes images only: a video part is refused, naming the problem,
+    # before the video is fetched or decoded; streaming or not, with sampling overrides or not.
+    video = {"type": "video_url", "video_url": {"url": f"file://{media_dir}/clip.mp4"}}
+    for kw in ({}, {"stream": True}, {"extra_body": {"mm_processor_kwargs": {"fps": 1}}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(client, [video, text_part("What happens?")], **kw)
+        assert "takes no video input" in e.value.message
+        assert set(e.value.response.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_disconnect_mid_stream_frees_blocks(server):
     body = {"model": MODEL, "stream": True, "max_tokens": 600, "ignore_eos": True, "temperature": 1.0,
             "messages": [{"role": "user", "content": [image_part(data_url(shape_image("circle", "blue"))),
@@ -305,3 +316,6 @@ def test_offline_chat_matches_server(client, media_dir):
         assert out.outputs[0].text == server_text
     assert outs[0].outputs[0].text.strip() == "a yellow cross"
     assert outs[1].outputs[0].text.strip() == "red"
+    video = {"type": "video_url", "video_url": {"url": f"file://{media_dir}/clip.mp4"}}
+    with pytest.raises(ValueError, match="takes no video input"):
+        llm.chat([{"role": "user", "content": [video, text_part("What happens?")]}], use_tqdm=False)

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from vlmserve.multimodal.media import MediaConnector, MediaError
+from vlmserve.multimodal.video import layer_video_kwargs, split_video_kwargs
 
 # content part type -> (modality, the field holding its URL)
 _MEDIA_PARTS = {"image_url": ("image", "image_url"), "input_image": ("image", "image_url"),
@@ -132,23 +133,38 @@ def render_chat(tokenizer, conversation: list[dict], template: str | None,
         raise ChatError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from e
 
 
-async def load_media(connector: MediaConnector, media_urls: dict[str, list[str]]) -> dict[str, list]:
-    """Each distinct URL is loaded once, all concurrently."""
+async def load_media(connector: MediaConnector, media_urls: dict[str, list[str]],
+                     video_sampling: dict | None = None) -> dict[str, list]:
+    """Each distinct URL is loaded once, all concurrently; videos are sampled per
+    `video_sampling` (fps / num_frames / max_frames) into `VideoFrames`."""
+    loaders = {"image": connector.load_image,
+               "video": lambda url: connector.load_video(url, **(video_sampling or {}))}
     data = {}
     for modality, urls in media_urls.items():
-        if modality != "image":
+        if modality not in loaders:
             raise MediaError(f"{modality} input is not supported by this server yet")
         unique = list(dict.fromkeys(urls))
-        loaded = await asyncio.gather(*(connector.load_image(u) for u in unique))
+        loaded = await asyncio.gather(*(loaders[modality](u) for u in unique))
         by_url = dict(zip(unique, loaded))
         data[modality] = [by_url[u] for u in urls]
     return data
 
 
+def check_modality(engine, modality: str, count: int = 1) -> None:
+    """Refuse media the model does not take, or more than the limit, before loading any."""
+    proc = engine.mm_processor
+    if proc is None or modality not in proc.modalities:
+        takes = f" (it takes: {', '.join(proc.modalities)})" if proc is not None else ""
+        raise ChatError(f"this model takes no {modality} input{takes}")
+    limit = engine.limit_mm_per_prompt.get(modality, 1)
+    if count > limit:
+        raise ChatError(f"{count} {modality}s in one prompt, more than the limit of {limit} "
+                        f"(raise it with --limit-mm-per-prompt {modality}={count})")
+
+
 def placeholder_for(engine):
     def placeholder(modality: str, index: int) -> str:
-        if engine.mm_processor is None:
-            raise ChatError(f"this model takes no {modality} input")
+        check_modality(engine, modality, index + 1)
         return engine.mm_processor.placeholder_text(modality)
     return placeholder
 
@@ -164,7 +180,13 @@ async def prepare_chat(engine, messages: list[dict], template: str | None, conte
     parsed = parse_messages(messages, content_format, placeholder_for(engine))
     text = render_chat(engine.tokenizer, parsed.conversation, template, add_generation_prompt,
                        continue_final_message)
-    media = await load_media(connector, parsed.media_urls)
+    for modality, urls in parsed.media_urls.items():
+        check_modality(engine, modality, len(urls))
+    # Sampling keys steer the video loader (server defaults in the engine's kwargs, then the
+    # request's); the processor gets the rest.
+    engine_video, _ = split_video_kwargs(getattr(engine.mm_processor, "mm_processor_kwargs", None))
+    request_video, mm_processor_kwargs = split_video_kwargs(mm_processor_kwargs)
+    media = await load_media(connector, parsed.media_urls, layer_video_kwargs(engine_video, request_video))
     ids = engine.tokenizer(text, add_special_tokens=False).input_ids
     ids, items = await asyncio.to_thread(engine.process_multimodal, ids, media, mm_processor_kwargs)
     return text, ids, items
