@@ -151,10 +151,10 @@ def decode_video(data: bytes, options: VideoOptions | None = None, source: str =
         frames = _decode_picks(av, data, source, index, picks, options, deadline)
     except MediaError:
         raise
-    except av.FFmpegError as e:
-        raise MediaError(f"cannot decode the video from {source}: {_describe(e)}") from e
     except MemoryError as e:
         raise MediaError(f"the video from {source} is too large to decode") from e
+    except Exception as e:  # FFmpeg's errors, or whatever else a malformed stream makes PyAV raise
+        raise MediaError(f"cannot decode the video from {source}: {_describe(e)}") from e
     return VideoFrames(frames=frames, fps=fps)
 
 
