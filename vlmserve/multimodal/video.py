@@ -31,7 +31,7 @@ DEFAULT_MAX_PIXELS = 768 * 28 * 28  # Qwen2-VL's per-frame video budget; larger 
 DEFAULT_DECODE_TIMEOUT = 30.0  # seconds
 # A frame larger than 8K would take gigabytes to decode at all: refuse it before decoding.
 MAX_SOURCE_PIXELS = 8192 * 4320
-MAX_SOURCE_FRAMES = 1 << 21  # bounds the first pass's index (16 bytes a frame)
+MAX_SOURCE_FRAMES = 1 << 20  # 9 h at 30 fps; bounds the frame index (~100 bytes a frame)
 
 # Demuxers of media files. Refusing the others (playlists, concat lists, image sequences,
 # network formats) keeps FFmpeg from opening anything but the bytes it was given.
@@ -186,8 +186,8 @@ def _index_frames(av, data: bytes, source: str, deadline: float, timeout: float)
         stream = container.streams.video[0]
         w, h = stream.codec_context.width, stream.codec_context.height
         if w * h > MAX_SOURCE_PIXELS:
-            raise MediaError(f"the video from {source} is {w}x{h}, larger than the {MAX_SOURCE_PIXELS} "
-                             "pixels a frame that can be decoded")
+            raise MediaError(f"the video from {source} is {w}x{h}, more than the {MAX_SOURCE_PIXELS} "
+                             "pixels per frame this server decodes")
         pts, gop_of = array("q"), array("l")
         key_pts: list[int | None] = []
         missing_pts = False
