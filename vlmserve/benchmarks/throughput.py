@@ -57,6 +57,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                      help="write a random-weight checkpoint of the shape below and use it")
     m.add_argument("--random-model-arch", choices=("llama", "llava"), default="llama",
                    help="llama: the text model below; llava: a CLIP vision tower (--vision-*) in front of it")
+    m.add_argument("--model-shape", default=None,
+                   help="with --random-model: the shape of a real model (llava-1.5-7b, llama-2-7b; "
+                   "vlmserve/benchmarks/gpu_models.py) with weights made on the GPU, no checkpoint "
+                   "written; the size options below are then ignored")
     m.add_argument("--random-model-dir", help="where to write it (default: a temporary directory, "
                    "removed afterwards)")
     m.add_argument("--num-layers", type=int, default=6)
@@ -104,6 +108,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-num-batched-tokens", type=int, default=8192)
     e.add_argument("--kv-cache-gib", type=int, default=4,
                    help="CPU KV cache space of vlmserve and vLLM (VLMSERVE_/VLLM_CPU_KVCACHE_SPACE)")
+    e.add_argument("--enforce-eager", action="store_true", help="vlmserve without CUDA graphs")
     e.add_argument("--hf-batch-size", type=_int_list, default=[64],
                    help="batch size(s) of HF generate, comma-separated; the best is reported")
     e.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON,
@@ -119,6 +124,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 def make_random_model(args, out_dir: str) -> str:
     from vlmserve.testing.checkpoints import make_llava_checkpoint, make_text_checkpoint
 
+    if getattr(args, "model_shape", None):
+        from vlmserve.benchmarks.gpu_models import write_model_dir
+        args.dummy_weights = True  # each backend makes its weights on the GPU
+        return write_model_dir(out_dir, args.model_shape, seed=args.seed, tokenizer_vocab=args.tokenizer_vocab)
     image_tokens = (args.image_size // args.patch_size) ** 2 if args.random_model_arch == "llava" else 0
     overrides = {"hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
                  "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
@@ -263,7 +272,9 @@ def run_vlmserve(args, model_dir: str, prompts, warmup) -> dict:
     t0 = time.perf_counter()
     with _env(VLMSERVE_CPU_KVCACHE_SPACE=str(args.kv_cache_gib)):
         llm = LLM(model_dir, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  load_format="dummy" if getattr(args, "dummy_weights", False) else "auto",
+                  enforce_eager=getattr(args, "enforce_eager", False))
     load_s = time.perf_counter() - t0
 
     def params(n):
@@ -302,9 +313,14 @@ def run_hf(args, model_dir: str, prompts, warmup) -> dict:
     if mm:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
         processor = AutoProcessor.from_pretrained(model_dir)
         processor.tokenizer.padding_side = "left"
+    if getattr(args, "dummy_weights", False):  # a --model-shape model: built on the GPU from its config
+        from vlmserve.benchmarks.gpu_models import make_hf_model
+
+        model = make_hf_model(model_dir, getattr(torch, args.dtype), device)
+    elif mm:
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     model = model.to(device).eval()
@@ -519,6 +535,8 @@ def main(args: argparse.Namespace) -> int:
             except Exception as e:  # record it and go on with the other backends
                 res = {"backend": name, "error": f"{type(e).__name__}: {e}"}
             gc.collect()  # the backend's model and KV cache go before the next one loads
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             res["loadavg_before"] = before
             res["loadavg_after"] = os.getloadavg()
             results.append(res)

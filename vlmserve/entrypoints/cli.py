@@ -17,6 +17,13 @@ def _add_bench_parser(subparsers) -> None:
     throughput.add_cli_args(p)
     p.set_defaults(func=throughput.main)
 
+    from vlmserve.benchmarks import latency
+
+    p = kinds.add_parser("latency", help="latency of one batch: time to first token, decode speed",
+                         description=latency.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    latency.add_cli_args(p)
+    p.set_defaults(func=latency.main)
+
     from vlmserve.benchmarks import serving
 
     p = kinds.add_parser("serving", help="online serving against an OpenAI-compatible server",

@@ -1,0 +1,186 @@
+"""GPU check of the Triton kernels against their torch references, on fresh random inputs with
+poisoned outputs, by relative error ||out - ref|| / ||ref|| (bf16: under 1e-2; fp16 and fp32 too);
+then times them (triton.testing.do_bench, median) and measures the device's two ceilings (a
+device-to-device copy, a bf16 matmul). Writes everything to --out (JSON) and prints a table.
+
+    python scripts/gpu_check.py --out /tmp/gpu_check.json"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import triton
+
+from vlmserve.kernels import triton_fused as tf
+from vlmserve.kernels import triton_paged_attention as tpa
+from vlmserve.layers.activation import ActAndMul
+from vlmserve.layers.layernorm import RMSNorm
+from vlmserve.layers.rotary import RotaryEmbedding
+
+DEV = "cuda"
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3}
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    if out.isnan().any():
+        return float("nan")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def paged_cache(lens, block_size, hkv, d, dtype, num_blocks):
+    k = torch.full((num_blocks, block_size, hkv, d), float("nan"), dtype=dtype, device=DEV)
+    v = torch.full_like(k, float("nan"))
+    max_blocks = max(-(-L // block_size) for L in lens)
+    tables = torch.zeros((len(lens), max_blocks), dtype=torch.long, device=DEV)
+    ids = torch.randperm(num_blocks, device=DEV)
+    used = 0
+    for b, L in enumerate(lens):
+        nb = -(-L // block_size)
+        tables[b, :nb] = ids[used:used + nb]
+        used += nb
+    # fill whole used blocks (the tail of a last block is never read: NaN there would show)
+    for b, L in enumerate(lens):
+        nb = -(-L // block_size)
+        for cache in (k, v):
+            flat = cache[tables[b, :nb]].reshape(-1, hkv, d)
+            flat[:L] = torch.randn(L, hkv, d, device=DEV, dtype=dtype)
+            cache[tables[b, :nb]] = flat.view(nb, block_size, hkv, d)
+    return k, v, tables
+
+
+def check_decode(rows, dtype, B, hq, hkv, d, max_len, window=None, time_it=True):
+    lens = torch.randint(1, max_len + 1, (B,)).tolist()
+    lens[0] = max_len
+    bs = 16
+    k, v, tables = paged_cache(lens, bs, hkv, d, dtype, sum(-(-L // bs) for L in lens) + 4)
+    q = torch.randn(B, hq, d, device=DEV, dtype=dtype)
+    seq_lens = torch.tensor(lens, device=DEV)
+    scale = d ** -0.5
+    splits = tpa.decode_num_splits(B, hkv, max_len, torch.cuda.get_device_properties(0).multi_processor_count)
+    out = torch.full_like(q, float("nan"))
+    tpa.paged_decode_attention(q, k, v, tables, seq_lens, scale, window, num_splits=splits, out=out)
+    ref = tpa.reference_paged_decode_attention(q, k, v, tables, seq_lens, scale, window)
+    err = rel_err(out, ref)
+    row = {"kernel": "decode", "dtype": str(dtype), "shape": f"B={B} Hq={hq} Hkv={hkv} D={d} len<={max_len} "
+           f"win={window} splits={splits}", "rel_err": err, "ok": err < TOL[dtype]}
+    if time_it:
+        ms = triton.testing.do_bench(lambda: tpa.paged_decode_attention(
+            q, k, v, tables, seq_lens, scale, window, num_splits=splits, out=out), return_mode="median")
+        nbytes = 2 * sum(lens) * hkv * d * q.element_size()
+        row.update(us=1e3 * ms, gbps=nbytes / ms / 1e6)
+    rows.append(row)
+
+
+def check_prefill(rows, dtype, hq, hkv, d, chunks, window=None, time_it=True):
+    """chunks: (cached context, new tokens) per sequence."""
+    lens = [c + n for c, n in chunks]
+    bs = 16
+    k, v, tables = paged_cache(lens, bs, hkv, d, dtype, sum(-(-L // bs) for L in lens) + 4)
+    qsl = torch.tensor([0] + [n for _, n in chunks], device=DEV).cumsum(0)
+    q = torch.randn(int(qsl[-1]), hq, d, device=DEV, dtype=dtype)
+    seq_lens = torch.tensor(lens, device=DEV)
+    scale = d ** -0.5
+    out = torch.full_like(q, float("nan"))
+    maxq = max(n for _, n in chunks)
+    tpa.paged_prefill_attention(q, k, v, tables, qsl, seq_lens, scale, window, max_query_len=maxq, out=out)
+    ref = tpa.reference_paged_prefill_attention(q, k, v, tables, qsl, seq_lens, scale, window)
+    err = rel_err(out, ref)
+    row = {"kernel": "prefill", "dtype": str(dtype), "shape": f"Hq={hq} Hkv={hkv} D={d} chunks={chunks[:3]}"
+           f"{'...' if len(chunks) > 3 else ''} x{len(chunks)} win={window}", "rel_err": err, "ok": err < TOL[dtype]}
+    if time_it:
+        ms = triton.testing.do_bench(lambda: tpa.paged_prefill_attention(
+            q, k, v, tables, qsl, seq_lens, scale, window, max_query_len=maxq, out=out), return_mode="median")
+        flops = sum(4 * n * (c + (n + 1) / 2) * d * hq for c, n in chunks)
+        row.update(us=1e3 * ms, tflops=flops / ms / 1e9)
+    rows.append(row)
+
+
+def check_fused(rows, dtype, T, hidden, inter, hq, hkv, d):
+    norm = RMSNorm(hidden, 1e-5).to(DEV, dtype)
+    norm.weight.data.normal_(1.0, 0.1)
+    x = torch.randn(T, hidden, device=DEV, dtype=dtype)
+    res = torch.randn(T, hidden, device=DEV, dtype=dtype)
+    got, ref = tf.rms_norm(x, norm.weight, norm.eps, res), norm.forward_torch(x.float(), res.float())
+    err = max(rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
+    ms = triton.testing.do_bench(lambda: tf.rms_norm(x, norm.weight, norm.eps, res), return_mode="median")
+    ms_ref = triton.testing.do_bench(lambda: norm.forward_torch(x, res), return_mode="median")
+    rows.append({"kernel": "add+rmsnorm", "dtype": str(dtype), "shape": f"T={T} H={hidden}", "rel_err": err,
+                 "ok": err < TOL[dtype], "us": 1e3 * ms, "torch_us": 1e3 * ms_ref})
+
+    rope = RotaryEmbedding(d, 4096, {"rope_theta": 10000.0, "rope_type": "default"}, 4096).to(DEV)
+    pos = torch.randint(0, 4096, (T,), device=DEV)
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, device=DEV, dtype=dtype)
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.view(T, hq, d), k.view(T, hkv, d)
+    cos, sin = rope.lookup(pos, torch.float32)
+    rq = q.float() * cos + torch.cat((-q.float()[..., d // 2:], q.float()[..., :d // 2]), -1) * sin
+    rk = k.float() * cos + torch.cat((-k.float()[..., d // 2:], k.float()[..., :d // 2]), -1) * sin
+    cs = rope.lookup(pos, dtype)
+    tf.rotary_inplace(q, k, *cs)
+    err = max(rel_err(q, rq), rel_err(k, rk))
+    ms = triton.testing.do_bench(lambda: tf.rotary_inplace(q, k, *cs), return_mode="median")
+    rows.append({"kernel": "rotary", "dtype": str(dtype), "shape": f"T={T} Hq={hq} Hkv={hkv} D={d}",
+                 "rel_err": err, "ok": err < TOL[dtype], "us": 1e3 * ms})
+
+    act = ActAndMul("silu")
+    x = torch.randn(T, 2 * inter, device=DEV, dtype=dtype)
+    err = rel_err(tf.silu_and_mul(x), act.forward_torch(x.float()))
+    ms = triton.testing.do_bench(lambda: tf.silu_and_mul(x), return_mode="median")
+    ms_ref = triton.testing.do_bench(lambda: act.forward_torch(x), return_mode="median")
+    rows.append({"kernel": "silu_and_mul", "dtype": str(dtype), "shape": f"T={T} I={inter}", "rel_err": err,
+                 "ok": err < TOL[dtype], "us": 1e3 * ms, "torch_us": 1e3 * ms_ref})
+
+
+def ceilings() -> dict:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median")
+    x = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    mm = triton.testing.do_bench(lambda: x @ y, return_mode="median")
+    # single-stream decode's matmul: [1, 4096] x [4096, 11008] weights read once
+    w = torch.randn(11008 * 2, 4096, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(1, 4096, device=DEV, dtype=torch.bfloat16)
+    gemv = triton.testing.do_bench(lambda: torch.nn.functional.linear(v, w), return_mode="median")
+    return {"copy_tbps_read_plus_write": 2 * n / ms / 1e9, "bf16_matmul_tflops": 2 * 8192 ** 3 / mm / 1e9,
+            "gemv_1x4096x22016_tbps": w.numel() * 2 / gemv / 1e9}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="gpu_check.json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = dtype == torch.bfloat16
+        check_decode(rows, dtype, 1, 32, 32, 128, 700, time_it=t)
+        check_decode(rows, dtype, 64, 32, 8, 128, 1000, window=300, time_it=t)
+        check_prefill(rows, dtype, 32, 8, 64, [(0, 77), (40, 19), (0, 1)], window=50, time_it=False)
+        check_prefill(rows, dtype, 32, 32, 128, [(0, 608), (300, 200), (17, 1)], time_it=t)
+    check_decode(rows, torch.bfloat16, 128, 32, 32, 128, 736)
+    check_decode(rows, torch.bfloat16, 256, 32, 32, 128, 736)
+    check_prefill(rows, torch.bfloat16, 32, 32, 128, [(0, 608)] * 13)
+    check_prefill(rows, torch.bfloat16, 16, 16, 64, [(0, 577)] * 16)
+    check_fused(rows, torch.bfloat16, 1, 4096, 11008, 32, 32, 128)
+    check_fused(rows, torch.bfloat16, 8192, 4096, 11008, 32, 32, 128)
+    check_fused(rows, torch.float32, 64, 4096, 11008, 32, 8, 128)
+    ceil = ceilings()
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "triton": triton.__version__, "rows": rows, "ceilings": ceil}, f, indent=2)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    for r in rows:
+        extra = " ".join(f"{k}={r[k]:.1f}" for k in ("us", "torch_us", "gbps", "tflops") if k in r)
+        print(f"{'OK ' if r['ok'] else 'BAD'} {r['kernel']:13s} {r['dtype']:15s} err={r['rel_err']:.2e} "
+              f"{extra}  {r['shape']}")
+    print("ceilings:", {k: round(v, 2) for k, v in ceil.items()})
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
