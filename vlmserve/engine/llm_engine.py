@@ -156,11 +156,15 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
+        positions = self.mm_processor.prompt_positions(prompt_token_ids, mm_items or []) \
+            if self.mm_processor is not None else None
+        mrope, delta = positions if positions is not None else (None, 0)
         seqs = []
         for i in range(params.n):
             p = params if params.n == 1 or params.seed is None else params.clone(seed=params.seed + i)
             seq = Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, p, arrival,
-                           want_prompt_logprobs=(i == 0), mm_items=mm_items)
+                           want_prompt_logprobs=(i == 0), mm_items=mm_items,
+                           mrope_positions=mrope, mrope_position_delta=delta)
             init_offsets(seq)
             seqs.append(seq)
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs, arrival)

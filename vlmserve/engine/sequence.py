@@ -21,7 +21,8 @@ class Sequence:
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, arrival_time: float | None = None,
-                 want_prompt_logprobs: bool = False, mm_items: list | None = None):
+                 want_prompt_logprobs: bool = False, mm_items: list | None = None,
+                 mrope_positions: torch.Tensor | None = None, mrope_position_delta: int = 0):
         self.seq_id = seq_id
         self.request_id = request_id
         self.index = index
@@ -31,6 +32,10 @@ class Sequence:
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.status = SequenceStatus.WAITING
         self.mm_items = mm_items or []  # MultiModalItem, by prompt position
+        # Models with multi-row positions (M-RoPE): the prompt's positions [rows, prompt_len], made
+        # by the model's processor; token p >= prompt_len sits at p + mrope_position_delta in every row.
+        self.mrope_positions = mrope_positions
+        self.mrope_position_delta = mrope_position_delta
 
         # KV cache state, owned by the block manager and the scheduler.
         self.num_computed_tokens = 0

@@ -1,5 +1,6 @@
 """Rotary position embeddings (neox layout, as HF's Llama family) with the scaling schemes of the
-supported checkpoints: default, linear, llama3 and longrope (Phi-3)."""
+supported checkpoints: default, linear, llama3 and longrope (Phi-3); and M-RoPE (Qwen2-VL), whose
+tokens have three position rows."""
 from __future__ import annotations
 
 import math
@@ -125,3 +126,56 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: i
         return x * cos + _rotate_half(x) * sin
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal rotary embedding (M-RoPE, Qwen2-VL): each token has three positions (temporal,
+    height, width) and the rotary frequencies are split into `mrope_section` groups, group i
+    rotating by position row i. Text tokens carry three equal positions, which makes this plain
+    RoPE for them; a [T] position tensor is taken as such."""
+
+    def __init__(self, head_dim: int, max_position: int, params: dict, max_position_embeddings: int):
+        params = dict(params)
+        section = [int(s) for s in params.pop("mrope_section")]
+        if params.get("rope_type") == "mrope":  # the 4.x spelling of default frequencies + sections
+            params["rope_type"] = "default"
+        if params["rope_type"] != "default":
+            raise ValueError(f"M-RoPE with rope type {params['rope_type']!r} is not supported")
+        super().__init__(head_dim, max_position, params, max_position_embeddings)
+        if sum(section) * 2 != self.rotary_dim:
+            raise ValueError(f"mrope_section {section} covers {2 * sum(section)} rotary dims, "
+                             f"the heads have {self.rotary_dim}")
+        self.inv_freq = _base_inv_freq(params["rope_theta"], self.rotary_dim)
+        # Row (0 temporal, 1 height, 2 width) whose position drives each of the rotary dims;
+        # the two halves of the neox layout repeat the same frequencies.
+        half = torch.cat([torch.full((s,), i % 3, dtype=torch.long) for i, s in enumerate(section)])
+        self.row_of_dim = torch.cat((half, half))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.row_of_dim = self.row_of_dim.to(self.cos.device)
+        return self
+
+    def _grow(self, max_position: int) -> None:
+        # Vision positions (time-scaled video ones) can pass the table built for max_model_len.
+        inv_freq = self.inv_freq.to(self.cos.device)
+        self.cos, self.sin = self._cache(inv_freq, max_position, 1.0)
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] (text only) or [3, T]; -> cos, sin of [T, 1, rotary_dim]."""
+        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            self._grow(2 * int(positions.max()) + 1)
+        if positions.ndim == 1:
+            return super().lookup(positions, dtype)
+        index = self.row_of_dim.view(1, 1, -1).expand(1, positions.shape[1], -1)
+        cos = self.cos[positions].gather(0, index).squeeze(0)  # [3, T, D] -> [T, D]
+        sin = self.sin[positions].gather(0, index).squeeze(0)
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+
+
+def get_rope(head_dim: int, max_position: int, params: dict, max_position_embeddings: int) -> RotaryEmbedding:
+    """The rotary embedding a config asks for: M-RoPE where it names `mrope_section`."""
+    if params.get("mrope_section"):
+        return MRotaryEmbedding(head_dim, max_position, params, max_position_embeddings)
+    return RotaryEmbedding(head_dim, max_position, params, max_position_embeddings)

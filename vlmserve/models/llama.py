@@ -11,7 +11,7 @@ from vlmserve.layers.activation import ActAndMul
 from vlmserve.layers.attention import Attention, AttentionMetadata
 from vlmserve.layers.layernorm import RMSNorm
 from vlmserve.layers.linear import MergedLinear
-from vlmserve.layers.rotary import RotaryEmbedding, rope_parameters
+from vlmserve.layers.rotary import RotaryEmbedding, get_rope, rope_parameters
 from vlmserve.models.weight_utils import load_weights
 
 
@@ -97,7 +97,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         max_pos = max(max_model_len, config.max_position_embeddings)
-        rotary = RotaryEmbedding(head_dim, max_pos, rope_parameters(config), config.max_position_embeddings)
+        rotary = get_rope(head_dim, max_pos, rope_parameters(config), config.max_position_embeddings)
         self.layers = nn.ModuleList(self.layer_cls(config, i, rotary) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = rotary

@@ -2,6 +2,7 @@
 object carries them, so caches can recognise an image seen before."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -25,6 +26,11 @@ def _update(h, obj) -> None:
         for k in sorted(obj):
             h.update(f"key:{k}".encode())
             _update(h, obj[k])
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # e.g. VideoFrames
+        h.update(f"dataclass:{type(obj).__name__}".encode())
+        for f in dataclasses.fields(obj):
+            h.update(f"field:{f.name}".encode())
+            _update(h, getattr(obj, f.name))
     elif isinstance(obj, (list, tuple)):
         h.update(f"seq:{len(obj)}".encode())
         for x in obj:

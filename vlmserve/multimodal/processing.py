@@ -5,7 +5,8 @@ A model's processor subclasses `BaseMultiModalProcessor` and says:
 - `max_tokens_per_item(modality)`: the most tokens one item can take;
 - `dummy_items(modality, count)`: raw items of that largest size, for memory profiling;
 - `process_raw(modality, items, kwargs)`: raw items -> `ProcessedItem`s (encoder inputs and token count);
-- optionally `process_embeds(modality, value)`: precomputed embeddings -> a `ProcessedItem`.
+- optionally `process_embeds(modality, value)`: precomputed embeddings -> a `ProcessedItem`;
+- optionally `prompt_positions(ids, items)`: positions that depend on the items (M-RoPE).
 `apply` does the rest: input forms, limits, matching placeholders to items, expansion, hashing."""
 from __future__ import annotations
 
@@ -163,6 +164,13 @@ class BaseMultiModalProcessor:
 
     def placeholder_text(self, modality: str) -> str:
         return self.tokenizer.decode([self.placeholder_token_id(modality)])
+
+    def prompt_positions(self, prompt_token_ids: list[int], items: list[MultiModalItem]
+                         ) -> tuple[torch.Tensor, int] | None:
+        """Model-specific rotary positions of an expanded prompt, for models whose positions depend
+        on its items (M-RoPE): ([rows, prompt_len] positions, delta), token p >= prompt_len then
+        sitting at p + delta in every row. None: the plain positions 0, 1, 2, ..."""
+        return None
 
     def dummy_request(self, limits: dict[str, int]) -> tuple[list[int], dict]:
         """The largest multimodal prompt the limits allow: every item at its largest."""

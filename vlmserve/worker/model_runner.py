@@ -16,6 +16,7 @@ from vlmserve.layers.attention.backends import get_attention_backend
 from vlmserve.models.interfaces import supports_multimodal
 from vlmserve.worker.encoder_cache import EncoderCache
 from vlmserve.worker.model_loader import load_model
+from vlmserve.worker.positions import multirow_positions
 from vlmserve.worker.sampler import SampledLogprobs, Sampler, gather_logprobs
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = cache_config.block_size
         self.is_multimodal = supports_multimodal(self.model)
+        self.position_rows = getattr(self.model, "position_rows", 1)  # 3 for M-RoPE models
         self.encoder_cache = EncoderCache(max(16384, scheduler_config.max_num_batched_tokens))
 
     # ---- KV cache ------------------------------------------------------------------------
@@ -175,7 +177,10 @@ class ModelRunner:
             block_tables=tables.to(dev), seq_lens_tensor=torch.tensor(seq_lens, device=dev),
             block_size=bs)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        if self.position_rows > 1:  # M-RoPE: [rows, T], from the sequences' own prompt positions
+            pos_t = multirow_positions(items, positions, qsl, self.position_rows).to(dev)
+        else:
+            pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         hidden = None
         if self.use_cuda_graphs and num_decodes == len(items) and \
                 all(it.seq.num_computed_tokens >= it.seq.num_prompt_tokens for it in items):

@@ -1,0 +1,31 @@
+"""Positions of a step's tokens for models with several position rows (M-RoPE: time, height,
+width). The model's processor gave each multimodal prompt its positions; the runner only slices
+them, whatever the model."""
+from __future__ import annotations
+
+import torch
+
+
+def multirow_positions(items, positions: list[int], query_start_loc: list[int], rows: int) -> torch.Tensor:
+    """[rows, T] positions of a flat batch. items: the step's ScheduledSeqs in batch order;
+    positions: the plain position of each token (its index in its sequence).
+
+    A sequence without its own positions (text-only) takes its plain positions in every row. One
+    with `mrope_positions` takes them for its prompt tokens (prefill chunks, prefix-cache hits and
+    recomputes after preemption slice the same stored table) and plain position + delta in every
+    row for the tokens after the prompt."""
+    out = torch.tensor(positions, dtype=torch.long).expand(rows, -1).clone()
+    for i, it in enumerate(items):
+        seq = it.seq
+        table = seq.mrope_positions
+        if table is None:
+            continue
+        c, n, start = seq.num_computed_tokens, it.num_new_tokens, query_start_loc[i]
+        prompt_len = table.shape[1]
+        end = min(c + n, prompt_len)
+        if c < end:
+            out[:, start:start + end - c] = table[:, c:end]
+        if c + n > prompt_len and seq.mrope_position_delta:
+            first = max(c, prompt_len)
+            out[:, start + first - c:start + n] += seq.mrope_position_delta
+    return out
