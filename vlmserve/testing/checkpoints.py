@@ -201,3 +201,126 @@ def make_llava_checkpoint(out_dir: str, layout: str = "hub", seed: int = 0, imag
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return out_dir
+
+
+# The chat template of the Qwen2-VL / Qwen2.5-VL instruct checkpoints.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+_QWEN2_VL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                            "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# transformers 5 names in memory -> the names hub Qwen2-VL checkpoints (4.x) have
+_QWEN2_VL_HUB_NAMES = [("model.language_model.", "model."), ("model.visual.", "visual.")]
+
+
+def make_qwen2_vl_checkpoint(out_dir: str, arch: str = "qwen2_vl", layout: str = "hub", seed: int = 0,
+                             min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 20,
+                             tie_word_embeddings: bool = False, merger_scale: float = 4.0,
+                             vision_overrides: dict | None = None, tokenizer_vocab: int = 512,
+                             **text_overrides) -> str:
+    """A random-weight Qwen2VLForConditionalGeneration (arch "qwen2_vl") or
+    Qwen2_5_VLForConditionalGeneration ("qwen2_5_vl"): tiny LM with M-RoPE, a 2-block vision tower
+    with the real patch size (14) and merge size (2), a preprocessor_config.json whose small
+    min/max_pixels give images of 4..20 tokens, a tokenizer with Qwen's special tokens, and the
+    Qwen chat template. layout "hub": flat config.json and `model.` / `visual.` weight names as hub
+    checkpoints have; "v5": nested config and the `model.language_model.` / `model.visual.` names
+    of transformers 5."""
+    import transformers
+    from transformers import GenerationConfig
+
+    if arch not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"unknown arch {arch!r}: qwen2_vl or qwen2_5_vl")
+    if layout not in ("hub", "v5"):
+        raise ValueError(f"unknown layout {layout!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    tok = train_tokenizer(out_dir, tokenizer_vocab, seed)
+    tok.add_special_tokens({"additional_special_tokens": _QWEN2_VL_SPECIAL_TOKENS})
+    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN2_VL_SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                rms_norm_eps=1e-6, initializer_range=0.08, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]})  # sums to head_dim (16) / 2
+    text.update(text_overrides)
+    vision = dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  initializer_range=0.05)
+    if arch == "qwen2_vl":
+        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=text["hidden_size"])
+        cfg_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    else:  # window attention in block 0 (windows of 2x2 merged tokens), full attention in block 1
+        vision.update(hidden_size=32, intermediate_size=48, out_hidden_size=text["hidden_size"],
+                      window_size=56, fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu")
+        cfg_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    vision.update(vision_overrides or {})
+    config = cfg_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                     video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                     vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tie_word_embeddings)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # so that image content visibly moves the logits
+        for p in model.model.visual.merger.parameters():
+            p.mul_(merger_scale)
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:  # as hub checkpoints have it
+        json.dump({"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": vision["patch_size"],
+                   "temporal_patch_size": vision["temporal_patch_size"], "merge_size": vision["spatial_merge_size"],
+                   "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711],
+                   "image_processor_type": "Qwen2VLImageProcessor",
+                   "processor_class": "Qwen2_5_VLProcessor" if arch == "qwen2_5_vl" else "Qwen2VLProcessor"},
+                  f, indent=2)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}  # transformers 5 names
+    if tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    config.architectures = [model_cls.__name__]
+    if layout == "v5":
+        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(out_dir)
+        return out_dir
+    hub = {}
+    for k, v in state.items():
+        for new, old in _QWEN2_VL_HUB_NAMES:
+            if k.startswith(new):
+                k = old + k[len(new):]
+                break
+        hub[k] = v
+    save_file(hub, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    _save_flat_qwen2_vl_config(config, out_dir)
+    return out_dir
+
+
+def _save_flat_qwen2_vl_config(config, out_dir: str) -> None:
+    """config.json as hub Qwen2-VL checkpoints have it: the text settings at the top level, M-RoPE
+    as `rope_scaling: {"type": "mrope", ...}`, 4.x field names."""
+    drop = {"model_type", "rope_parameters", "layer_types", "dtype", "torch_dtype", "transformers_version",
+            "architectures", "output_hidden_states", "return_dict", "use_return_dict"}
+    tc = config.text_config.to_dict()
+    rope = tc.get("rope_parameters") or {}
+    cfg = {k: v for k, v in tc.items() if k not in drop}
+    vc = {k: v for k, v in config.vision_config.to_dict().items() if k not in drop}
+    vc["in_chans"] = vc.pop("in_channels", 3)
+    cfg.update(architectures=config.architectures, model_type=config.model_type,
+               image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+               vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,
+               tie_word_embeddings=config.tie_word_embeddings, vision_config=vc,
+               rope_theta=rope.get("rope_theta", 1000000.0),
+               rope_scaling={"type": "mrope", "mrope_section": list(rope["mrope_section"])},
+               torch_dtype="float32", transformers_version="4.49.0")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)

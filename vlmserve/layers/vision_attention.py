@@ -1,0 +1,39 @@
+"""Bidirectional attention over packed variable-length segments (the images, frames or windows of
+a vision encoder's batch), without padding. Vision towers call `varlen_attention`; it is the one
+place a fused varlen GPU kernel would plug in."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                     scale: float) -> torch.Tensor:
+    """q, k, v: [N, heads, head_dim], segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1].
+    Each token attends to every token of its own segment only. -> [N, heads, head_dim]
+
+    Segments of equal length go through one batched SDPA call (windows and frames of one image
+    mostly share a length), so the loop runs over distinct lengths, not segments."""
+    if cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens {cu_seqlens[:3]}...{cu_seqlens[-1:]} do not cover {q.shape[0]} tokens")
+    by_length: dict[int, list[int]] = {}
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if end > start:
+            by_length.setdefault(end - start, []).append(start)
+    if len(by_length) == 1 and len(next(iter(by_length.values()))) == 1:  # one segment
+        return _sdpa(q[None], k[None], v[None], scale)[0]
+    out = torch.empty_like(q)
+    for length, starts in by_length.items():
+        rows = (torch.tensor(starts, device=q.device)[:, None]
+                + torch.arange(length, device=q.device)[None, :]).flatten()
+        n = len(starts)
+        shape = (n, length) + q.shape[1:]
+        o = _sdpa(q[rows].view(shape), k[rows].view(shape), v[rows].view(shape), scale)
+        out[rows] = o.reshape(n * length, *q.shape[1:])
+    return out
+
+
+def _sdpa(q, k, v, scale):
+    """[B, L, H, D] -> [B, L, H, D]."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return o.transpose(1, 2)
