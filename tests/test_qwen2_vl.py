@@ -261,6 +261,33 @@ def test_v5_key_layout_loads_the_same_model(ckpt, llms):
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
+def test_tied_embeddings_v5_layout_against_hf(tmp_path):
+    """Qwen2-VL-2B ties lm_head to the embeddings; transformers 5 keeps that flag on the outer config."""
+    d = make_qwen2_vl_checkpoint(str(tmp_path), arch="qwen2_5_vl", layout="v5", tie_word_embeddings=True, seed=3)
+    parts = (transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval(),
+             AutoImageProcessor.from_pretrained(d), None)
+    img = rand_image(150, 100, 52)
+    out = LLM(d, dtype="float32", max_model_len=256, num_kv_blocks=32).generate(
+        {"prompt": chat(f"{IMAGE}what"), "multi_modal_data": {"image": img}}, GREEDY, use_tqdm=False)[0]
+    hf_check(parts, out, [img])
+
+
+def test_preemption_recomputes_with_the_same_positions(ckpt, llms):
+    """A KV cache too small for the batch: sequences are preempted and recomputed (prompt and
+    output tokens alike), and still decode what an unconstrained engine decodes."""
+    small = LLM(ckpt("qwen2_vl"), dtype="float32", max_model_len=96, num_kv_blocks=6, block_size=16)
+    params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=5, ignore_eos=True)
+    prompts = [{"prompt": chat(f"{IMAGE} number {i} the cat runs"),
+                "multi_modal_data": {"image": rand_image(200 + 20 * i, 150, 70 + i)}} for i in range(3)]
+    got = small.generate(prompts, params, use_tqdm=False)
+    assert small.llm_engine.stats.num_preemptions > 0
+    want = llms("qwen2_vl").generate(prompts, params, use_tqdm=False)
+    for a, b in zip(got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+
+
 def test_profiling_items_are_the_largest_allowed(llms):
     engine = llms("qwen2_5_vl").llm_engine
     proc = engine.mm_processor
