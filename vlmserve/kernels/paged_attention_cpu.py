@@ -1,38 +1,15 @@
-"""Paged decode attention on the CPU: a C++ kernel (csrc/paged_decode_cpu.cpp) built on first use
-with torch's extension builder and cached per machine, and its torch reference. If the build fails
-(no compiler, say), `available()` is False and callers use the torch path."""
+"""Paged decode attention on the CPU: a C++ kernel (csrc/paged_decode_cpu.cpp, built on first use by
+cpu_build) and its torch reference. Where the build fails, `available()` is False and callers use
+the torch path."""
 from __future__ import annotations
-
-import logging
-import os
-import threading
 
 import torch
 
-logger = logging.getLogger(__name__)
-_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_decode_cpu.cpp")
-_lock = threading.Lock()
-_module = None
-_failed = False
+from vlmserve.kernels.cpu_build import load_cpu_extension
 
 
 def _load():
-    global _module, _failed
-    with _lock:
-        if _module is not None or _failed:
-            return _module
-        if os.environ.get("VLMSERVE_DISABLE_CPU_KERNELS"):
-            _failed = True
-            return None
-        try:
-            from torch.utils.cpp_extension import load
-            _module = load(name="vlmserve_paged_decode_cpu", sources=[_SOURCE],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           verbose=False)
-        except Exception as e:  # no compiler or headers: fall back to torch
-            _failed = True
-            logger.warning("the CPU paged-attention kernel could not be built (%s); using the torch path", e)
-        return _module
+    return load_cpu_extension("vlmserve_paged_decode_cpu", "paged_decode_cpu.cpp")
 
 
 def available() -> bool:

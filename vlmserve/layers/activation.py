@@ -2,6 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmserve.kernels import fused_cpu
+
 _ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu,
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
@@ -26,6 +28,8 @@ class ActAndMul(nn.Module):
             if fused_kernels_enabled():
                 from vlmserve.kernels.triton_fused import silu_and_mul
                 return silu_and_mul(x)
+        elif self.act is F.silu and x.dim() == 2 and x.stride(-1) == 1 and fused_cpu.usable(x):
+            return fused_cpu.silu_and_mul(x)  # one pass instead of three (kernels/csrc/fused_ops_cpu.cpp)
         return self.forward_torch(x)
 
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@ import os
 import torch
 from torch import nn
 
+from vlmserve.kernels import fused_cpu
+
 
 def fused_kernels_enabled() -> bool:
     """Whether CUDA tensors go through the Triton kernels of kernels/triton_fused.py
@@ -25,6 +27,12 @@ class RMSNorm(nn.Module):
         if x.is_cuda and fused_kernels_enabled():  # one Triton kernel instead of ~8 (kernels/triton_fused.py)
             from vlmserve.kernels.triton_fused import rms_norm
             return rms_norm(x, self.weight, self.eps, residual)
+        if x.dim() == 2 and x.stride(-1) == 1 and fused_cpu.usable(x) and self.weight.dtype == x.dtype:
+            # one pass over the rows instead of ~8 torch ops (kernels/csrc/fused_ops_cpu.cpp)
+            if residual is None:
+                return fused_cpu.rms_norm(x, self.weight, self.eps)
+            if residual.stride(-1) == 1 and residual.shape == x.shape:
+                return fused_cpu.add_rms_norm(x, residual, self.weight, self.eps)
         return self.forward_torch(x, residual)
 
     def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None):

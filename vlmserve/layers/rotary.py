@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from vlmserve.kernels import fused_cpu
+
 
 def rope_parameters(config) -> dict:
     """The rope settings of a config, whether written by transformers 5 (`rope_parameters`) or 4.x
@@ -113,6 +115,10 @@ class RotaryEmbedding(nn.Module):
                 from vlmserve.kernels.triton_fused import rotary_inplace
                 rotary_inplace(q, k, cos, sin)
                 return q, k
+        elif q.stride(-1) == 1 and k.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() \
+                and fused_cpu.usable(q) and cos.dtype == q.dtype:
+            # in place, one pass per tensor (kernels/csrc/fused_ops_cpu.cpp)
+            return fused_cpu.rotary_(q, cos, sin), fused_cpu.rotary_(k, cos, sin)
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
 
