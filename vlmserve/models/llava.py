@@ -12,6 +12,7 @@ from torch import nn
 from vlmserve.config import ModelLoadError
 from vlmserve.layers.activation import get_act_fn
 from vlmserve.models.clip import CLIPVisionModel
+from vlmserve.models.clip_image_processing import FastCLIPImageProcessor
 from vlmserve.models.registry import text_model_class
 from vlmserve.models.weight_utils import load_weights
 from vlmserve.multimodal import MULTIMODAL_REGISTRY, BaseMultiModalProcessor, ProcessedItem
@@ -31,7 +32,8 @@ _WEIGHT_RENAMES = [
 
 class LlavaProcessor(BaseMultiModalProcessor):
     """Images through the checkpoint's own HF image processor (RGB, resize, centre crop, rescale,
-    normalize); each `<image>` expands to a fixed number of tokens."""
+    normalize), PIL images through a reproduction of it without HF's per-call overhead
+    (clip_image_processing.py); each `<image>` expands to a fixed number of tokens."""
 
     def __init__(self, model_config, tokenizer, mm_processor_kwargs=None):
         super().__init__(model_config, tokenizer, mm_processor_kwargs)
@@ -41,6 +43,7 @@ class LlavaProcessor(BaseMultiModalProcessor):
         except Exception as e:
             raise ModelLoadError(f"cannot load the image processor of {model_config.model!r} "
                                  f"(preprocessor_config.json): {e}") from e
+        self.fast_image_processor = FastCLIPImageProcessor.from_hf(self.image_processor)
         self.num_image_tokens = LlavaForConditionalGeneration.tokens_per_image(self.hf_config)
 
     def placeholder_token_id(self, modality: str) -> int:
@@ -55,7 +58,13 @@ class LlavaProcessor(BaseMultiModalProcessor):
         return [Image.new("RGB", (size, size), (128, 128, 128))] * count
 
     def process_raw(self, modality: str, items: list, kwargs: dict) -> list[ProcessedItem]:
-        pixels = self.image_processor(images=items, return_tensors="pt", **kwargs)["pixel_values"]
+        fast = self.fast_image_processor if not kwargs else None  # kwargs override HF's settings
+        pixels = [fast(item) if fast is not None else None for item in items]
+        rest = [i for i, p in enumerate(pixels) if p is None]
+        if rest:
+            out = self.image_processor(images=[items[i] for i in rest], return_tensors="pt", **kwargs)
+            for i, p in zip(rest, out["pixel_values"]):
+                pixels[i] = p
         return [ProcessedItem({"pixel_values": p}, self.num_image_tokens) for p in pixels]
 
 

@@ -1,0 +1,184 @@
+"""CLIP-style image preprocessing (LLaVA-1.5): RGB, resize of the shortest edge, centre crop,
+rescale, normalize. It gives the numbers the checkpoint's HF image processor gives, following the
+op order and dtypes of whichever HF backend that processor uses:
+- "torchvision" (transformers 5's `CLIPImageProcessor`, 4.x's `CLIPImageProcessorFast`): uint8 CHW
+  tensor, antialiased torchvision resize, crop, float32 with rescale folded into mean and std;
+- "pil" (transformers 5's `CLIPImageProcessorPil`, 4.x's slow `CLIPImageProcessor`): PIL resize,
+  crop, rescale in float64 then float32, normalize in float32,
+without HF's per-call argument handling, validation and batching (most of its time on small
+images). `FastCLIPImageProcessor.from_hf` gives None for settings it does not reproduce, and
+`__call__` gives None for an image it cannot take: the caller then runs HF's processor."""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+from PIL import Image
+
+_PIL_BICUBIC, _PIL_BILINEAR = 3, 2
+
+
+def _field(d, name):
+    """A key of HF's size dicts (a dict in 4.x, a SizeDict in 5.x)."""
+    if d is None:
+        return None
+    return d.get(name) if isinstance(d, dict) else getattr(d, name, None)
+
+
+def hf_backend(proc) -> str | None:
+    """'torchvision' or 'pil': which of HF's implementations an image processor runs."""
+    backend = getattr(proc, "backend", None)  # transformers 5
+    if backend in ("torchvision", "pil"):
+        return backend
+    name = type(proc).__name__
+    if name.endswith("Fast"):  # transformers 4.x fast processors run torchvision
+        return "torchvision"
+    if name == "CLIPImageProcessor":  # transformers 4.x slow processor: PIL and numpy
+        return "pil"
+    return None
+
+
+def _hf_convert_to_rgb():
+    """HF's own RGB conversion (alpha composited onto white; versions differ in detail), called
+    only for images not already RGB."""
+    from transformers.image_transforms import convert_to_rgb
+
+    takes_numpy = "return_numpy" in inspect.signature(convert_to_rgb).parameters
+
+    def convert(image: Image.Image) -> np.ndarray:
+        out = convert_to_rgb(image, return_numpy=True) if takes_numpy else convert_to_rgb(image)
+        return np.array(out)
+    return convert
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """[H, W, 3] uint8 of an RGB image: one copy (np.array(image) makes two)."""
+    w, h = image.size
+    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(h, w, 3)
+
+
+class FastCLIPImageProcessor:
+    def __init__(self, backend: str, shortest_edge: int | None, crop: tuple[int, int] | None, resample: int,
+                 rescale_factor: float | None, mean: list[float] | None, std: list[float] | None,
+                 convert_rgb: bool):
+        self.backend = backend
+        self.shortest_edge, self.crop, self.resample = shortest_edge, crop, resample
+        self.rescale_factor, self.mean, self.std = rescale_factor, mean, std
+        self.convert_rgb = convert_rgb
+        self._to_rgb = _hf_convert_to_rgb()
+        if backend == "torchvision":
+            import torchvision.transforms.v2.functional as tvF
+            self._tvF = tvF
+            self._interp = {_PIL_BICUBIC: tvF.InterpolationMode.BICUBIC,
+                            _PIL_BILINEAR: tvF.InterpolationMode.BILINEAR}[resample]
+            if mean is not None and rescale_factor is not None:  # HF folds the rescale into these
+                self._mean_t = (torch.tensor(mean) * (1.0 / rescale_factor)).view(-1, 1, 1)
+                self._std_t = (torch.tensor(std) * (1.0 / rescale_factor)).view(-1, 1, 1)
+            elif mean is not None:
+                self._mean_t = torch.tensor(mean).view(-1, 1, 1)
+                self._std_t = torch.tensor(std).view(-1, 1, 1)
+        else:
+            self._mean_np = np.array(mean, dtype=np.float32)[:, None, None] if mean is not None else None
+            self._std_np = np.array(std, dtype=np.float32)[:, None, None] if std is not None else None
+
+    @classmethod
+    def from_hf(cls, proc) -> FastCLIPImageProcessor | None:
+        backend = hf_backend(proc)
+        if backend is None or getattr(proc, "do_pad", False):
+            return None
+        if backend == "torchvision":
+            try:
+                import torchvision  # noqa: F401
+            except ImportError:
+                return None
+        shortest = crop = None
+        if getattr(proc, "do_resize", False):
+            size = proc.size
+            shortest = _field(size, "shortest_edge")
+            if not shortest or any(_field(size, k) for k in ("longest_edge", "height", "width")):
+                return None
+        if getattr(proc, "do_center_crop", False):
+            h, w = _field(proc.crop_size, "height"), _field(proc.crop_size, "width")
+            if not h or not w:
+                return None
+            crop = (int(h), int(w))
+        resample = int(proc.resample) if getattr(proc, "resample", None) is not None else _PIL_BILINEAR
+        if resample not in (_PIL_BICUBIC, _PIL_BILINEAR):
+            return None
+        rescale = float(proc.rescale_factor) if getattr(proc, "do_rescale", False) else None
+        mean = std = None
+        if getattr(proc, "do_normalize", False):
+            mean, std = proc.image_mean, proc.image_std
+            mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(m) for m in mean]
+            std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(s) for s in std]
+            if len(mean) != 3 or len(std) != 3:
+                return None
+        return cls(backend, int(shortest) if shortest else None, crop, resample, rescale, mean, std,
+                   bool(getattr(proc, "do_convert_rgb", True)))
+
+    def _resized_hw(self, h: int, w: int) -> tuple[int, int]:
+        # HF's get_resize_output_image_size(default_to_square=False): the short edge to the size,
+        # the long one scaled and truncated
+        s = self.shortest_edge
+        if w <= h:
+            return int(s * h / w), s
+        return s, int(s * w / h)
+
+    def _crop_box(self, h: int, w: int) -> tuple[int, int, int, int] | None:
+        ch, cw = self.crop
+        if ch > h or cw > w:  # HF pads here; rare for CLIP settings: left to HF
+            return None
+        return int((h - ch) / 2.0), int((w - cw) / 2.0), ch, cw
+
+    def __call__(self, image) -> torch.Tensor | None:
+        """A PIL image -> pixel values [3, H, W] float32, or None (then use HF's processor)."""
+        if not isinstance(image, Image.Image):
+            return None
+        if self.convert_rgb:
+            plain = image.mode == "RGB" and image.info.get("transparency") is None
+            rgb = _rgb_array(image) if plain else self._to_rgb(image)
+        else:
+            rgb = _rgb_array(image) if image.mode == "RGB" else np.array(image)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            return None
+        if self.backend == "torchvision":
+            return self._torchvision(rgb)
+        return self._pil(rgb)
+
+    def _torchvision(self, rgb: np.ndarray) -> torch.Tensor | None:
+        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))  # a writable CHW copy
+        if self.shortest_edge:
+            hw = self._resized_hw(*x.shape[-2:])
+            x = self._tvF.resize(x, list(hw), interpolation=self._interp, antialias=True)
+        if self.crop:
+            box = self._crop_box(*x.shape[-2:])
+            if box is None:
+                return None
+            top, left, ch, cw = box
+            x = x[:, top:top + ch, left:left + cw]
+        if self.mean is not None:  # the same two float32 ops as HF's normalize, in place
+            return x.to(torch.float32).sub_(self._mean_t).div_(self._std_t)
+        if self.rescale_factor is not None:
+            return x * self.rescale_factor
+        return x.contiguous()
+
+    def _pil(self, rgb: np.ndarray) -> torch.Tensor | None:
+        if self.shortest_edge:
+            h, w = rgb.shape[:2]
+            nh, nw = self._resized_hw(h, w)
+            rgb = np.array(Image.fromarray(rgb).resize((nw, nh), resample=self.resample, reducing_gap=None))
+        x = rgb.transpose(2, 0, 1)
+        if self.crop:
+            box = self._crop_box(*x.shape[-2:])
+            if box is None:
+                return None
+            top, left, ch, cw = box
+            x = x[:, top:top + ch, left:left + cw]
+        if self.rescale_factor is not None:
+            x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.mean is not None:
+            if x.dtype != np.float32 and not np.issubdtype(x.dtype, np.floating):
+                x = x.astype(np.float32)
+            x = (x - self._mean_np.astype(x.dtype)) / self._std_np.astype(x.dtype)
+        return torch.from_numpy(np.ascontiguousarray(x))
