@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from vlmserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from vlmserve.engine.llm_engine import LLMEngine
 from vlmserve.entrypoints.chat_utils import load_chat_template, prepare_chat
+from vlmserve.entrypoints.prompt_pipeline import PreparedPrompts, named_error, run_pipelined
 from vlmserve.multimodal.media import MediaConnector
 from vlmserve.outputs import RequestOutput
 from vlmserve.sampling_params import SamplingParams
@@ -108,39 +109,53 @@ class LLM:
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
+        """Prompts are tokenized here, their media processed in a thread pool; the engine steps as
+        soon as the first prompts are ready. A bad prompt raises an error naming it ("prompt i: ...")
+        and aborts whatever this call had queued."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
-        params = sampling_params
-        # Validate everything before anything runs: one bad prompt fails the call, not the engine.
+        params = self._params_list(sampling_params, len(prompts))
         engine = self.llm_engine
-        parsed = []
-        for prompt in prompts:
-            text, ids = self._prompt_token_ids(prompt)
+        parsed = []  # tokenized here: the tokenizer is not shared with the pool's threads
+        for i, prompt in enumerate(prompts):
+            try:
+                text, ids = self._prompt_token_ids(prompt)
+            except Exception as e:
+                err = named_error(e, i)
+                if err is e:
+                    raise
+                raise err from e
             mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
             mm_kwargs = prompt.get("mm_processor_kwargs") if isinstance(prompt, dict) else None
+            parsed.append((text, ids, mm_data, mm_kwargs))
+
+        def prepare(i: int) -> tuple:
+            text, ids, mm_data, mm_kwargs = parsed[i]
             ids, mm_items = engine.process_multimodal(ids, mm_data, mm_kwargs)
-            parsed.append((ids, mm_items, text))
-        return self._generate_prepared(parsed, params, use_tqdm)
+            engine.validate_prompt(ids)
+            return ids, mm_items, text
+
+        prepared = PreparedPrompts(len(parsed), prepare, inline=lambda i: not parsed[i][2])
+        return self._run(prepared, params, use_tqdm)
+
+    def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * n if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"{n} prompts but {len(params)} sampling params")
+        return params
 
     def _generate_prepared(self, prompts: list[tuple], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         """prompts: (token ids, multimodal items[, prompt text]) each. Every prompt is validated
         before any is queued, so one bad prompt fails the call, not the engine."""
-        engine = self.llm_engine
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) \
-            else list(sampling_params)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        params = self._params_list(sampling_params, len(prompts))
         for p in prompts:
-            engine.validate_prompt(p[0])
-        ids = []
-        for p, sp in zip(prompts, params):
-            rid = str(next(self._request_counter))
-            engine.add_request(rid, p[0], sp, prompt=p[2] if len(p) > 2 else None, mm_items=p[1])
-            ids.append(rid)
-        return self._run(ids, use_tqdm)
+            self.llm_engine.validate_prompt(p[0])
+        ready = [(p[0], p[1], p[2] if len(p) > 2 else None) for p in prompts]
+        prepared = PreparedPrompts(len(ready), lambda i: ready[i], inline=lambda i: True)
+        return self._run(prepared, params, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -161,26 +176,20 @@ class LLM:
             prompts.append((ids, items))
         return self._generate_prepared(prompts, sampling_params, use_tqdm)
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        engine = self.llm_engine
-        done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
-                   disable=not use_tqdm)
+    def _run(self, prepared: PreparedPrompts, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        bar = tqdm(total=len(params), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         t0 = time.perf_counter()
-        in_tok = out_tok = 0
+        tokens = [0, 0]  # input, output
+
+        def progress(out: RequestOutput) -> None:
+            tokens[0] += len(out.prompt_token_ids)
+            tokens[1] += sum(len(c.token_ids) for c in out.outputs)
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"input: {tokens[0] / dt:.1f} toks/s, output: {tokens[1] / dt:.1f} toks/s")
+            bar.update(1)
+
         try:
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    done[out.request_id] = out
-                    in_tok += len(out.prompt_token_ids)
-                    out_tok += sum(len(c.token_ids) for c in out.outputs)
-                    dt = max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix_str(f"input: {in_tok / dt:.1f} toks/s, output: {out_tok / dt:.1f} toks/s")
-                    bar.update(1)
-        except BaseException:
-            for rid in request_ids:
-                engine.abort_request(rid)
-            raise
+            return run_pipelined(self.llm_engine, prepared, params,
+                                 lambda: str(next(self._request_counter)), progress)
         finally:
             bar.close()
-        return [done[rid] for rid in request_ids]
