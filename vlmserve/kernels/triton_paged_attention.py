@@ -55,7 +55,8 @@ if triton is not None:
                        stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb,
                        stride_ot, stride_oh,
                        NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PREC: tl.constexpr):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -87,13 +88,13 @@ if triton is not None:
             off = blk.to(tl.int64) * stride_cb + (toks % block_size) * stride_cs + kvh * stride_ch
             k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
             v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
             s = tl.where(tm[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m = m_new
         safe_l = tl.where(l > 0, l, 1.0)
         if NUM_SPLITS == 1:
@@ -130,7 +131,7 @@ if triton is not None:
                         stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb,
                         stride_ot, stride_oh,
                         GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
         tile = tl.program_id(0)
         seq = first_seq + tl.program_id(1)
         h = tl.program_id(2)
@@ -162,7 +163,7 @@ if triton is not None:
                 off = blk.to(tl.int64) * stride_cb + (toks % block_size) * stride_cs + kvh * stride_ch
                 k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
                 v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(k))
+                s = tl.dot(q, tl.trans(k), input_precision=PREC)
                 keep = tm[None, :] & (toks[None, :] <= qpos[:, None])
                 if window > 0:
                     keep = keep & (toks[None, :] > qpos[:, None] - window)
@@ -171,7 +172,7 @@ if triton is not None:
                 p = tl.exp(s - m_new[:, None])
                 alpha = tl.exp(m - m_new)
                 l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
                 m = m_new
             o = acc / tl.where(l > 0, l, 1.0)[:, None]
             tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
@@ -224,11 +225,17 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=D, BLOCK_D=block_d,
-        BLOCK_N=block_n, num_warps=4)
+        BLOCK_N=block_n, PREC=_dot_precision(k_cache), num_warps=4)
     if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1), Hq,
                                       NUM_SPLITS=num_splits, D=D, BLOCK_D=block_d)
     return out
+
+
+def _dot_precision(cache: torch.Tensor) -> str:
+    # float32 models get float32 dots: Triton's default for them is TF32 (10-bit mantissa), which
+    # moves logprobs by ~1e-3 from HF's float32 results.
+    return "ieee" if cache.dtype == torch.float32 else "tf32"
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale: float,
@@ -253,7 +260,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, 
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, D=D, BLOCK_D=_next_pow2(D), BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4 if block_m <= 64 else 8, num_stages=2)
+        PREC=_dot_precision(k_cache), num_warps=4 if block_m <= 64 else 8, num_stages=2)
     return out
 
 
