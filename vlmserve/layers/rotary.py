@@ -134,6 +134,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: i
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
 class MRotaryEmbedding(RotaryEmbedding):
     """Multimodal rotary embedding (M-RoPE, Qwen2-VL): each token has three positions (temporal,
     height, width) and the rotary frequencies are split into `mrope_section` groups, group i
@@ -167,11 +171,21 @@ class MRotaryEmbedding(RotaryEmbedding):
         inv_freq = self.inv_freq.to(self.cos.device)
         self.cos, self.sin = self._cache(inv_freq, max_position, 1.0)
 
+    def reserve(self, max_position: int) -> bool:
+        """Make the tables cover positions up to `max_position`, which the caller knows on the host
+        (the runner reads it off the step's positions before they go to the GPU). True when they
+        grew: the old tables are freed, so whatever captured them (CUDA graphs) must capture again."""
+        if max_position < self.cos.shape[0]:
+            return False
+        self._grow(2 * max_position + 1)
+        return True
+
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] (text only) or [3, T]; -> cos, sin of [T, 1, rotary_dim]."""
-        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and positions.numel() and int(positions.max()) >= self.cos.shape[0]:
-            self._grow(2 * int(positions.max()) + 1)
+        """positions: [T] (text only) or [3, T]; -> cos, sin of [T, 1, rotary_dim]. Positions on
+        the CPU grow the tables here; device positions are never read on the host (no sync, so a
+        decode step can be a CUDA graph): `reserve` first."""
+        if _on_host(positions) and positions.numel():
+            self.reserve(int(positions.max()))
         if positions.ndim == 1:
             return super().lookup(positions, dtype)
         index = self.row_of_dim.view(1, 1, -1).expand(1, positions.shape[1], -1)

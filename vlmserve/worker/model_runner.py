@@ -13,6 +13,7 @@ from vlmserve.engine.scheduler import SchedulerOutput, ScheduledSeq
 from vlmserve.engine.sequence import Sequence
 from vlmserve.layers.attention import Attention, AttentionMetadata
 from vlmserve.layers.attention.backends import get_attention_backend
+from vlmserve.layers.rotary import MRotaryEmbedding
 from vlmserve.models.interfaces import supports_multimodal
 from vlmserve.worker.encoder_cache import EncoderCache
 from vlmserve.worker.model_loader import load_model
@@ -51,6 +52,7 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.is_multimodal = supports_multimodal(self.model)
         self.position_rows = getattr(self.model, "position_rows", 1)  # 3 for M-RoPE models
+        self.position_tables = [m for m in self.model.modules() if isinstance(m, MRotaryEmbedding)]
         self.encoder_cache = EncoderCache(max(16384, scheduler_config.max_num_batched_tokens))
 
     # ---- KV cache ------------------------------------------------------------------------
@@ -178,7 +180,9 @@ class ModelRunner:
             block_size=bs)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         if self.position_rows > 1:  # M-RoPE: [rows, T], from the sequences' own prompt positions
-            pos_t = multirow_positions(items, positions, qsl, self.position_rows).to(dev)
+            pos_cpu = multirow_positions(items, positions, qsl, self.position_rows)
+            self._reserve_positions(int(pos_cpu.max()))  # read here, on the host, not on the GPU
+            pos_t = pos_cpu.to(dev)
         else:
             pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         hidden = None
@@ -208,6 +212,16 @@ class ModelRunner:
             k = seq.params.prompt_logprobs
             results[i].prompt_logprobs = _logprob_rows(gather_logprobs(logprobs, targets, k), [k] * len(targets))
         return results
+
+    def _reserve_positions(self, max_position: int) -> None:
+        """Grow the M-RoPE tables to cover a step's positions before its forward, which looks
+        them up without a host sync; graphs captured against the old tables are dropped."""
+        grew = False
+        for rope in self.position_tables:
+            grew |= rope.reserve(max_position)
+        if grew and self.decode_graphs is not None:
+            logger.info("M-RoPE tables grew to position %d: capturing the decode graphs again", max_position)
+            self.decode_graphs = None
 
     def _replay_decode_graph(self, input_ids, positions, meta) -> torch.Tensor | None:
         if self.decode_graphs is None:
