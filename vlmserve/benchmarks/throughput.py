@@ -58,7 +58,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--random-model-arch", choices=("llama", "llava"), default="llama",
                    help="llama: the text model below; llava: a CLIP vision tower (--vision-*) in front of it")
     m.add_argument("--model-shape", default=None,
-                   help="with --random-model: the shape of a real model (llava-1.5-7b, llama-2-7b; "
+                   help="with --random-model: the shape of a real model (llava-1.5-7b, qwen2-vl-7b, llama-2-7b; "
                    "vlmserve/benchmarks/gpu_models.py) with weights made on the GPU, no checkpoint "
                    "written; the size options below are then ignored")
     m.add_argument("--random-model-dir", help="where to write it (default: a temporary directory, "
@@ -161,10 +161,25 @@ def write_llava_processor_config(model_dir: str) -> None:
                    "vision_feature_select_strategy": cfg.vision_feature_select_strategy}, f, indent=2)
 
 
+# Multimodal model types the benchmarks drive, with the text a prompt holds for one image.
+IMAGE_PLACEHOLDERS = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+
+
 def is_llava(model_dir: str) -> bool:
+    """A multimodal model (LLaVA or Qwen2-VL): the workload is one image + text per request."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_dir).model_type == "llava"
+    return AutoConfig.from_pretrained(model_dir).model_type in IMAGE_PLACEHOLDERS
+
+
+def _image_tokens(model_dir: str, cfg, image) -> tuple[int, int]:
+    """(placeholder token id, tokens one image of this size takes) for the model of `cfg`."""
+    if cfg.model_type == "qwen2_vl":  # dynamic resolution: the HF processor's grid, merged 2x2
+        from transformers import AutoImageProcessor
+        grid = AutoImageProcessor.from_pretrained(model_dir)(images=[image], return_tensors="pt")["image_grid_thw"]
+        return cfg.image_token_id, int(grid.prod()) // cfg.vision_config.spatial_merge_size ** 2
+    v = cfg.vision_config
+    return cfg.image_token_index, (v.image_size // v.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
 
 
 def prompt_ids(p) -> list[int]:
@@ -191,11 +206,9 @@ def make_mm_prompts(model_dir: str, num: int, input_len: int, seed: int, source_
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = AutoConfig.from_pretrained(model_dir)
-    v = cfg.vision_config
-    n_image = (v.image_size // v.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
-    image_id = cfg.image_token_index
-    placeholder = tok.convert_ids_to_tokens(image_id)
     width, height = (int(x) for x in source_size.lower().split("x"))
+    image_id, n_image = _image_tokens(model_dir, cfg, Image.new("RGB", (width, height)))
+    placeholder = IMAGE_PLACEHOLDERS[cfg.model_type]
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)
     out = []
     for _ in range(num):
@@ -338,7 +351,7 @@ def run_hf(args, model_dir: str, prompts, warmup) -> dict:
             enc = processor(text=[p["prompt"] for p in batch], images=[p["image"] for p in batch],
                             return_tensors="pt", padding=True)
             ids, mask = enc["input_ids"], enc["attention_mask"]
-            extra["pixel_values"] = enc["pixel_values"].to(device)
+            extra = {k: v.to(device) for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         else:
             width = max(map(len, batch))
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
