@@ -215,6 +215,29 @@ def test_mm_processor_kwargs_per_request_and_per_engine(ckpt, llms, hf):
         llm.generate({**prompt, "mm_processor_kwargs": {"max_pixel": 100}}, use_tqdm=False)
 
 
+def test_video_sampling_kwargs_are_the_loaders_and_the_processor_ignores_them(ckpt, llms, tmp_path):
+    """num_frames / max_frames steer the video loader; set per engine or per prompt they also reach
+    the processor, which must take them without complaint (it used to refuse them)."""
+    from clips import mp4_bytes
+
+    frames = VideoFrames(rand_video(4, 84, 56, 81), fps=2.0)
+    prompt = {"prompt": chat(f"{VIDEO}what"), "multi_modal_data": {"video": frames}}
+    want = llms("qwen2_vl").generate(prompt, GREEDY, use_tqdm=False)[0]
+    per_prompt = llms("qwen2_vl").generate({**prompt, "mm_processor_kwargs": {"num_frames": 2, "max_frames": 3}},
+                                           GREEDY, use_tqdm=False)[0]
+    assert per_prompt.outputs[0].token_ids == want.outputs[0].token_ids  # already-sampled frames: no effect
+    llm = LLM(ckpt("qwen2_vl"), dtype="float32", max_model_len=512, num_kv_blocks=64,
+              mm_processor_kwargs={"num_frames": 4, "max_frames": 8}, allowed_local_media_path=str(tmp_path))
+    got = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    assert got.prompt_token_ids == want.prompt_token_ids and got.outputs[0].token_ids == want.outputs[0].token_ids
+    # ... and the engine's num_frames samples a video URL: 3 s at 10 fps -> 4 frames, 2 temporal patches
+    (tmp_path / "clip.mp4").write_bytes(mp4_bytes(num_frames=30, rate=10, width=56, height=56))
+    out = llm.chat([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": (tmp_path / "clip.mp4").as_uri()}},
+                                                 {"type": "text", "text": "what"}]}], GREEDY, use_tqdm=False)[0]
+    video_id = llm.llm_engine.mm_processor.placeholder_token_id("video")
+    assert out.prompt_token_ids.count(video_id) == 2 * 2 * 2  # 2 frame pairs x (56/28)^2 merged tokens
+
+
 # ---- the engine around it ----------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chunked_prefill_through_an_image_equals_unchunked(arch, ckpt, llms):

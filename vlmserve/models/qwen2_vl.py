@@ -26,6 +26,7 @@ from vlmserve.models.weight_utils import load_weights
 from vlmserve.multimodal import MULTIMODAL_REGISTRY, BaseMultiModalProcessor, ProcessedItem
 from vlmserve.multimodal.inputs import VideoFrames
 from vlmserve.multimodal.processing import MultiModalInputError
+from vlmserve.multimodal.video import VIDEO_SAMPLING_KEYS
 
 # Checkpoint names -> ours, in turn. Hub checkpoints (transformers 4.x): `model.` (the LM body),
 # `visual.`, `lm_head.`; transformers 5 in memory: `model.language_model.`, `model.visual.`.
@@ -44,6 +45,9 @@ DEFAULT_VIDEO_FPS = 2.0
 DUMMY_VIDEO_FRAMES = 32
 # mm_processor_kwargs this processor understands (per server and per request).
 KNOWN_KWARGS = ("min_pixels", "max_pixels", "fps")
+# The video loader's sampling keys (num_frames, max_frames): the frames that reach the processor
+# are already sampled, so it accepts and ignores them wherever they were set.
+IGNORED_KWARGS = tuple(k for k in VIDEO_SAMPLING_KEYS if k not in KNOWN_KWARGS)
 
 
 def _quick_gelu(x):
@@ -267,10 +271,10 @@ class Qwen2VLMultiModalProcessor(BaseMultiModalProcessor):
 
     # ---- raw items -----------------------------------------------------------------------
     def _check_kwargs(self, kwargs: dict) -> None:
-        unknown = sorted(set(kwargs) - set(KNOWN_KWARGS))
+        unknown = sorted(set(kwargs) - set(KNOWN_KWARGS) - set(IGNORED_KWARGS))
         if unknown:
             raise MultiModalInputError(f"unknown mm_processor_kwargs {unknown} for this model "
-                                       f"(it takes: {', '.join(KNOWN_KWARGS)})")
+                                       f"(it takes: {', '.join(KNOWN_KWARGS + IGNORED_KWARGS)})")
 
     @staticmethod
     def _size(kwargs: dict, bounds: tuple[int, int]) -> dict:
