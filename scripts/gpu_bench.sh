@@ -1,19 +1,53 @@
 #!/bin/bash
-# One measurement run on a GPU machine (the H100 of issue 5): the kernels against their torch
-# references, then `vlmserve bench latency` and `vlmserve bench throughput` on LLaVA-1.5-7B-shaped
-# random weights made on the GPU, each beside HF generate. Results and logs go to $OUT.
-#   OUT=/tmp/out bash scripts/gpu_bench.sh [num_prompts] [hf_batch_sizes] [max_num_seqs]
+# One measurement run on a GPU machine (the H100 of issue 5), results and logs in $OUT (at most 8
+# files: run.log and the JSONs). Parts, in the order given (default: check llava qwen):
+#   check  the CPU tests of the fast path on this machine's transformers, and scripts/gpu_check.py
+#          (the kernels against their torch references, the device's ceilings)
+#   llava  LLaVA-1.5-7B shape, 336x336 images: bench latency, bench throughput (beside HF), profile
+#   qwen   Qwen2-VL-7B shape, 1024x1024 images: the same
+#   OUT=/tmp/out COMMIT=<hash> bash scripts/gpu_bench.sh [parts...]
+# Sizes: LLAVA_N (500 requests), LLAVA_HFB (HF batch sizes, 96), QWEN_N (200), QWEN_HFB (32),
+# SEQS (max_num_seqs, 128). Each step runs under its own time limit (seconds, T_* below).
 set -o pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_bench}
 mkdir -p "$OUT"
-N=${1:-500}; HFB=${2:-64}; SEQS=${3:-128}
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
-python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
-[ -n "$SKIP_CHECK" ] || python scripts/gpu_check.py --out "$OUT/gpu_check.json" 2>&1 | grep -v Warning | tee "$OUT/gpu_check.log"
-M="--random-model --model-shape llava-1.5-7b --input-len 32 --output-len 128 --source-image-size 336x336"
-python -m vlmserve.entrypoints.cli bench latency $M --backends vlmserve,hf --num-iters 3 --num-iters-warmup 1 \
-    --output-json "$OUT/latency.json" 2>&1 | grep -v "Warning\|Loading weights" | tee "$OUT/latency.log"
-python -m vlmserve.entrypoints.cli bench throughput $M --num-prompts "$N" --backends vlmserve,hf \
-    --hf-batch-size "$HFB" --max-num-seqs "$SEQS" --output-json "$OUT/throughput.json" 2>&1 \
-    | grep -v "Warning\|Loading weights" | tee "$OUT/throughput.log"
+LOG="$OUT/run.log"
+LLAVA_N=${LLAVA_N:-500}; LLAVA_HFB=${LLAVA_HFB:-96}; QWEN_N=${QWEN_N:-200}; QWEN_HFB=${QWEN_HFB:-32}
+SEQS=${SEQS:-128}
+PARTS=${*:-check llava qwen}
+BENCH="python -m vlmserve.entrypoints.cli bench"
+
+step() {  # step NAME LIMIT_S CMD...: run under a time limit, output to the log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
+    timeout "$limit" "$@" 2>&1 | grep -v "Warning\|warn(\|Loading weights\|profiler_st" | tee -a "$LOG"
+    echo "== $name: exit ${PIPESTATUS[0]} ($(date -u +%H:%M:%S))" | tee -a "$LOG"
+}
+
+model_run() {  # model_run TAG SHAPE IMAGE N HFB
+    local tag=$1 shape=$2 image=$3 n=$4 hfb=$5
+    local m="--random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image"
+    step "${tag}_latency" "${T_LAT:-110}" $BENCH latency $m --backends vlmserve --num-iters 5 --num-iters-warmup 1 \
+        --output-json "$OUT/${tag}_latency.json"
+    step "${tag}_throughput" "${T_TPUT:-240}" $BENCH throughput $m --num-prompts "$n" --backends vlmserve,hf \
+        --hf-batch-size "$hfb" --max-num-seqs "$SEQS" --output-json "$OUT/${tag}_throughput.json"
+    step "${tag}_profile" "${T_PROF:-90}" python scripts/gpu_profile.py --model-shape "$shape" --image-size "$image" \
+        --out "$OUT/${tag}_profile.json"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$LOG"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
+echo "commit ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} (+ the tree as copied)" | tee -a "$LOG"
+for part in $PARTS; do
+    case $part in
+        check)
+            step cpu_tests 120 python -m pytest -q -p no:cacheprovider tests/test_clip_image_processing.py \
+                tests/test_mrope_lookup.py tests/test_prompt_pipeline.py
+            step gpu_check "${T_CHECK:-150}" python scripts/gpu_check.py --out "$OUT/gpu_check.json" ;;
+        llava) model_run llava llava-1.5-7b 336x336 "$LLAVA_N" "$LLAVA_HFB" ;;
+        qwen) model_run qwen qwen2-vl-7b 1024x1024 "$QWEN_N" "$QWEN_HFB" ;;
+        *) echo "unknown part $part" | tee -a "$LOG" ;;
+    esac
+done

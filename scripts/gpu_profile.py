@@ -1,0 +1,126 @@
+"""Where the time of one request goes on the GPU (issue 5): for a --model-shape model with random
+weights made on the GPU, one request with one image at batch 1:
+- TTFT split: CPU preprocessing (HF's processor and vlmserve's, as the engine runs it), the vision
+  tower, and the whole first token;
+- single-stream decode: wall time per step against the GPU's busy time per step (kernel time from
+  the torch profiler), i.e. how much host work does not overlap, and the kernels that take it.
+
+    python scripts/gpu_profile.py --model-shape llava-1.5-7b --image-size 336x336 --out profile.json"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+
+from vlmserve import LLM, SamplingParams
+from vlmserve.benchmarks import throughput as tp
+from vlmserve.benchmarks.gpu_models import write_model_dir
+
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def ms(fn, n=5):
+    out = []
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(out)
+
+
+def kernel_table(prof, steps: int, top: int = 12) -> tuple[float, list[dict]]:
+    """Total GPU kernel time per step (ms) and the top kernels."""
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t and e.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append({"kernel": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": t / 1e3 / steps})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return sum(r["ms_per_step"] for r in rows), rows[:top]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-shape", default="llava-1.5-7b")
+    p.add_argument("--image-size", default="336x336")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--out", default="profile.json")
+    args = p.parse_args()
+    res: dict = {"model_shape": args.model_shape, "image_size": args.image_size, "device": torch.cuda.get_device_name() if CUDA else "cpu"}
+    with tempfile.TemporaryDirectory() as d:
+        write_model_dir(d, args.model_shape)
+        prompts = tp.make_mm_prompts(d, 8, args.input_len, 1, args.image_size)
+        max_len = max(len(x["ids"]) for x in prompts) + args.decode_steps + 8
+        llm = LLM(d, dtype="bfloat16" if CUDA else "float32", max_model_len=max_len, max_num_seqs=1, load_format="dummy")
+        engine = llm.llm_engine
+        inputs = [{"prompt": x["prompt"], "multi_modal_data": {"image": x["image"]}} for x in prompts]
+        one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        many = SamplingParams(temperature=0, max_tokens=args.decode_steps + 1, ignore_eos=True)
+        llm.generate(inputs[:2], many, use_tqdm=False)  # warm-up: compiles, captures graphs
+
+        # -- TTFT split
+        ids = engine.tokenizer(prompts[0]["prompt"]).input_ids
+        image = prompts[0]["image"]
+        proc = engine.mm_processor
+        hf_proc = getattr(proc, "image_processor", None)
+        res["hf_image_processor"] = f"{type(hf_proc).__name__} ({getattr(hf_proc, 'backend', '?')})"
+        res["preprocess_engine_ms"] = ms(lambda: engine.process_multimodal(ids, {"image": image}))
+        res["preprocess_hf_ms"] = ms(lambda: hf_proc(images=[image], return_tensors="pt"))
+        _, items = engine.process_multimodal(ids, {"image": image})
+        data = [{k: v.to(DEV) for k, v in items[0].data.items()}]
+        with torch.inference_mode():
+            res["vision_tower_ms"] = ms(lambda: engine.runner.model.embed_multimodal("image", data))
+        ttft = []
+        for x in inputs[2:7]:  # new images each time: no encoder or prefix cache hits
+            sync()
+            t0 = time.perf_counter()
+            llm.generate(x, one, use_tqdm=False)
+            ttft.append(1e3 * (time.perf_counter() - t0))
+        res["ttft_ms"] = statistics.median(ttft)
+        res["ttft_all_ms"] = ttft
+
+        # -- single-stream decode: wall per step vs GPU busy per step
+        n = args.decode_steps
+        t0 = time.perf_counter()
+        llm.generate(inputs[7], one, use_tqdm=False)
+        first = time.perf_counter() - t0
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as prof:
+            sync()
+            t0 = time.perf_counter()
+            llm.generate(inputs[7], many, use_tqdm=False)
+            sync()
+            total = time.perf_counter() - t0
+        # the prefix cache serves the prompt now: the run is (almost) only decode steps
+        res["decode_wall_ms_per_step"] = 1e3 * total / n
+        busy, top = kernel_table(prof, n)
+        res["decode_gpu_busy_ms_per_step"] = busy
+        res["decode_top_kernels"] = top
+        res["first_request_s"] = first
+        res["cuda_graphs"] = engine.runner.decode_graphs is not None
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(json.dumps({k: v for k, v in res.items() if k != "decode_top_kernels"}, indent=1))
+    for r in res["decode_top_kernels"]:
+        print(f"  {r['ms_per_step']:7.3f} ms/step  x{r['calls_per_step']:6.1f}  {r['kernel']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
