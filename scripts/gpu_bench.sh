@@ -1,7 +1,7 @@
 #!/bin/bash
 # One measurement run on a GPU machine (the H100 of issue 5), results and logs in $OUT (at most 8
 # files: run.log and the JSONs). Parts, in the order given (default: check llava qwen):
-#   check  the CPU tests of the fast path on this machine's transformers, and scripts/gpu_check.py
+#   check  the CPU tests of the fast preprocessing and M-RoPE on this machine's transformers, and scripts/gpu_check.py
 #          (the kernels against their torch references, the device's ceilings)
 #   llava  LLaVA-1.5-7B shape, 336x336 images: bench latency, bench throughput (beside HF), profile
 #   qwen   Qwen2-VL-7B shape, 1024x1024 images: the same
@@ -43,8 +43,8 @@ echo "commit ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} (+ the
 for part in $PARTS; do
     case $part in
         check)
-            step cpu_tests 120 python -m pytest -q -p no:cacheprovider tests/test_clip_image_processing.py \
-                tests/test_mrope_lookup.py tests/test_prompt_pipeline.py
+            step cpu_tests 90 python -m pytest -q -p no:cacheprovider tests/test_clip_image_processing.py \
+                tests/test_mrope_lookup.py
             step gpu_check "${T_CHECK:-150}" python scripts/gpu_check.py --out "$OUT/gpu_check.json" ;;
         llava) model_run llava llava-1.5-7b 336x336 "$LLAVA_N" "$LLAVA_HFB" ;;
         qwen) model_run qwen qwen2-vl-7b 1024x1024 "$QWEN_N" "$QWEN_HFB" ;;
