@@ -4,8 +4,9 @@ the same output length (EOS ignored) go through each chosen backend in turn: vlm
 vlmserve/benchmarks/vllm_peer_throughput.py). Each backend gets a warm-up on a few other prompts,
 then one timed run, which must give every request exactly --output-len tokens.
 
-With a LLaVA model (--random-model-arch llava, or a --model whose config is "llava") each request is
-one seeded random-noise image plus a text prompt of random words holding one `<image>`; every backend
+With a LLaVA or Qwen2-VL model (--random-model-arch llava / qwen2_vl, or a --model whose config is
+"llava" / "qwen2_vl") each request is one seeded random-noise image plus a text prompt of random
+words holding one image placeholder (`<image>`, `<|vision_start|><|image_pad|><|vision_end|>`); every backend
 gets the same text and the same pixels and resizes them with its own processor (in the timed run),
 and the prompt token ids each backend ran (placeholder expanded) are checked against the expected
 ones."""
@@ -55,8 +56,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="a local Hugging Face model directory")
     src.add_argument("--random-model", action="store_true",
                      help="write a random-weight checkpoint of the shape below and use it")
-    m.add_argument("--random-model-arch", choices=("llama", "llava"), default="llama",
-                   help="llama: the text model below; llava: a CLIP vision tower (--vision-*) in front of it")
+    m.add_argument("--random-model-arch", choices=("llama", "llava", "qwen2_vl"), default="llama",
+                   help="llama: the text model below; llava: a CLIP vision tower (--vision-*) in front of it; "
+                   "qwen2_vl: a Qwen2-VL ViT (--vision-*, --min/max-pixels) in front of a Qwen2 LM of that "
+                   "shape with M-RoPE, hub key layout")
     m.add_argument("--model-shape", default=None,
                    help="with --random-model: the shape of a real model (llava-1.5-7b, qwen2-vl-7b, llama-2-7b; "
                    "vlmserve/benchmarks/gpu_models.py) with weights made on the GPU, no checkpoint "
@@ -77,7 +80,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    "caps it near 1300)")
 
     v = p.add_argument_group("vision tower of --random-model-arch llava (LLaVA-1.5 shaped: CLIP, "
-                             "2-layer projector, feature layer -2, 'default' strategy)")
+                             "2-layer projector, feature layer -2, 'default' strategy) or qwen2_vl (ViT "
+                             "with 2D rotary, 2x2 patch merger; --image-size unused)")
     v.add_argument("--vision-layers", type=int, default=4)
     v.add_argument("--vision-hidden", type=int, default=256)
     v.add_argument("--vision-heads", type=int, default=4)
@@ -85,6 +89,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     v.add_argument("--image-size", type=int, default=224, help="the tower's input (px)")
     v.add_argument("--patch-size", type=int, default=14,
                    help="(image-size / patch-size)^2 image tokens per image")
+    v.add_argument("--min-pixels", type=int, default=56 * 56,
+                   help="qwen2_vl: the image processor's min_pixels (Qwen2-VL's default)")
+    v.add_argument("--max-pixels", type=int, default=448 * 448,
+                   help="qwen2_vl: the image processor's max_pixels (448x448: 256 image tokens)")
 
     w = p.add_argument_group("workload")
     w.add_argument("--num-prompts", type=int, default=256)
@@ -128,7 +136,8 @@ def make_random_model(args, out_dir: str) -> str:
         from vlmserve.benchmarks.gpu_models import write_model_dir
         args.dummy_weights = True  # each backend makes its weights on the GPU
         return write_model_dir(out_dir, args.model_shape, seed=args.seed, tokenizer_vocab=args.tokenizer_vocab)
-    image_tokens = (args.image_size // args.patch_size) ** 2 if args.random_model_arch == "llava" else 0
+    image_tokens = {"llava": (args.image_size // args.patch_size) ** 2,
+                    "qwen2_vl": args.max_pixels // (2 * args.patch_size) ** 2}.get(args.random_model_arch, 0)
     overrides = {"hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
                  "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
                  "num_key_value_heads": args.num_kv_heads, "head_dim": args.head_dim,
@@ -140,6 +149,8 @@ def make_random_model(args, out_dir: str) -> str:
                                     tokenizer_vocab=args.tokenizer_vocab, **overrides)
     vision = {"hidden_size": args.vision_hidden, "intermediate_size": args.vision_intermediate,
               "num_hidden_layers": args.vision_layers, "num_attention_heads": args.vision_heads}
+    if args.random_model_arch == "qwen2_vl":
+        return make_random_qwen2_vl(args, out_dir, overrides)
     make_llava_checkpoint(out_dir, layout="hub", seed=args.seed, image_size=args.image_size,
                           patch_size=args.patch_size, vision_overrides=vision,
                           tokenizer_vocab=args.tokenizer_vocab, **overrides)
@@ -159,6 +170,30 @@ def write_llava_processor_config(model_dir: str) -> None:
         json.dump({"processor_class": "LlavaProcessor", "image_token": "<image>",
                    "patch_size": cfg.vision_config.patch_size, "num_additional_image_tokens": 1,
                    "vision_feature_select_strategy": cfg.vision_feature_select_strategy}, f, indent=2)
+
+
+def make_random_qwen2_vl(args, out_dir: str, text: dict) -> str:
+    """A random-weight Qwen2-VL checkpoint in the hub key layout: the ViT of the --vision-* options
+    (14 px patches by default, 2x2 merge), the LM shape of `text`, M-RoPE sections in Qwen2-VL's
+    proportions (16:24:24 of 64), and the image processor's --min/--max-pixels."""
+    from vlmserve.testing.checkpoints import make_qwen2_vl_checkpoint
+
+    if args.hidden_size != args.num_heads * args.head_dim:
+        raise SystemExit(f"qwen2_vl: --hidden-size ({args.hidden_size}) must be --num-heads x --head-dim "
+                         f"({args.num_heads} x {args.head_dim}); HF's Qwen2-VL has no separate head_dim")
+    if args.vision_hidden % args.vision_heads or args.vision_intermediate % args.vision_hidden:
+        raise SystemExit("qwen2_vl: --vision-hidden must be a multiple of --vision-heads, and "
+                         "--vision-intermediate a multiple of --vision-hidden (mlp_ratio)")
+    half = args.head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    text = {k: v for k, v in text.items() if k != "head_dim"}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [half - 2 * h, h, h]}
+    vision = {"depth": args.vision_layers, "embed_dim": args.vision_hidden, "num_heads": args.vision_heads,
+              "mlp_ratio": args.vision_intermediate // args.vision_hidden, "patch_size": args.patch_size}
+    return make_qwen2_vl_checkpoint(out_dir, layout="hub", seed=args.seed, min_pixels=args.min_pixels,
+                                    max_pixels=args.max_pixels, merger_scale=1.0, vision_overrides=vision,
+                                    tokenizer_vocab=args.tokenizer_vocab, **text)
 
 
 # Multimodal model types the benchmarks drive, with the text a prompt holds for one image.
@@ -324,7 +359,7 @@ def run_hf(args, model_dir: str, prompts, warmup) -> dict:
     t0 = time.perf_counter()
     processor = None
     if mm:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(model_dir)
         processor.tokenizer.padding_side = "left"
@@ -333,7 +368,7 @@ def run_hf(args, model_dir: str, prompts, warmup) -> dict:
 
         model = make_hf_model(model_dir, getattr(torch, args.dtype), device)
     elif mm:
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+        model = hf_mm_class(model_dir).from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     model = model.to(device).eval()
@@ -392,6 +427,30 @@ def run_hf(args, model_dir: str, prompts, warmup) -> dict:
     return best
 
 
+def hf_mm_class(model_dir: str):
+    """HF's class of a multimodal checkpoint the benchmarks drive (LLaVA or Qwen2-VL)."""
+    import transformers
+    from transformers import AutoConfig
+
+    name = {"llava": "LlavaForConditionalGeneration",
+            "qwen2_vl": "Qwen2VLForConditionalGeneration"}[AutoConfig.from_pretrained(model_dir).model_type]
+    return getattr(transformers, name)
+
+
+def vllm_mm_settings(model_dir: str) -> dict:
+    """vLLM's limit_mm_per_prompt and mm_processor_kwargs for a one-image workload: no video
+    (nor its profiling), and Qwen2-VL's min/max pixels as the checkpoint's preprocessor_config.json
+    names them, so that vLLM resizes to the same grid whichever way its processor reads them."""
+    from transformers import AutoConfig
+
+    if AutoConfig.from_pretrained(model_dir).model_type != "qwen2_vl":
+        return {"limit_mm_per_prompt": {"image": 1}}
+    with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
+        pre = json.load(f)
+    return {"limit_mm_per_prompt": {"image": 1, "video": 0},
+            "mm_processor_kwargs": {k: pre[k] for k in ("min_pixels", "max_pixels") if k in pre}}
+
+
 def _forward_peer_output(stream, lines: list[str]) -> None:
     for line in stream:
         lines.append(line)
@@ -418,7 +477,8 @@ def run_vllm(args, model_dir: str, prompts, warmup) -> dict:
                     p["image"].save(paths[-1])
                 return paths
             data = {"prompts": [p["prompt"] for p in prompts], "images": save(prompts, "image"),
-                    "warmup_prompts": [p["prompt"] for p in warmup], "warmup_images": save(warmup, "warmup")}
+                    "warmup_prompts": [p["prompt"] for p in warmup], "warmup_images": save(warmup, "warmup"),
+                    "engine_args": vllm_mm_settings(model_dir)}
         else:
             data = {"prompts": prompts, "warmup_prompts": warmup}
         with open(path, "w") as f:

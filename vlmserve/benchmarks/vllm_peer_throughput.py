@@ -3,9 +3,10 @@ vlmserve is not importable there and does not import vLLM. Loads the model throu
 `LLM` API, runs a warm-up and then the timed batch, and prints one line:
 `VLLM_PEER_RESULT {"elapsed_s": ..., "output_lens": [...], "prompt_token_ids": [[...]], ...}`.
 
-Text prompts come as token ids. Multimodal (LLaVA) prompts come as text with one `<image>` each and
-the paths of PNG files, one image per prompt; the images are read before the timed run, and vLLM's
-own processor resizes them and expands the placeholder.
+Text prompts come as token ids. Multimodal (LLaVA, Qwen2-VL) prompts come as text with one image
+placeholder each and the paths of PNG files, one image per prompt, with the engine arguments they
+need (`limit_mm_per_prompt`, `mm_processor_kwargs`); the images are read before the timed run, and
+vLLM's own processor resizes them and expands the placeholder.
 
 Thread binding and KV cache size come from the environment (VLLM_CPU_OMP_THREADS_BIND,
 VLLM_CPU_KVCACHE_SPACE), set by the caller."""
@@ -24,7 +25,8 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True,
                    help='JSON file: {"prompts": [[ids]], "warmup_prompts": [[ids]]}, or, multimodal, '
-                   '{"prompts": [text], "images": [png path], "warmup_prompts": [text], "warmup_images": [...]}')
+                   '{"prompts": [text], "images": [png path], "warmup_prompts": [text], "warmup_images": [...], '
+                   '"engine_args": {"limit_mm_per_prompt": ..., "mm_processor_kwargs": ...}}')
     p.add_argument("--output-len", type=int, required=True)
     p.add_argument("--warmup-output-len", type=int, default=16)
     p.add_argument("--dtype", default="float32")
@@ -57,7 +59,8 @@ def main() -> None:
 
         prompts = mm_prompts(data["prompts"], data["images"])
         warmup = mm_prompts(data["warmup_prompts"], data["warmup_images"])
-        extra["limit_mm_per_prompt"] = {"image": 1}
+        # limit_mm_per_prompt, and for Qwen2-VL the processor's min/max pixels, from the caller
+        extra.update(data.get("engine_args") or {"limit_mm_per_prompt": {"image": 1}})
     else:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in data["prompts"]]
         warmup = [TokensPrompt(prompt_token_ids=ids) for ids in data["warmup_prompts"]]
