@@ -5,6 +5,8 @@
 #          (the kernels against their torch references, the device's ceilings)
 #   llava  LLaVA-1.5-7B shape, 336x336 images: bench latency, bench throughput (beside HF), profile
 #   qwen   Qwen2-VL-7B shape, 1024x1024 images: the same
+#   llava_ab       LLaVA throughput, vlmserve only, media processed serially vs in the pipeline
+#   llava_profile  the LLaVA profile alone
 #   OUT=/tmp/out COMMIT=<hash> bash scripts/gpu_bench.sh [parts...]
 # Sizes: LLAVA_N (500 requests), LLAVA_HFB (HF batch sizes, 96), QWEN_N (200), QWEN_HFB (32),
 # SEQS (max_num_seqs, 128). Each step runs under its own time limit (seconds, T_* below).
@@ -48,6 +50,16 @@ for part in $PARTS; do
             step gpu_check "${T_CHECK:-150}" python scripts/gpu_check.py --out "$OUT/gpu_check.json" ;;
         llava) model_run llava llava-1.5-7b 336x336 "$LLAVA_N" "$LLAVA_HFB" ;;
         qwen) model_run qwen qwen2-vl-7b 1024x1024 "$QWEN_N" "$QWEN_HFB" ;;
+        llava_ab)  # the media pipeline against serial processing (VLMSERVE_MEDIA_WORKERS=0), vlmserve only
+            m="--random-model --model-shape llava-1.5-7b --input-len 32 --output-len 128 --source-image-size 336x336"
+            for w in 0 7; do
+                export VLMSERVE_MEDIA_WORKERS=$w
+                step "llava_ab_workers$w" "${T_TPUT:-240}" $BENCH throughput $m \
+                    --num-prompts "$LLAVA_N" --backends vlmserve --max-num-seqs "$SEQS" --output-json "$OUT/llava_ab_workers$w.json"
+            done
+            unset VLMSERVE_MEDIA_WORKERS ;;
+        llava_profile) step llava_profile "${T_PROF:-90}" python scripts/gpu_profile.py --model-shape llava-1.5-7b \
+                --image-size 336x336 --out "$OUT/llava_profile.json" ;;
         *) echo "unknown part $part" | tee -a "$LOG" ;;
     esac
 done

@@ -1,7 +1,7 @@
 """Where the time of one request goes on the GPU (issue 5): for a --model-shape model with random
 weights made on the GPU, one request with one image at batch 1:
 - TTFT split: CPU preprocessing (HF's processor and vlmserve's, as the engine runs it), the vision
-  tower, and the whole first token;
+  tower, and the whole first token, with the GPU's busy time in it and its top kernels;
 - single-stream decode: wall time per step against the GPU's busy time per step (kernel time from
   the torch profiler), i.e. how much host work does not overlap, and the kernels that take it.
 
@@ -66,11 +66,12 @@ def main() -> int:
     res: dict = {"model_shape": args.model_shape, "image_size": args.image_size, "device": torch.cuda.get_device_name() if CUDA else "cpu"}
     with tempfile.TemporaryDirectory() as d:
         write_model_dir(d, args.model_shape)
-        prompts = tp.make_mm_prompts(d, 8, args.input_len, 1, args.image_size)
+        prompts = tp.make_mm_prompts(d, 9, args.input_len, 1, args.image_size)
         max_len = max(len(x["ids"]) for x in prompts) + args.decode_steps + 8
         llm = LLM(d, dtype="bfloat16" if CUDA else "float32", max_model_len=max_len, max_num_seqs=1, load_format="dummy")
         engine = llm.llm_engine
         inputs = [{"prompt": x["prompt"], "multi_modal_data": {"image": x["image"]}} for x in prompts]
+        prompts_extra = inputs[8:]
         one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
         many = SamplingParams(temperature=0, max_tokens=args.decode_steps + 1, ignore_eos=True)
         llm.generate(inputs[:2], many, use_tqdm=False)  # warm-up: compiles, captures graphs
@@ -95,13 +96,18 @@ def main() -> int:
             ttft.append(1e3 * (time.perf_counter() - t0))
         res["ttft_ms"] = statistics.median(ttft)
         res["ttft_all_ms"] = ttft
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+        with profile(activities=acts) as prof:  # one more new request: GPU busy time and its kernels
+            llm.generate(prompts_extra[0], one, use_tqdm=False)
+            sync()
+        res["ttft_gpu_busy_ms"], res["ttft_top_kernels"] = kernel_table(prof, 1)
 
         # -- single-stream decode: wall per step vs GPU busy per step
         n = args.decode_steps
         t0 = time.perf_counter()
         llm.generate(inputs[7], one, use_tqdm=False)
         first = time.perf_counter() - t0
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as prof:
+        with profile(activities=acts) as prof:
             sync()
             t0 = time.perf_counter()
             llm.generate(inputs[7], many, use_tqdm=False)
@@ -116,9 +122,11 @@ def main() -> int:
         res["cuda_graphs"] = engine.runner.decode_graphs is not None
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
-    print(json.dumps({k: v for k, v in res.items() if k != "decode_top_kernels"}, indent=1))
-    for r in res["decode_top_kernels"]:
-        print(f"  {r['ms_per_step']:7.3f} ms/step  x{r['calls_per_step']:6.1f}  {r['kernel']}")
+    print(json.dumps({k: v for k, v in res.items() if not k.endswith("top_kernels")}, indent=1))
+    for key in ("ttft_top_kernels", "decode_top_kernels"):
+        print(key)
+        for r in res[key]:
+            print(f"  {r['ms_per_step']:7.3f} ms/step  x{r['calls_per_step']:6.1f}  {r['kernel']}")
     return 0
 
 

@@ -26,8 +26,9 @@ def prompts(n):
             for i in range(n)]
 
 
-def test_same_outputs_as_one_at_a_time(llm, monkeypatch):
-    monkeypatch.setenv("VLMSERVE_MEDIA_WORKERS", "3")
+@pytest.mark.parametrize("workers", ["0", "3"])  # 0: every prompt processed serially, in this thread
+def test_same_outputs_as_one_at_a_time(llm, monkeypatch, workers):
+    monkeypatch.setenv("VLMSERVE_MEDIA_WORKERS", workers)
     ps = prompts(5)
     ps.insert(2, "a text prompt between them")
     outs = llm.generate(ps, GREEDY, use_tqdm=False)

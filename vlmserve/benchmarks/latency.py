@@ -69,10 +69,14 @@ def run_vlmserve(args, model_dir, batches) -> dict:
     if isinstance(batches[0][0], dict):  # the CPU image preprocessing inside each TTFT
         engine = llm.llm_engine
         tok = engine.tokenizer(batches[0][0]["prompt"]).input_ids
-        t0 = time.perf_counter()
+        image = batches[0][0]["image"]
+        engine.process_multimodal(tok, {"image": image})  # a first call in this thread sets up its pools
+        times = []
         for _ in range(5):
-            engine.process_multimodal(tok, {"image": batches[0][0]["image"]})
-        pre = (time.perf_counter() - t0) / 5 * 1e3
+            t0 = time.perf_counter()
+            engine.process_multimodal(tok, {"image": image})
+            times.append(time.perf_counter() - t0)
+        pre = statistics.median(times) * 1e3
     graphs = llm.llm_engine.runner.decode_graphs is not None
     res = _summary("vlmserve", ttft, full, args.output_len, preprocess_ms_per_request=pre,
                    cuda_graphs=graphs, notes=("CUDA graphs" if graphs else "eager"))

@@ -9,19 +9,33 @@ queued is aborted, work not started is cancelled)."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from vlmserve.outputs import RequestOutput
 
 
 def media_workers() -> int:
-    """Threads for media processing: VLMSERVE_MEDIA_WORKERS, else the CPUs less one for the engine
-    loop, at most 8."""
+    """Threads for media processing: VLMSERVE_MEDIA_WORKERS (0: none, every prompt processed in
+    the calling thread before it is queued), else the CPUs less one for the engine loop, at most 8."""
     env = os.environ.get("VLMSERVE_MEDIA_WORKERS")
     if env:
-        return max(1, int(env))
+        return max(0, int(env))
     return min(8, max(1, len(os.sched_getaffinity(0)) - 1))
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def shared_pool(workers: int) -> ThreadPoolExecutor:
+    """One long-lived pool per size: its threads (and their torch/OpenMP state) are made once,
+    not at every generate call."""
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="vlmserve-media")
+        return _pools[workers]
 
 
 def named_error(e: BaseException, index: int) -> BaseException:
@@ -51,15 +65,16 @@ class PreparedPrompts:
     at once); `take(i)` gives prompt i's result or raises its error, named."""
 
     def __init__(self, n: int, prepare: Callable[[int], tuple], inline: Callable[[int], bool]):
-        self.pool = None
         self.futures: list[Future] = []
+        pooled = [i for i in range(n) if not inline(i)]
+        workers = media_workers()
+        # one prompt with media (a latency-bound call) is processed here: no hand-off to a thread
+        pool = shared_pool(workers) if workers and len(pooled) > 1 else None
         for i in range(n):
-            if inline(i):
+            if pool is None or inline(i):
                 self.futures.append(done_future(lambda i=i: prepare(i)))
             else:
-                if self.pool is None:
-                    self.pool = ThreadPoolExecutor(media_workers(), thread_name_prefix="vlmserve-media")
-                self.futures.append(self.pool.submit(prepare, i))
+                self.futures.append(pool.submit(prepare, i))
 
     def ready(self, i: int) -> bool:
         return self.futures[i].done()
@@ -74,9 +89,10 @@ class PreparedPrompts:
             raise err from e
 
     def close(self) -> None:
-        """Cancel what has not started and wait for what has: no worker outlives the call."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        """Cancel what has not started and wait for what has: no work of this call outlives it."""
+        for f in self.futures:
+            f.cancel()
+        wait(self.futures)
 
 
 def run_pipelined(engine, prepared: PreparedPrompts, params: list, new_request_id: Callable[[], str],
