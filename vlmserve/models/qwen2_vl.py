@@ -22,6 +22,7 @@ from vlmserve.layers.activation import get_act_fn
 from vlmserve.layers.layernorm import RMSNorm
 from vlmserve.layers.vision_attention import varlen_attention
 from vlmserve.models.qwen2 import Qwen2ForCausalLM
+from vlmserve.models.qwen2_vl_image_processing import FastQwen2VLImageProcessor
 from vlmserve.models.weight_utils import load_weights
 from vlmserve.multimodal import MULTIMODAL_REGISTRY, BaseMultiModalProcessor, ProcessedItem
 from vlmserve.multimodal.inputs import VideoFrames
@@ -153,6 +154,9 @@ class Qwen2VLMultiModalProcessor(BaseMultiModalProcessor):
         self.image_pixels = _pixel_bounds(self.image_processor)
         self.video_pixels = _pixel_bounds(self.video_processor) if self.video_processor is not None \
             else self.image_pixels
+        # PIL images take this path (HF's numbers, less time); None: HF's processor for everything
+        self.fast_image_processor = FastQwen2VLImageProcessor.from_hf(
+            self.image_processor, self.patch_size, self.merge_size, self.temporal_patch_size)
         self._check_kwargs(self.mm_processor_kwargs)
 
     @staticmethod
@@ -287,12 +291,8 @@ class Qwen2VLMultiModalProcessor(BaseMultiModalProcessor):
         self._check_kwargs(kwargs)
         m2 = self.merge_size ** 2
         if modality == "image":
-            out = self.image_processor(images=items, size=self._size(kwargs, self.image_pixels),
-                                       return_tensors="pt")
-            pixels, grids = out["pixel_values"], out["image_grid_thw"]
-            rows = grids.prod(-1).tolist()
-            return [ProcessedItem({"pixel_values": p, "image_grid_thw": g}, n // m2)
-                    for p, g, n in zip(pixels.split(rows), grids, rows)]
+            return [ProcessedItem({"pixel_values": p, "image_grid_thw": g}, int(g.prod()) // m2)
+                    for p, g in self._process_images(items, self._size(kwargs, self.image_pixels))]
         if self.video_processor is None:
             raise MultiModalInputError("video input needs transformers' video processor (install torchvision)")
         videos = [_as_video_frames(v) for v in items]
@@ -308,6 +308,20 @@ class Qwen2VLMultiModalProcessor(BaseMultiModalProcessor):
                     "second_per_grid_t": torch.tensor(self.temporal_patch_size / float(fps))}
             result.append(ProcessedItem(data, n // m2))
         return result
+
+    def _process_images(self, images: list, size: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """-> (pixel values, grid [t, h, w]) per image: the fast path where it applies, HF's
+        processor (in one call) for the others."""
+        fast = self.fast_image_processor
+        out = [fast(im, size["shortest_edge"], size["longest_edge"]) if fast is not None else None
+               for im in images]
+        rest = [i for i, o in enumerate(out) if o is None]
+        if rest:
+            hf = self.image_processor(images=[images[i] for i in rest], size=size, return_tensors="pt")
+            grids = hf["image_grid_thw"]
+            for i, p, g in zip(rest, hf["pixel_values"].split(grids.prod(-1).tolist()), grids):
+                out[i] = (p, g[None])
+        return [(p, g[0]) for p, g in out]
 
     # ---- positions -----------------------------------------------------------------------
     def temporal_interval(self, item) -> float:

@@ -1,0 +1,109 @@
+"""Qwen2-VL image preprocessing that gives, bit for bit, what the checkpoint's HF image processor
+(transformers 5's torchvision backend, 4.x's `Qwen2VLImageProcessorFast`) gives, in about half
+its time on large images:
+- the grid from HF's own `smart_resize`;
+- the antialiased resize of the uint8 image read in place from PIL's buffer: an HWC array seen as
+  a channels-last CHW tensor, which torch's uint8 resize kernel takes without the two layout
+  copies HF makes;
+- rescale and normalize folded into one float32 subtract and divide (HF's ops, in its order),
+  a strip of the image at a time, each strip copied straight into the patch layout (merge blocks
+  of patches, the frame repeated for the temporal patch): the output is the only large fresh
+  allocation, where HF makes a float copy of the whole image first (on large images the page
+  faults of fresh memory cost more than the arithmetic).
+`FastQwen2VLImageProcessor.from_hf` gives None for settings it does not reproduce, and `__call__`
+gives None for an image it cannot take (not a PIL image): the caller then runs HF's processor."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmserve.models.clip_image_processing import _hf_convert_to_rgb, _rgb_array, hf_backend
+
+_PIL_BICUBIC, _PIL_BILINEAR = 3, 2
+
+
+class FastQwen2VLImageProcessor:
+    def __init__(self, patch_size: int, merge_size: int, temporal_patch_size: int, resample: int,
+                 mean: torch.Tensor, std: torch.Tensor, convert_rgb: bool):
+        import torchvision.transforms.v2.functional as tvF
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        self.patch, self.merge, self.temporal = patch_size, merge_size, temporal_patch_size
+        self.mean, self.std = mean.view(3, 1, 1), std.view(3, 1, 1)  # rescale folded in, as HF folds it
+        self.convert_rgb = convert_rgb
+        self._resize, self._smart_resize = tvF.resize, smart_resize
+        self._interp = {_PIL_BICUBIC: tvF.InterpolationMode.BICUBIC,
+                        _PIL_BILINEAR: tvF.InterpolationMode.BILINEAR}[resample]
+        self._to_rgb = _hf_convert_to_rgb()
+
+    @classmethod
+    def from_hf(cls, proc, patch_size: int, merge_size: int,
+                temporal_patch_size: int) -> FastQwen2VLImageProcessor | None:
+        """patch/merge/temporal sizes come from the model's vision config; the processor's must agree."""
+        if hf_backend(proc) != "torchvision":
+            return None
+        try:
+            import torchvision  # noqa: F401
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize  # noqa: F401
+        except ImportError:
+            return None
+        if (getattr(proc, "patch_size", None), getattr(proc, "merge_size", None),
+                getattr(proc, "temporal_patch_size", None)) != (patch_size, merge_size, temporal_patch_size):
+            return None
+        if not all(getattr(proc, flag, False) for flag in ("do_resize", "do_rescale", "do_normalize")):
+            return None
+        resample = int(proc.resample) if getattr(proc, "resample", None) is not None else _PIL_BICUBIC
+        mean, std = proc.image_mean, proc.image_std
+        mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(m) for m in mean]
+        std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(s) for s in std]
+        if resample not in (_PIL_BICUBIC, _PIL_BILINEAR) or len(mean) != 3 or len(std) != 3:
+            return None
+        scale = 1.0 / float(proc.rescale_factor)  # HF: torch.tensor(mean) * (1.0 / rescale_factor)
+        return cls(patch_size, merge_size, temporal_patch_size, resample, torch.tensor(mean) * scale,
+                   torch.tensor(std) * scale, bool(getattr(proc, "do_convert_rgb", True)))
+
+    def resized_hw(self, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+        return self._smart_resize(height, width, factor=self.patch * self.merge,
+                                  min_pixels=min_pixels, max_pixels=max_pixels)
+
+    def __call__(self, image, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A PIL image -> (pixel values [patches, 3 * temporal * patch^2] float32, grid [1, h, w]),
+        or None (then use HF's processor)."""
+        if not isinstance(image, Image.Image):
+            return None
+        if self.convert_rgb:
+            plain = image.mode == "RGB" and image.info.get("transparency") is None
+            rgb = _rgb_array(image) if plain else self._to_rgb(image)
+        else:
+            rgb = _rgb_array(image) if image.mode == "RGB" else np.array(image)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            return None
+        height, width = rgb.shape[:2]
+        h, w = self.resized_hw(height, width, min_pixels, max_pixels)
+        with warnings.catch_warnings():  # PIL's buffer is read-only; nothing here writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(rgb).permute(2, 0, 1)  # channels-last view, no copy
+        x = self._resize(x, [h, w], interpolation=self._interp, antialias=True)
+        return self._normalize_into_patches(x), torch.tensor([[1, h // self.patch, w // self.patch]])
+
+    def _normalize_into_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, H, W] (any layout) -> float32 [patches, 3 * temporal * patch^2] in HF's order:
+        merge x merge blocks row by row, each block's patches row by row; per patch the channels,
+        then the frame repeated, then the pixels. One strip of merge blocks at a time, so that the
+        float copy being normalized stays in cache and the only large fresh memory (whose page
+        faults cost more than the arithmetic) is the output."""
+        p, m, t = self.patch, self.merge, self.temporal
+        gh, gw = x.shape[1] // p, x.shape[2] // p
+        out = torch.empty(gh // m, gw // m, m, m, 3, t, p, p)
+        strip = m * p
+        for i in range(gh // m):
+            f = x[:, i * strip:(i + 1) * strip].to(dtype=torch.float32, memory_format=torch.contiguous_format)
+            f.sub_(self.mean).div_(self.std)  # HF's fused rescale + normalize, the same float32 ops
+            dst = out[i, :, :, :, :]
+            dst[..., 0, :, :].copy_(f.view(3, m, p, gw // m, m, p).permute(3, 1, 4, 0, 2, 5))
+            for k in range(1, t):  # a still image is every frame of its temporal patch
+                dst[..., k, :, :].copy_(dst[..., 0, :, :])
+        return out.view(gh * gw, 3 * t * p * p)
