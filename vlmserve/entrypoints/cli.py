@@ -24,6 +24,14 @@ def _add_bench_parser(subparsers) -> None:
     latency.add_cli_args(p)
     p.set_defaults(func=latency.main)
 
+    from vlmserve.benchmarks import preprocess
+
+    p = kinds.add_parser("preprocess", help="image preprocessing time per image: vlmserve's Qwen2-VL path "
+                         "vs the HF image processor", description=preprocess.__doc__,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    preprocess.add_cli_args(p)
+    p.set_defaults(func=preprocess.main)
+
     from vlmserve.benchmarks import serving
 
     p = kinds.add_parser("serving", help="online serving against an OpenAI-compatible server",
