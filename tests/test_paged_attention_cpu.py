@@ -39,3 +39,14 @@ def test_matches_reference(dtype, tol, heads, kv_heads, head_dim, block_size, wi
     ref = pa.reference_paged_decode_attention(q, k, v, tables, lens, scale, window)
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("bad", [-1, 50], ids=["negative", "past the cache"])
+def test_block_ids_outside_the_cache_are_refused(bad):
+    k = torch.zeros(50, 16, 2, 32)
+    q = torch.zeros(2, 2, 32)
+    tables = torch.tensor([[0, 1], [2, bad]])
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        pa.paged_decode_attention(q, k, k.clone(), tables, torch.tensor([20, 20]), 1.0)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        pa.paged_decode_attention(q, k, k.clone(), tables, torch.tensor([20, 40]), 1.0)

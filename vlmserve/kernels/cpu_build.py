@@ -36,8 +36,21 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def _headers_digest() -> str:
+    """torch rebuilds when a source changes but not when a header does: name the build after them."""
+    h = hashlib.sha256()
+    for f in sorted(os.listdir(_CSRC)):
+        if f.endswith(".h"):
+            with open(os.path.join(_CSRC, f), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()[:8]
+
+
 def load_cpu_extension(name: str, source: str):
     """The built module of csrc/`source`, or None where it cannot be built."""
+    module = _modules.get(name)
+    if module is not None:  # the hot path: layers ask on every call
+        return module
     with _lock:
         if name in _modules or name in _failed:
             return _modules.get(name)
@@ -46,7 +59,8 @@ def load_cpu_extension(name: str, source: str):
             return None
         try:
             from torch.utils.cpp_extension import load
-            _modules[name] = load(name=f"{name}_{cpu_fingerprint()}", sources=[os.path.join(_CSRC, source)],
+            _modules[name] = load(name=f"{name}_{cpu_fingerprint()}_{_headers_digest()}",
+                                  sources=[os.path.join(_CSRC, source)],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno",
                                                 "-fno-trapping-math"],
                                   extra_ldflags=["-fopenmp"], verbose=False)

@@ -169,10 +169,9 @@ class ModelRunner:
 
         dev = self.device
         max_blocks = max(len(it.seq.block_table) for it in items)
-        tables = torch.zeros((len(items), max_blocks), dtype=torch.long)
-        for i, it in enumerate(items):
-            t = it.seq.block_table
-            tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        # one tensor from padded lists: a torch.tensor per row costs ~15 us each, 256 rows a step
+        tables = torch.tensor([it.seq.block_table + [0] * (max_blocks - len(it.seq.block_table))
+                               for it in items], dtype=torch.long)
         meta = AttentionMetadata(
             num_decodes=num_decodes, query_start_loc=qsl, seq_lens=seq_lens,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
