@@ -6,6 +6,11 @@ import torch
 # Two cores on CI: one intra-op pool, no oversubscription.
 torch.set_num_threads(int(os.environ.get("VLMSERVE_TEST_THREADS", "2")))
 
+# Without a GPU, the Triton kernels' tests run them in Triton's interpreter. It must be chosen before
+# anything imports triton (transformers may), so for the whole session, not per test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from vlmserve.testing.checkpoints import make_llava_checkpoint, make_text_checkpoint  # noqa: E402
 
 # Variants that exercise each architecture's peculiarities, in both key layouts.
