@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmserve.models.clip_image_processing import FastCLIPImageProcessor, hf_backend
+from vlmserve.models.clip_image_processing import FastCLIPImageProcessor
+from vlmserve.multimodal.image_utils import hf_backend
 
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 

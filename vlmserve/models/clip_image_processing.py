@@ -10,11 +10,11 @@ images). `FastCLIPImageProcessor.from_hf` gives None for settings it does not re
 `__call__` gives None for an image it cannot take: the caller then runs HF's processor."""
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import torch
 from PIL import Image
+
+from vlmserve.multimodal.image_utils import RGBReader, hf_backend
 
 _PIL_BICUBIC, _PIL_BILINEAR = 3, 2
 
@@ -26,38 +26,6 @@ def _field(d, name):
     return d.get(name) if isinstance(d, dict) else getattr(d, name, None)
 
 
-def hf_backend(proc) -> str | None:
-    """'torchvision' or 'pil': which of HF's implementations an image processor runs."""
-    backend = getattr(proc, "backend", None)  # transformers 5
-    if backend in ("torchvision", "pil"):
-        return backend
-    name = type(proc).__name__
-    if name.endswith("Fast"):  # transformers 4.x fast processors run torchvision
-        return "torchvision"
-    if name == "CLIPImageProcessor":  # transformers 4.x slow processor: PIL and numpy
-        return "pil"
-    return None
-
-
-def _hf_convert_to_rgb():
-    """HF's own RGB conversion (alpha composited onto white; versions differ in detail), called
-    only for images not already RGB."""
-    from transformers.image_transforms import convert_to_rgb
-
-    takes_numpy = "return_numpy" in inspect.signature(convert_to_rgb).parameters
-
-    def convert(image: Image.Image) -> np.ndarray:
-        out = convert_to_rgb(image, return_numpy=True) if takes_numpy else convert_to_rgb(image)
-        return np.array(out)
-    return convert
-
-
-def _rgb_array(image: Image.Image) -> np.ndarray:
-    """[H, W, 3] uint8 of an RGB image: one copy (np.array(image) makes two)."""
-    w, h = image.size
-    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(h, w, 3)
-
-
 class FastCLIPImageProcessor:
     def __init__(self, backend: str, shortest_edge: int | None, crop: tuple[int, int] | None, resample: int,
                  rescale_factor: float | None, mean: list[float] | None, std: list[float] | None,
@@ -65,8 +33,7 @@ class FastCLIPImageProcessor:
         self.backend = backend
         self.shortest_edge, self.crop, self.resample = shortest_edge, crop, resample
         self.rescale_factor, self.mean, self.std = rescale_factor, mean, std
-        self.convert_rgb = convert_rgb
-        self._to_rgb = _hf_convert_to_rgb()
+        self._read_rgb = RGBReader(convert_rgb)
         if backend == "torchvision":
             import torchvision.transforms.v2.functional as tvF
             self._tvF = tvF
@@ -133,14 +100,8 @@ class FastCLIPImageProcessor:
 
     def __call__(self, image) -> torch.Tensor | None:
         """A PIL image -> pixel values [3, H, W] float32, or None (then use HF's processor)."""
-        if not isinstance(image, Image.Image):
-            return None
-        if self.convert_rgb:
-            plain = image.mode == "RGB" and image.info.get("transparency") is None
-            rgb = _rgb_array(image) if plain else self._to_rgb(image)
-        else:
-            rgb = _rgb_array(image) if image.mode == "RGB" else np.array(image)
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        rgb = self._read_rgb(image)
+        if rgb is None:
             return None
         if self.backend == "torchvision":
             return self._torchvision(rgb)

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
-from PIL import Image
 
-from vlmserve.models.clip_image_processing import _hf_convert_to_rgb, _rgb_array, hf_backend
+from vlmserve.multimodal.image_utils import RGBReader, hf_backend
 
 _PIL_BICUBIC, _PIL_BILINEAR = 3, 2
 
@@ -33,11 +31,10 @@ class FastQwen2VLImageProcessor:
 
         self.patch, self.merge, self.temporal = patch_size, merge_size, temporal_patch_size
         self.mean, self.std = mean.view(3, 1, 1), std.view(3, 1, 1)  # rescale folded in, as HF folds it
-        self.convert_rgb = convert_rgb
         self._resize, self._smart_resize = tvF.resize, smart_resize
         self._interp = {_PIL_BICUBIC: tvF.InterpolationMode.BICUBIC,
                         _PIL_BILINEAR: tvF.InterpolationMode.BILINEAR}[resample]
-        self._to_rgb = _hf_convert_to_rgb()
+        self._read_rgb = RGBReader(convert_rgb)
 
     @classmethod
     def from_hf(cls, proc, patch_size: int, merge_size: int,
@@ -72,14 +69,8 @@ class FastQwen2VLImageProcessor:
     def __call__(self, image, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A PIL image -> (pixel values [patches, 3 * temporal * patch^2] float32, grid [1, h, w]),
         or None (then use HF's processor)."""
-        if not isinstance(image, Image.Image):
-            return None
-        if self.convert_rgb:
-            plain = image.mode == "RGB" and image.info.get("transparency") is None
-            rgb = _rgb_array(image) if plain else self._to_rgb(image)
-        else:
-            rgb = _rgb_array(image) if image.mode == "RGB" else np.array(image)
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        rgb = self._read_rgb(image)
+        if rgb is None:
             return None
         height, width = rgb.shape[:2]
         h, w = self.resized_hw(height, width, min_pixels, max_pixels)
