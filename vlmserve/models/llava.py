@@ -98,6 +98,8 @@ class LlavaForConditionalGeneration(nn.Module):
             getattr(config, "multimodal_projector_bias", True))
         self.language_model = text_model_class(tcfg)(tcfg, max_model_len)
         self.image_token_id = config.image_token_index
+        # set by the runner to a CUDA-graph wrapper of encode_images (worker/encoder_graphs.py)
+        self.image_encoder = None
 
     @classmethod
     def placeholder_str(cls, modality: str, i: int) -> str:
@@ -123,15 +125,19 @@ class LlavaForConditionalGeneration(nn.Module):
         by_shape: dict[tuple, list[int]] = {}
         for i in pixel_rows:
             by_shape.setdefault(tuple(items[i]["pixel_values"].shape), []).append(i)
+        encode = self.image_encoder or self.encode_images
         for rows in by_shape.values():
-            pixels = torch.stack([items[i]["pixel_values"] for i in rows])
-            states = self.vision_tower(pixels)
-            if self.select_strategy == "default":
-                states = [s[:, 1:] for s in states]
-            feats = self.multi_modal_projector(torch.cat(states, dim=-1))
+            feats = encode(torch.stack([items[i]["pixel_values"] for i in rows]))
             for j, i in enumerate(rows):
                 out[i] = feats[j]
         return out
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, tokens per image, LM hidden]: the tower, then the projector."""
+        states = self.vision_tower(pixels)
+        if self.select_strategy == "default":
+            states = [s[:, 1:] for s in states]
+        return self.multi_modal_projector(torch.cat(states, dim=-1))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         # The placeholder id may lie past the LM's embedding table; those rows are overwritten.

@@ -3,8 +3,10 @@ first use into one shared memory pool (largest first, so smaller graphs reuse it
 batch of n sequences replays the smallest bucket >= n; the padded rows get slot -1 (the KV store
 skips them) and sequence length 0 (attention gives zeros), so they touch nothing.
 
-Static inputs: token ids, positions (1-D, or [3, T] for M-RoPE: any leading dims), slot mapping,
-block tables and sequence lengths. `LLM(enforce_eager=True)` / `--enforce-eager` turns graphs off."""
+Static inputs: the rows [token ids, slot mapping, sequence lengths(, 1-D positions)] of one tensor,
+M-RoPE positions ([3, T]: any leading dims) and block tables, written straight from the runner's
+pinned host tensors by asynchronous copies (no wait, no staging on the device).
+`LLM(enforce_eager=True)` / `--enforce-eager` turns graphs off."""
 from __future__ import annotations
 
 import logging
@@ -32,11 +34,12 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch)
         n = self.buckets[-1]
         max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros((*positions_leading_shape, n), dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.vectors = torch.zeros((3 + (not positions_leading_shape), n), dtype=torch.long, device=device)
+        self.input_ids, self.slot_mapping, self.seq_lens = self.vectors[0], self.vectors[1], self.vectors[2]
+        self.positions = self.vectors[3] if not positions_leading_shape else \
+            torch.zeros((*positions_leading_shape, n), dtype=torch.long, device=device)
+        self.slot_mapping.fill_(-1)
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(n, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -72,22 +75,26 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= n), None)
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
-        """Hidden states [n, H] of a decode-only batch, or None where no graph fits (then run eagerly)."""
-        n = input_ids.shape[0]
+    def run(self, vectors: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor | None,
+            max_seq_len: int) -> torch.Tensor | None:
+        """Hidden states [n, H] of a decode-only batch, or None where no graph fits (then run eagerly).
+        vectors: [rows of self.vectors, n], tables [n, blocks], positions [..., n] or None (1-D
+        positions are a row of vectors); host tensors, pinned for the copies to be asynchronous."""
+        n = vectors.shape[1]
         bs = self.bucket(n)
-        if bs is None or meta.num_decodes != n or positions.shape[:-1] != self.positions.shape[:-1] \
-                or meta.block_tables.shape[1] > self.block_tables.shape[1]:
+        if bs is None or vectors.shape[0] != self.vectors.shape[0] or max_seq_len > self.max_model_len \
+                or (positions is not None and positions.shape[:-1] != self.positions.shape[:-1]) \
+                or tables.shape[1] > self.block_tables.shape[1]:
             return None
         if not self.graphs:
             self.capture()
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[..., :n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:bs].fill_(-1)
-        self.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
-        self.seq_lens[:n].copy_(meta.seq_lens_tensor)
-        self.seq_lens[n:bs].zero_()
+        self.vectors[:, :n].copy_(vectors, non_blocking=True)
+        if positions is not None:
+            self.positions[..., :n].copy_(positions, non_blocking=True)
+        if n < bs:
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].zero_()
+        self.block_tables[:n, :tables.shape[1]].copy_(tables, non_blocking=True)
         graph, out = self.graphs[bs]
         graph.replay()
         return out[:n]

@@ -47,6 +47,13 @@ class ModelRunner:
         self.decode_graphs = None
         self.use_cuda_graphs = (device.type == "cuda" and self.attn_backend.name == "triton"
                                 and not getattr(model_config, "enforce_eager", False))
+        # the vision tower replays CUDA graphs too (VLMSERVE_ENCODER_GRAPHS=0: eager, for A/B runs)
+        if device.type == "cuda" and not getattr(model_config, "enforce_eager", False) \
+                and os.environ.get("VLMSERVE_ENCODER_GRAPHS", "1") != "0" \
+                and getattr(self.model, "image_encoder", False) is None:
+            from vlmserve.worker.encoder_graphs import EncoderGraphs
+
+            self.model.image_encoder = EncoderGraphs(self.model.encode_images, device)
         self.sampler = Sampler(device, model_config.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = cache_config.block_size
@@ -130,7 +137,10 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, stop_ids: dict[int, list[int]]) -> list[SeqStepResult]:
+    def execute(self, sched: SchedulerOutput, stop_ids: dict[int, list[int]],
+                while_gpu_busy=None) -> list[SeqStepResult]:
+        """Run the step; `while_gpu_busy()`, if given, is called once the forward pass is queued on
+        the device, before anything waits for it."""
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
         bs = self.block_size
         input_ids: list[int] = []
@@ -168,33 +178,57 @@ class ModelRunner:
                 sample_idx.append(qsl[-1] - 1)
 
         dev = self.device
+        on_gpu = dev.type == "cuda"
+        T, B = len(input_ids), len(items)
         max_blocks = max(len(it.seq.block_table) for it in items)
-        # one tensor from padded lists: a torch.tensor per row costs ~15 us each, 256 rows a step
-        tables = torch.tensor([it.seq.block_table + [0] * (max_blocks - len(it.seq.block_table))
-                               for it in items], dtype=torch.long)
-        meta = AttentionMetadata(
-            num_decodes=num_decodes, query_start_loc=qsl, seq_lens=seq_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=tables.to(dev), seq_lens_tensor=torch.tensor(seq_lens, device=dev),
-            block_size=bs)
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        if self.position_rows > 1:  # M-RoPE: [rows, T], from the sequences' own prompt positions
-            pos_cpu = multirow_positions(items, positions, qsl, self.position_rows)
-            self._reserve_positions(int(pos_cpu.max()))  # read here, on the host, not on the GPU
-            pos_t = pos_cpu.to(dev)
-        else:
-            pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        # Every int input of the step in one host tensor, pinned on CUDA, and one asynchronous copy:
+        # a torch.tensor(..., device=cuda) per input waits for its copy, five times a step.
+        # Layout: ids [T], slots [T], seq_lens [B], positions [T] (one row only), block tables [B, max_blocks];
+        # for a decode-only step (T == B) its head is the rows of the decode graphs' static inputs.
+        multirow = self.position_rows > 1
+        flat = input_ids + slots + seq_lens
+        if not multirow:
+            flat += positions
+        for it in items:
+            table = it.seq.block_table
+            flat += table
+            flat += [0] * (max_blocks - len(table))
+        host = torch.tensor(flat, dtype=torch.long, pin_memory=on_gpu)
+        num_vectors = 3 + (not multirow)
+        tables_at = num_vectors * T + B - T
+        host_tables = host[tables_at:].view(B, max_blocks)
+        pos_host = None
+        if multirow:  # M-RoPE: [rows, T], from the sequences' own prompt positions
+            pos_host = multirow_positions(items, positions, qsl, self.position_rows)
+            self._reserve_positions(int(pos_host.max()))  # read here, on the host, not on the GPU
+            if on_gpu:
+                pos_host = pos_host.pin_memory()
         hidden = None
-        if self.use_cuda_graphs and num_decodes == len(items) and \
+        if self.use_cuda_graphs and num_decodes == B and \
                 all(it.seq.num_computed_tokens >= it.seq.num_prompt_tokens for it in items):
-            hidden = self._replay_decode_graph(ids_t, pos_t, meta)
+            hidden = self._replay_decode_graph(host[:num_vectors * T].view(num_vectors, T), host_tables,
+                                               pos_host, seq_lens)
         if hidden is None:
+            dev_flat = host.to(dev, non_blocking=True)
+            ids_t = dev_flat[:T]
+            meta = AttentionMetadata(
+                num_decodes=num_decodes, query_start_loc=qsl, seq_lens=seq_lens,
+                slot_mapping=dev_flat[T:2 * T], block_tables=dev_flat[tables_at:].view(B, max_blocks),
+                seq_lens_tensor=dev_flat[2 * T:2 * T + B], block_size=bs)
+            pos_t = pos_host.to(dev, non_blocking=True) if multirow else dev_flat[2 * T + B:3 * T + B]
             hidden = self._forward(ids_t, pos_t, meta, items)
+        if while_gpu_busy is not None:
+            while_gpu_busy()  # host work of the engine that needs no result of this step
 
         results = [SeqStepResult(it.seq) for it in items]
         if sample_rows:
             seqs = [items[i].seq for i in sample_rows]
-            logits = self.model.compute_logits(hidden[sample_idx])
+            lo = sample_idx[0]
+            if sample_idx[-1] - lo == len(sample_idx) - 1:  # a contiguous run (always, for decodes)
+                rows = hidden[lo:lo + len(sample_idx)]
+            else:  # indexing with a list would copy it to the GPU and wait
+                rows = hidden[torch.tensor(sample_idx, pin_memory=on_gpu).to(dev, non_blocking=True)]
+            logits = self.model.compute_logits(rows)
             tokens, lp = self.sampler(logits, seqs, [stop_ids.get(s.seq_id, []) for s in seqs])
             tokens = tokens.tolist()
             lp_rows = _logprob_rows(lp, [s.params.logprobs for s in seqs]) if lp is not None else None
@@ -222,13 +256,15 @@ class ModelRunner:
             logger.info("M-RoPE tables grew to position %d: capturing the decode graphs again", max_position)
             self.decode_graphs = None
 
-    def _replay_decode_graph(self, input_ids, positions, meta) -> torch.Tensor | None:
+    def _replay_decode_graph(self, vectors, tables, positions, seq_lens) -> torch.Tensor | None:
+        """vectors: the host rows [ids, slots, seq_lens(, positions)] of a decode-only step; tables
+        [B, max_blocks] and M-RoPE positions [rows, B] (else None) on the host too."""
         if self.decode_graphs is None:
             from vlmserve.worker.cuda_graphs import DecodeGraphs
 
             self.decode_graphs = DecodeGraphs(self.model, self.device, self.scheduler_config.max_num_seqs,
                                               self.model_config.max_model_len, self.block_size,
-                                              tuple(positions.shape[:-1]))
+                                              tuple(positions.shape[:-1]) if positions is not None else ())
             try:
                 self.decode_graphs.capture()
             except Exception as e:  # a model whose decode step syncs with the host, say
@@ -236,7 +272,7 @@ class ModelRunner:
                 self.use_cuda_graphs = False
                 self.decode_graphs = None
                 return None
-        return self.decode_graphs.run(input_ids, positions, meta)
+        return self.decode_graphs.run(vectors, tables, positions, max(seq_lens))
 
     def _forward(self, input_ids, positions, meta, items: list[ScheduledSeq]) -> torch.Tensor:
         embeds = self._merged_embeddings(input_ids, meta, items) if self.is_multimodal else None
