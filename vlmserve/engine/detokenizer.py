@@ -13,13 +13,16 @@ def init_offsets(seq: Sequence) -> None:
     seq.detok_read_offset = seq.num_prompt_tokens
 
 
-def decode_new_text(tokenizer, seq: Sequence, skip_special_tokens: bool) -> str:
+def decode_new_text(tokenizer, seq: Sequence, skip_special_tokens: bool, end: int | None = None) -> str:
+    """The new text of the sequence's tokens up to `end` (default: all of them); a later call with
+    each step's `end` in turn gives exactly the text the calls at those steps would have given."""
     ids = seq.token_ids
+    end = len(ids) if end is None else end
     prefix = tokenizer.decode(ids[seq.detok_prefix_offset:seq.detok_read_offset],
                               skip_special_tokens=skip_special_tokens)
-    full = tokenizer.decode(ids[seq.detok_prefix_offset:], skip_special_tokens=skip_special_tokens)
+    full = tokenizer.decode(ids[seq.detok_prefix_offset:end], skip_special_tokens=skip_special_tokens)
     if len(full) > len(prefix) and not full.endswith("\ufffd"):
         seq.detok_prefix_offset = seq.detok_read_offset
-        seq.detok_read_offset = len(ids)
+        seq.detok_read_offset = end
         return full[len(prefix):]
     return ""  # an incomplete character: wait for the next token

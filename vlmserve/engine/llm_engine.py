@@ -204,7 +204,8 @@ class LLMEngine:
         for s in sched.scheduled:
             c = s.seq.num_computed_tokens
             st.num_prompt_tokens_computed += max(0, min(c + s.num_new_tokens, s.seq.num_prompt_tokens) - c)
-        results = self.runner.execute(sched, stop_ids)
+        # the text of the last step's tokens is decoded while this step's forward pass runs
+        results = self.runner.execute(sched, stop_ids, while_gpu_busy=self.output_processor.flush_all_text)
         st.num_steps += 1
         nseq = len(sched.scheduled)
         st.max_batch_seqs = max(st.max_batch_seqs, nseq)
@@ -217,7 +218,7 @@ class LLMEngine:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_computed_blocks(seq)
-            self.output_processor.process(res)
+            self.output_processor.process(res, defer_text=not include_unfinished)
             if res.token_id is not None:
                 st.num_generation_tokens += 1
                 if seq.first_token_time is None:
@@ -238,6 +239,8 @@ class LLMEngine:
         return outputs
 
     def _make_output(self, req: _Request, finished: bool) -> RequestOutput:
+        for s in req.seqs:
+            self.output_processor.flush_text(s)
         first = req.seqs[0]
         completions = [
             CompletionOutput(index=s.index, text=s.output_text, token_ids=list(s.output_token_ids),

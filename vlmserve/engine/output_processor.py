@@ -1,4 +1,8 @@
-"""After each step: append sampled tokens, their logprobs and text; decide which sequences stop."""
+"""After each step: append sampled tokens, their logprobs and text; decide which sequences stop.
+
+The text of a sequence without stop strings that goes on may be decoded later (`defer_text`): the
+engine decodes it during the next step's forward pass (`flush_all_text`), off the critical path,
+and before any output of the sequence is made (`flush_text`); the text is the same."""
 from __future__ import annotations
 
 from vlmserve.engine.detokenizer import decode_new_text
@@ -13,6 +17,7 @@ class OutputProcessor:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self._token_text: dict[int, str] = {}
+        self._pending_text: dict[int, tuple[Sequence, list[int]]] = {}  # seq id -> (seq, step ends)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -35,7 +40,18 @@ class OutputProcessor:
             ids.extend(self.eos_token_ids)
         return ids
 
-    def process(self, res: SeqStepResult) -> None:
+    def flush_text(self, seq: Sequence) -> None:
+        """Decode the text of the sequence's steps whose text was deferred, step by step."""
+        pending = self._pending_text.pop(seq.seq_id, None)
+        if pending is not None:
+            for end in pending[1]:
+                seq.output_text += decode_new_text(self.tokenizer, seq, seq.params.skip_special_tokens, end)
+
+    def flush_all_text(self) -> None:
+        for seq, _ in list(self._pending_text.values()):
+            self.flush_text(seq)
+
+    def process(self, res: SeqStepResult, defer_text: bool = False) -> None:
         seq = res.seq
         if res.prompt_logprobs:
             for row in res.prompt_logprobs:
@@ -48,9 +64,9 @@ class OutputProcessor:
         if res.logprobs is not None:
             seq.cumulative_logprob += res.logprobs[0]
             seq.logprobs.append(self.position_logprobs(tok, res.logprobs))
-        self._check_stop(seq, tok)
+        self._check_stop(seq, tok, defer_text)
 
-    def _check_stop(self, seq: Sequence, tok: int) -> None:
+    def _check_stop(self, seq: Sequence, tok: int, defer_text: bool = False) -> None:
         p = seq.params
         n_out = seq.num_output_tokens
         min_ok = n_out >= p.min_tokens
@@ -61,8 +77,12 @@ class OutputProcessor:
         if min_ok and tok in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", tok
             return
-        prev_len = len(seq.output_text)
-        seq.output_text += decode_new_text(self.tokenizer, seq, p.skip_special_tokens)
+        if defer_text and not p.stop_strings:  # decoded later, token by token, as here
+            self._pending_text.setdefault(seq.seq_id, (seq, []))[1].append(seq.num_tokens)
+        else:
+            self.flush_text(seq)
+            prev_len = len(seq.output_text)
+            seq.output_text += decode_new_text(self.tokenizer, seq, p.skip_special_tokens)
         if p.stop_strings and min_ok:
             for stop in p.stop_strings:
                 idx = seq.output_text.find(stop, max(0, prev_len - len(stop) + 1))
@@ -74,3 +94,4 @@ class OutputProcessor:
         max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
         if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
+            self.flush_text(seq)
