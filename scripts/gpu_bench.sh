@@ -7,6 +7,10 @@
 #   qwen   Qwen2-VL-7B shape, 1024x1024 images: the same
 #   llava_ab       LLaVA throughput, vlmserve only, media processed serially vs in the pipeline
 #   llava_profile  the LLaVA profile alone
+#   fastpath       issue 5's fast path, LLaVA: profiles now (encoder graphs checked against eager) and
+#                  with the tree in $BEFORE (a copy of the base commit's vlmserve/ and scripts/), bench
+#                  latency likewise, then gpu_check.py
+#   latency_ab     bench latency now and with $BEFORE, alternating (AB_ROUNDS, LAT_ITERS)
 #   OUT=/tmp/out COMMIT=<hash> bash scripts/gpu_bench.sh [parts...]
 # Sizes: LLAVA_N (500 requests), LLAVA_HFB (HF batch sizes, 96), QWEN_N (200), QWEN_HFB (32),
 # SEQS (max_num_seqs, 128). Each step runs under its own time limit (seconds, T_* below).
@@ -58,6 +62,25 @@ for part in $PARTS; do
                     --num-prompts "$LLAVA_N" --backends vlmserve --max-num-seqs "$SEQS" --output-json "$OUT/llava_ab_workers$w.json"
             done
             unset VLMSERVE_MEDIA_WORKERS ;;
+        fastpath)
+            m="--random-model --model-shape llava-1.5-7b --input-len 32 --output-len 128 --source-image-size 336x336"
+            lat="--backends vlmserve --num-iters ${LAT_ITERS:-3} --num-iters-warmup 1"
+            step after_profile "${T_PROF:-90}" python scripts/gpu_profile.py --model-shape llava-1.5-7b \
+                --image-size 336x336 --out "$OUT/after_profile.json"
+            step before_profile "${T_PROF:-90}" env PYTHONPATH="$BEFORE" python "$BEFORE/scripts/gpu_profile.py" \
+                --model-shape llava-1.5-7b --image-size 336x336 --out "$OUT/before_profile.json"
+            step after_latency "${T_LAT:-110}" $BENCH latency $m $lat --output-json "$OUT/after_latency.json"
+            step before_latency "${T_LAT:-110}" env PYTHONPATH="$BEFORE" $BENCH latency $m $lat \
+                --output-json "$OUT/before_latency.json"
+            step gpu_check "${T_CHECK:-150}" python scripts/gpu_check.py --out "$OUT/gpu_check.json" ;;
+        latency_ab)  # bench latency now and with the tree in $BEFORE, alternating, AB_ROUNDS rounds (the GPU's idle clocks make TTFT noisy)
+            m="--random-model --model-shape llava-1.5-7b --input-len 32 --output-len 128 --source-image-size 336x336"
+            lat="--backends vlmserve --num-iters ${LAT_ITERS:-5} --num-iters-warmup 1"
+            for r in $(seq "${AB_ROUNDS:-2}"); do
+                step "after_latency$r" "${T_LAT:-110}" $BENCH latency $m $lat --output-json "$OUT/after_latency$r.json"
+                step "before_latency$r" "${T_LAT:-110}" env PYTHONPATH="$BEFORE" $BENCH latency $m $lat \
+                    --output-json "$OUT/before_latency$r.json"
+            done ;;
         llava_profile) step llava_profile "${T_PROF:-90}" python scripts/gpu_profile.py --model-shape llava-1.5-7b \
                 --image-size 336x336 --out "$OUT/llava_profile.json" ;;
         *) echo "unknown part $part" | tee -a "$LOG" ;;
