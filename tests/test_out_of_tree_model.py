@@ -229,3 +229,64 @@ def test_too_many_images(llm):
     # the engine is unharmed
     assert llm.generate({"prompt": "<image>", "multi_modal_data": {"image": imgs[0]}},
                         SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+# ---- the same model served through a plugin --------------------------------------------------------
+def install_as_plugin(toy_dir) -> str:
+    """The doc's model module plus the package metadata an installed package would have: a
+    `vlmserve.plugins` entry point. Returns the directory to put on PYTHONPATH."""
+    blocks = re.findall(r"^```python example\n(.*?)^```", open(DOC).read(), re.S | re.M)
+    (toy_dir / "toy_vlm.py").write_text("\n\n".join(blocks[:3]) + "\n\ndef register():\n    pass\n")
+    meta = toy_dir / "toy_vlm-0.1.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-vlm\nVersion: 0.1\n")
+    (meta / "entry_points.txt").write_text("[vlmserve.plugins]\ntoy_vlm = toy_vlm:register\n")
+    return str(toy_dir)
+
+
+def plugin_env(path: str, **extra) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([path, os.environ.get("PYTHONPATH", "")]),
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
+def test_vlmserve_serve_loads_the_model_through_its_plugin(toy, llm, tmp_path):
+    import subprocess
+    import time
+
+    import httpx
+    import openai
+
+    path = install_as_plugin(tmp_path)
+    probe = "from vlmserve.plugins import load_plugins; print(load_plugins())"
+    for env, want in (({}, "['toy_vlm']"), ({"VLMSERVE_PLUGINS": ""}, "[]")):
+        out = subprocess.run([sys.executable, "-c", probe], env=plugin_env(path, **env),
+                             capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().splitlines()[-1] == want, out.stderr[-2000:]
+
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "vlmserve.entrypoints.cli", "serve", toy.model_dir,
+                             "--port", str(port), "--dtype", "float32"],
+                            stdout=log, stderr=subprocess.STDOUT, env=plugin_env(path))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "the server did not start"
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        served = client.completions.create(model=client.models.list().data[0].id, prompt="a b c",
+                                           max_tokens=6, temperature=0)
+        offline = llm.generate(["a b c"], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+        assert served.choices[0].text == offline[0].outputs[0].text
+        assert served.usage.completion_tokens == len(offline[0].outputs[0].token_ids)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

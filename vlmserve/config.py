@@ -82,6 +82,8 @@ class ModelConfig:
     @classmethod
     def create(cls, model: str, dtype, max_model_len: int | None, seed: int,
                trust_remote_code: bool, device: torch.device) -> "ModelConfig":
+        from vlmserve.plugins import load_plugins
+        load_plugins()  # installed packages may register the config class and architecture of this model
         hf_config = load_hf_config(model, trust_remote_code)
         tcfg = text_config(hf_config)
         limit = getattr(tcfg, "max_position_embeddings", None) or 2048
