@@ -45,3 +45,28 @@ def route_linears_through_onednn(model: nn.Module) -> int:
             m.forward = types.MethodType(_onednn_linear_forward, m)
             n += 1
     return n
+
+
+def _small_batch_gemv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from vlmserve.kernels import triton_gemv
+    if triton_gemv.usable(x, self.weight):
+        return triton_gemv.gemv(x, self.weight, self.bias)
+    return nn.functional.linear(x, self.weight, self.bias)
+
+
+def route_small_batches_through_triton_gemv(model: nn.Module) -> int:
+    """On the GPU, with VLMSERVE_TRITON_GEMV=1, linear layers take inputs of at most 8 rows (decode of
+    a few sequences) through the split-K GEMV of kernels/triton_gemv.py. Opt-in until measured faster
+    than cuBLAS. Returns how many layers were routed."""
+    import types
+
+    from vlmserve.kernels import triton_gemv
+
+    if not triton_gemv.enabled():
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.weight.is_cuda and m.weight.dtype in (torch.bfloat16, torch.float16):
+            m.forward = types.MethodType(_small_batch_gemv_forward, m)
+            n += 1
+    return n

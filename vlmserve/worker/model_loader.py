@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from vlmserve.config import ModelConfig
-from vlmserve.layers.linear import route_linears_through_onednn
+from vlmserve.layers.linear import route_linears_through_onednn, route_small_batches_through_triton_gemv
 from vlmserve.models.registry import ModelRegistry
 from vlmserve.models.weight_utils import iterate_weights
 
@@ -32,6 +32,8 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
         model.load_weights(iterate_weights(model_config.model))
     if device.type == "cpu":
         route_linears_through_onednn(model)
+    elif device.type == "cuda":
+        route_small_batches_through_triton_gemv(model)  # opt-in: VLMSERVE_TRITON_GEMV=1
     return model.eval()
 
 
