@@ -156,6 +156,25 @@ def test_streaming(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
+def test_streaming_holds_back_what_may_become_a_stop_string(client):
+    """The streamed chat text and completion text equal the whole replies: the tail that could start a
+    stop string is held back until the engine decides, and the stop string itself never arrives."""
+    content = [image_part(data_url(shape_image("circle", "purple"))), text_part("Describe the image.")]
+    whole = ask(client, content, stop=["ple ci"])
+    assert whole.choices[0].finish_reason == "stop" and whole.choices[0].stop_reason == "ple ci"
+    assert answer(whole) == "a pur"  # "a purple circle", cut where the stop string began
+    chunks = list(client.chat.completions.create(model=MODEL, stream=True, temperature=0, stop=["ple ci"],
+                                                 messages=[{"role": "user", "content": content}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    prompt = "USER: What shape is this? ASSISTANT: a purple"
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stop=["ir"])
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stop=["ir"],
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == done.choices[0].text
+
+
 def test_n_and_logprobs(client):
     r = ask(client, [image_part(data_url(shape_image("square", "green"))), text_part("What color is the shape?")],
             n=2, temperature=0.8, seed=7, logprobs=True, top_logprobs=3)

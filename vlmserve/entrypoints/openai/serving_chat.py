@@ -12,6 +12,7 @@ from vlmserve.entrypoints.chat_utils import prepare_chat
 from vlmserve.entrypoints.openai.logprobs_format import chat_logprobs
 from vlmserve.entrypoints.openai.protocol import ChatCompletionRequest, random_id
 from vlmserve.entrypoints.openai.state import APIError, ServerState, watch_disconnect
+from vlmserve.entrypoints.openai.stream_deltas import StreamDeltas
 from vlmserve.outputs import RequestOutput
 
 
@@ -84,10 +85,7 @@ def _sse(obj) -> str:
 
 async def _stream(state: ServerState, gen, request_id, model, params, top_n, include_usage):
     created = int(time.time())
-    hold = max((len(s) for s in params.stop_strings), default=1) - 1  # a stop string may still complete
-    sent_text = [0] * params.n
-    sent_tokens = [0] * params.n
-    done = [False] * params.n
+    deltas = StreamDeltas(params.stop_strings)
     text_of = _text_of(state)
 
     def chunk(choices, usage=None):
@@ -105,24 +103,16 @@ async def _stream(state: ServerState, gen, request_id, model, params, top_n, inc
         async for out in gen:
             final = out
             for c in out.outputs:
-                i = c.index
-                if done[i]:
+                d = deltas.next(c.index, c, tokens_matter=top_n is not None)
+                if d is None:
                     continue
-                finished = c.finish_reason is not None
-                end = len(c.text) if finished else max(sent_text[i], len(c.text) - hold)
-                delta_text = c.text[sent_text[i]:end]
-                new_tokens = c.token_ids[sent_tokens[i]:]
-                if not delta_text and not finished and not (top_n is not None and new_tokens):
-                    continue
-                choice = {"index": i, "delta": {"content": delta_text} if delta_text else {},
-                          "logprobs": None, "finish_reason": c.finish_reason if finished else None}
-                if finished:
+                choice = {"index": c.index, "delta": {"content": d.text} if d.text else {},
+                          "logprobs": None, "finish_reason": c.finish_reason if d.finished else None}
+                if d.finished:
                     choice["stop_reason"] = c.stop_reason
-                if top_n is not None and new_tokens:
-                    choice["logprobs"] = chat_logprobs(state.tokenizer, new_tokens,
-                                                       c.logprobs[sent_tokens[i]:], top_n, text_of)
-                sent_text[i], sent_tokens[i] = end, len(c.token_ids)
-                done[i] = finished
+                if top_n is not None and d.token_ids:
+                    choice["logprobs"] = chat_logprobs(state.tokenizer, d.token_ids,
+                                                       c.logprobs[d.first_token:], top_n, text_of)
                 yield chunk([choice])
         if include_usage and final is not None:
             n_prompt = len(final.prompt_token_ids)

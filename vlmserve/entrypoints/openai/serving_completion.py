@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from vlmserve.entrypoints.openai.logprobs_format import completion_logprobs
 from vlmserve.entrypoints.openai.protocol import CompletionRequest, random_id
 from vlmserve.entrypoints.openai.state import APIError, ServerState, watch_disconnect
+from vlmserve.entrypoints.openai.stream_deltas import StreamDeltas
 
 
 def _prompts(state: ServerState, prompt) -> list[tuple[str | None, list[int]]]:
@@ -110,7 +111,7 @@ async def _stream(state, gens, base_id, model, metas, req, include_usage):
             await queue.put((k, None))
 
     tasks = [asyncio.ensure_future(pump(k, g)) for k, g in enumerate(gens)]
-    sent = {}
+    deltas = [StreamDeltas(meta[2].stop_strings) for meta in metas]
     finals = {}
     remaining = len(gens)
     n = metas[0][2].n
@@ -123,27 +124,17 @@ async def _stream(state, gens, base_id, model, metas, req, include_usage):
             if isinstance(out, Exception):
                 yield f"data: {json.dumps({'error': {'message': str(out), 'type': 'InternalServerError', 'param': None, 'code': 500}})}\n\n"
                 continue
-            params = metas[k][2]
-            hold = max((len(s) for s in params.stop_strings), default=1) - 1
             finals[k] = out
             for c in out.outputs:
-                key = (k, c.index)
-                t0, n0, fin = sent.get(key, (0, 0, False))
-                if fin:
+                d = deltas[k].next(c.index, c, tokens_matter=req.logprobs is not None)
+                if d is None:
                     continue
-                finished = c.finish_reason is not None
-                end = len(c.text) if finished else max(t0, len(c.text) - hold)
-                delta = c.text[t0:end]
-                new_tokens = c.token_ids[n0:]
-                if not delta and not finished and not (req.logprobs is not None and new_tokens):
-                    continue
-                lp = completion_logprobs(new_tokens, c.logprobs[n0:], req.logprobs, text_of) \
+                lp = completion_logprobs(d.token_ids, c.logprobs[d.first_token:], req.logprobs, text_of) \
                     if req.logprobs is not None else None
-                sent[key] = (end, len(c.token_ids), finished)
                 body = {"id": base_id, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{"index": k * n + c.index, "text": delta, "logprobs": lp,
-                                     "finish_reason": c.finish_reason if finished else None,
-                                     "stop_reason": c.stop_reason if finished else None}]}
+                        "choices": [{"index": k * n + c.index, "text": d.text, "logprobs": lp,
+                                     "finish_reason": c.finish_reason if d.finished else None,
+                                     "stop_reason": c.stop_reason if d.finished else None}]}
                 if include_usage:
                     body["usage"] = None
                 yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
