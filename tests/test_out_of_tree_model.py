@@ -290,3 +290,22 @@ def test_vlmserve_serve_loads_the_model_through_its_plugin(toy, llm, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_register_and_unregister_an_architecture():
+    class Stand(torch.nn.Module):
+        pass
+
+    name = "StandInForCausalLM"
+    assert name not in ModelRegistry.supported_architectures()
+    ModelRegistry.register_model(name, Stand)
+    assert ModelRegistry.resolve(name) is Stand and name in ModelRegistry.supported_architectures()
+    ModelRegistry.unregister_model(name)
+    assert name not in ModelRegistry.supported_architectures()
+    with pytest.raises(KeyError, match="not registered"):
+        ModelRegistry.unregister_model(name)
+
+
+def test_chat_placeholders_are_what_the_model_declares(llm, toy):
+    engine = llm.llm_engine
+    assert engine.placeholder_str("image", 0) == toy.ToyVLMForConditionalGeneration.placeholder_str("image", 0)

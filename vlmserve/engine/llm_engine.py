@@ -136,6 +136,14 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids out of the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
 
+    def placeholder_str(self, modality: str, index: int) -> str:
+        """The prompt text that marks where item `index` of `modality` goes (for chat templates): what
+        the model declares (`SupportsMultiModal.placeholder_str`), else its processor's placeholder."""
+        model_placeholder = getattr(type(self.runner.model), "placeholder_str", None)
+        if model_placeholder is not None:
+            return model_placeholder(modality, index)
+        return self.mm_processor.placeholder_text(modality)
+
     def process_multimodal(self, prompt_token_ids: list[int], mm_data: dict | None,
                            mm_processor_kwargs: dict | None = None) -> tuple[list[int], list[MultiModalItem]]:
         """Expand the placeholders of a prompt for its media and make the items' model inputs."""

@@ -165,7 +165,7 @@ def check_modality(engine, modality: str, count: int = 1) -> None:
 def placeholder_for(engine):
     def placeholder(modality: str, index: int) -> str:
         check_modality(engine, modality, index + 1)
-        return engine.mm_processor.placeholder_text(modality)
+        return engine.placeholder_str(modality, index)
     return placeholder
 
 

@@ -28,6 +28,12 @@ class _ModelRegistry:
     def register_model(self, architecture: str, model_cls: type) -> None:
         self._custom[architecture] = model_cls
 
+    def unregister_model(self, architecture: str) -> None:
+        """Undo `register_model` (a built-in architecture registered over comes back)."""
+        if architecture not in self._custom:
+            raise KeyError(f"{architecture!r} was not registered with register_model")
+        del self._custom[architecture]
+
     def supported_architectures(self) -> list[str]:
         return sorted(set(_BUILTIN) | set(self._custom))
 
