@@ -168,7 +168,7 @@ def test_preprocessing_equals_hf_processors(llms, hf):
     proc = llms("qwen2_vl").llm_engine.mm_processor
     _, image_proc, video_proc = hf("qwen2_vl")
     images = [rand_image(33, 47, 1), rand_image(640, 480, 2), np.array(rand_image(300, 70, 3)), rand_image(28, 28, 4)]
-    for kwargs in ({}, {"max_pixels": 28 * 28 * 6}, {"min_pixels": 28 * 28 * 12, "max_pixels": 28 * 28 * 40}):
+    for kwargs in ({}, {"max_pixels": 28 * 28 * 6}, {"min_pixels": 28 * 28 * 12, "max_pixels": 28 * 28 * 18}):
         ours = proc.process_raw("image", images, kwargs)
         size = {"shortest_edge": kwargs.get("min_pixels", 28 * 28 * 4), "longest_edge": kwargs.get("max_pixels", 28 * 28 * 20)}
         ref = image_proc(images=images, size=size, return_tensors="pt")
@@ -211,6 +211,11 @@ def test_mm_processor_kwargs_per_request_and_per_engine(ckpt, llms, hf):
                       mm_processor_kwargs={"max_pixels": 28 * 28 * 6})
     out = engine_wide.generate(prompt, GREEDY, use_tqdm=False)[0]
     assert n_tokens(out) == n_tokens(small) and out.outputs[0].token_ids == small.outputs[0].token_ids
+    with pytest.raises(ValueError, match=r"max_pixels 31360 is above this engine's 15680, for which memory was profiled"):
+        llm.generate({**prompt, "mm_processor_kwargs": {"max_pixels": 28 * 28 * 40}}, use_tqdm=False)
+    proc = llm.llm_engine.mm_processor
+    wider = type(proc)(proc.model_config, proc.tokenizer, {"max_pixels": 28 * 28 * 40})
+    assert wider.max_tokens_per_item("image") == 40 > proc.max_tokens_per_item("image")  # profiled as set
     with pytest.raises(ValueError, match=r"unknown mm_processor_kwargs \['max_pixel'\]"):
         llm.generate({**prompt, "mm_processor_kwargs": {"max_pixel": 100}}, use_tqdm=False)
 

@@ -151,13 +151,18 @@ class Qwen2VLMultiModalProcessor(BaseMultiModalProcessor):
         self.merge_size = vcfg.spatial_merge_size
         self.patch_size = vcfg.patch_size
         self.temporal_patch_size = vcfg.temporal_patch_size
-        self.image_pixels = _pixel_bounds(self.image_processor)
-        self.video_pixels = _pixel_bounds(self.video_processor) if self.video_processor is not None \
-            else self.image_pixels
+        self._check_kwargs(self.mm_processor_kwargs)
+        # The engine's pixel bounds: the checkpoint's, or what the engine's mm_processor_kwargs set.
+        # Memory profiling sizes items by these, so a request may lower max_pixels but not raise it.
+        engine_size = self._size(self.mm_processor_kwargs, _pixel_bounds(self.image_processor), check_max=False)
+        self.image_pixels = (engine_size["shortest_edge"], engine_size["longest_edge"])
+        self.video_pixels = self.image_pixels
+        if self.video_processor is not None:
+            video_size = self._size(self.mm_processor_kwargs, _pixel_bounds(self.video_processor), check_max=False)
+            self.video_pixels = (video_size["shortest_edge"], video_size["longest_edge"])
         # PIL images take this path (HF's numbers, less time); None: HF's processor for everything
         self.fast_image_processor = FastQwen2VLImageProcessor.from_hf(
             self.image_processor, self.patch_size, self.merge_size, self.temporal_patch_size)
-        self._check_kwargs(self.mm_processor_kwargs)
 
     @staticmethod
     def _load_video_processor(model_dir: str):
@@ -281,10 +286,14 @@ class Qwen2VLMultiModalProcessor(BaseMultiModalProcessor):
                                        f"(it takes: {', '.join(KNOWN_KWARGS + IGNORED_KWARGS)})")
 
     @staticmethod
-    def _size(kwargs: dict, bounds: tuple[int, int]) -> dict:
+    def _size(kwargs: dict, bounds: tuple[int, int], check_max: bool = True) -> dict:
         lo, hi = int(kwargs.get("min_pixels", bounds[0])), int(kwargs.get("max_pixels", bounds[1]))
         if not 0 < lo <= hi:
             raise MultiModalInputError(f"min_pixels {lo} and max_pixels {hi}: need 0 < min_pixels <= max_pixels")
+        if check_max and hi > bounds[1]:
+            raise MultiModalInputError(
+                f"max_pixels {hi} is above this engine's {bounds[1]}, for which memory was profiled; "
+                "start the engine with a larger max_pixels in mm_processor_kwargs (--mm-processor-kwargs)")
         return {"shortest_edge": lo, "longest_edge": hi}
 
     def process_raw(self, modality: str, items: list, kwargs: dict) -> list[ProcessedItem]:
