@@ -236,14 +236,14 @@ class _Tokenizer:
 
 def _engine(modalities):
     calls = []
-    proc = SimpleNamespace(modalities=modalities, mm_processor_kwargs={"fps": 1},
-                           placeholder_text=lambda m: f"<{m}>")
+    proc = SimpleNamespace(modalities=modalities, mm_processor_kwargs={"fps": 1})
 
     def process_multimodal(ids, mm_data, kwargs):
         calls.append((mm_data, kwargs))
         return ids, []
     engine = SimpleNamespace(mm_processor=proc, tokenizer=_Tokenizer(), limit_mm_per_prompt={},
-                             model_config=SimpleNamespace(model="."), process_multimodal=process_multimodal)
+                             model_config=SimpleNamespace(model="."), process_multimodal=process_multimodal,
+                             placeholder_str=lambda m, i: f"<{m}>")
     return engine, calls
 
 
