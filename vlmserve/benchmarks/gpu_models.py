@@ -67,19 +67,11 @@ def write_model_dir(out_dir: str, shape: str, seed: int = 0, tokenizer_vocab: in
 def _write_qwen2_vl_dir(out_dir: str, spec: dict, seed: int, tokenizer_vocab: int) -> str:
     """A Qwen2-VL directory as the hub has it (nested config of transformers 5, Qwen's special
     tokens and chat template, the image processor's min/max pixels); no weights."""
-    import json
-
     from transformers import GenerationConfig, Qwen2VLConfig
 
-    from vlmserve.testing.checkpoints import (_QWEN2_VL_SPECIAL_TOKENS, QWEN2_VL_CHAT_TEMPLATE,
-                                              train_tokenizer)
+    from vlmserve.testing.checkpoints import qwen2_vl_tokenizer, write_qwen2_vl_preprocessor_config
 
-    os.makedirs(out_dir, exist_ok=True)
-    tok = train_tokenizer(out_dir, tokenizer_vocab, seed)
-    tok.add_special_tokens({"additional_special_tokens": _QWEN2_VL_SPECIAL_TOKENS})
-    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    tok.save_pretrained(out_dir)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN2_VL_SPECIAL_TOKENS}
+    tok, ids = qwen2_vl_tokenizer(out_dir, tokenizer_vocab, seed)
     special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = Qwen2VLConfig(text_config={**spec["text"], **special}, vision_config=dict(spec["vision"]),
                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -87,13 +79,7 @@ def _write_qwen2_vl_dir(out_dir: str, spec: dict, seed: int, tokenizer_vocab: in
                         tie_word_embeddings=False)
     cfg.architectures = ["Qwen2VLForConditionalGeneration"]
     cfg.save_pretrained(out_dir)
-    v = spec["vision"]
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump({**QWEN2_VL_PIXELS, "patch_size": v["patch_size"], "temporal_patch_size": v["temporal_patch_size"],
-                   "merge_size": v["spatial_merge_size"], "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                   "image_std": [0.26862954, 0.26130258, 0.27577711],
-                   "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"},
-                  f, indent=2)
+    write_qwen2_vl_preprocessor_config(out_dir, spec["vision"], **QWEN2_VL_PIXELS)
     GenerationConfig(**special).save_pretrained(out_dir)
     return out_dir
 

@@ -98,6 +98,14 @@ class FastCLIPImageProcessor:
             return None
         return int((h - ch) / 2.0), int((w - cw) / 2.0), ch, cw
 
+    def _center_crop(self, x):
+        """x [C, H, W] (tensor or array) -> its centre crop, or None where HF would pad instead."""
+        box = self._crop_box(*x.shape[-2:])
+        if box is None:
+            return None
+        top, left, ch, cw = box
+        return x[:, top:top + ch, left:left + cw]
+
     def __call__(self, image) -> torch.Tensor | None:
         """A PIL image -> pixel values [3, H, W] float32, or None (then use HF's processor)."""
         rgb = self._read_rgb(image)
@@ -113,11 +121,9 @@ class FastCLIPImageProcessor:
             hw = self._resized_hw(*x.shape[-2:])
             x = self._tvF.resize(x, list(hw), interpolation=self._interp, antialias=True)
         if self.crop:
-            box = self._crop_box(*x.shape[-2:])
-            if box is None:
+            x = self._center_crop(x)
+            if x is None:
                 return None
-            top, left, ch, cw = box
-            x = x[:, top:top + ch, left:left + cw]
         if self.mean is not None:  # the same two float32 ops as HF's normalize, in place
             return x.to(torch.float32).sub_(self._mean_t).div_(self._std_t)
         if self.rescale_factor is not None:
@@ -131,11 +137,9 @@ class FastCLIPImageProcessor:
             rgb = np.array(Image.fromarray(rgb).resize((nw, nh), resample=self.resample, reducing_gap=None))
         x = rgb.transpose(2, 0, 1)
         if self.crop:
-            box = self._crop_box(*x.shape[-2:])
-            if box is None:
+            x = self._center_crop(x)
+            if x is None:
                 return None
-            top, left, ch, cw = box
-            x = x[:, top:top + ch, left:left + cw]
         if self.rescale_factor is not None:
             x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
         if self.mean is not None:

@@ -225,6 +225,29 @@ _QWEN2_VL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vi
 _QWEN2_VL_HUB_NAMES = [("model.language_model.", "model."), ("model.visual.", "visual.")]
 
 
+def qwen2_vl_tokenizer(out_dir: str, vocab: int, seed: int):
+    """A tokenizer trained on the spot with Qwen2-VL's special tokens and chat template, saved in
+    out_dir; -> (tokenizer, {special token: id})."""
+    os.makedirs(out_dir, exist_ok=True)
+    tok = train_tokenizer(out_dir, vocab, seed)
+    tok.add_special_tokens({"additional_special_tokens": _QWEN2_VL_SPECIAL_TOKENS})
+    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return tok, {t: tok.convert_tokens_to_ids(t) for t in _QWEN2_VL_SPECIAL_TOKENS}
+
+
+def write_qwen2_vl_preprocessor_config(out_dir: str, vision: dict, min_pixels: int, max_pixels: int,
+                                       processor_class: str = "Qwen2VLProcessor") -> None:
+    """preprocessor_config.json as hub Qwen2-VL checkpoints have it."""
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump({"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": vision["patch_size"],
+                   "temporal_patch_size": vision["temporal_patch_size"], "merge_size": vision["spatial_merge_size"],
+                   "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711],
+                   "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class},
+                  f, indent=2)
+
+
 def make_qwen2_vl_checkpoint(out_dir: str, arch: str = "qwen2_vl", layout: str = "hub", seed: int = 0,
                              min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 20,
                              tie_word_embeddings: bool = False, merger_scale: float = 4.0,
@@ -244,12 +267,7 @@ def make_qwen2_vl_checkpoint(out_dir: str, arch: str = "qwen2_vl", layout: str =
         raise ValueError(f"unknown arch {arch!r}: qwen2_vl or qwen2_5_vl")
     if layout not in ("hub", "v5"):
         raise ValueError(f"unknown layout {layout!r}")
-    os.makedirs(out_dir, exist_ok=True)
-    tok = train_tokenizer(out_dir, tokenizer_vocab, seed)
-    tok.add_special_tokens({"additional_special_tokens": _QWEN2_VL_SPECIAL_TOKENS})
-    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    tok.save_pretrained(out_dir)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN2_VL_SPECIAL_TOKENS}
+    tok, ids = qwen2_vl_tokenizer(out_dir, tokenizer_vocab, seed)
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                 rms_norm_eps=1e-6, initializer_range=0.08, bos_token_id=tok.bos_token_id,
@@ -277,14 +295,8 @@ def make_qwen2_vl_checkpoint(out_dir: str, arch: str = "qwen2_vl", layout: str =
             p.mul_(merger_scale)
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:  # as hub checkpoints have it
-        json.dump({"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": vision["patch_size"],
-                   "temporal_patch_size": vision["temporal_patch_size"], "merge_size": vision["spatial_merge_size"],
-                   "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                   "image_std": [0.26862954, 0.26130258, 0.27577711],
-                   "image_processor_type": "Qwen2VLImageProcessor",
-                   "processor_class": "Qwen2_5_VLProcessor" if arch == "qwen2_5_vl" else "Qwen2VLProcessor"},
-                  f, indent=2)
+    write_qwen2_vl_preprocessor_config(out_dir, vision, min_pixels, max_pixels,
+                                       "Qwen2_5_VLProcessor" if arch == "qwen2_5_vl" else "Qwen2VLProcessor")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}  # transformers 5 names
     if tie_word_embeddings:
         state.pop("lm_head.weight", None)

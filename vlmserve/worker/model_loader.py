@@ -26,7 +26,7 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     cls = ModelRegistry.resolve(model_config.architecture)
     with _default_dtype(model_config.dtype), torch.device(device):
         model = cls(model_config.hf_config, model_config.max_model_len)
-    if getattr(model_config, "load_format", "auto") == "dummy":
+    if model_config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
     else:
         model.load_weights(iterate_weights(model_config.model))

@@ -46,9 +46,9 @@ class ModelRunner:
         # decode steps replay CUDA graphs (captured at the first decode step) unless enforce_eager
         self.decode_graphs = None
         self.use_cuda_graphs = (device.type == "cuda" and self.attn_backend.name == "triton"
-                                and not getattr(model_config, "enforce_eager", False))
+                                and not model_config.enforce_eager)
         # the vision tower replays CUDA graphs too (VLMSERVE_ENCODER_GRAPHS=0: eager, for A/B runs)
-        if device.type == "cuda" and not getattr(model_config, "enforce_eager", False) \
+        if device.type == "cuda" and not model_config.enforce_eager \
                 and os.environ.get("VLMSERVE_ENCODER_GRAPHS", "1") != "0" \
                 and getattr(self.model, "image_encoder", False) is None:
             from vlmserve.worker.encoder_graphs import EncoderGraphs
