@@ -5,6 +5,9 @@
 #          (the kernels against their torch references, the device's ceilings)
 #   llava  LLaVA-1.5-7B shape, 336x336 images: bench latency, bench throughput (beside HF), profile
 #   qwen   Qwen2-VL-7B shape, 1024x1024 images: the same
+#   check_sweep    scripts/gpu_check.py with the tile-size sweeps (--sweep)
+#   {llava,qwen}_{latency,throughput,profile,trace}
+#                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
 #   llava_ab       LLaVA throughput, vlmserve only, media processed serially vs in the pipeline
 #   llava_profile  the LLaVA profile alone
 #   fastpath       issue 5's fast path, LLaVA: profiles now (encoder graphs checked against eager) and
@@ -52,6 +55,28 @@ for part in $PARTS; do
             step cpu_tests 90 python -m pytest -q -p no:cacheprovider tests/test_clip_image_processing.py \
                 tests/test_mrope_lookup.py
             step gpu_check "${T_CHECK:-150}" python scripts/gpu_check.py --out "$OUT/gpu_check.json" ;;
+        check_sweep)  # the kernel checks, plus tile-size sweeps of the decode attention and GEMV kernels
+            step gpu_check "${T_CHECK:-240}" python scripts/gpu_check.py --sweep --out "$OUT/gpu_check.json" ;;
+        llava_latency|qwen_latency|llava_throughput|qwen_throughput|llava_profile|qwen_profile|llava_trace|qwen_trace)
+            # one figure of one model: latency, throughput (beside HF), profile, or step trace
+            tag=${part%%_*}; what=${part#*_}
+            if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; n=$LLAVA_N; hfb=$LLAVA_HFB
+            else shape=qwen2-vl-7b; image=1024x1024; n=$QWEN_N; hfb=$QWEN_HFB; fi
+            m="--random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image"
+            case $what in
+                latency) step "$part" "${T_LAT:-110}" $BENCH latency $m --backends vlmserve --num-iters 5 \
+                    --num-iters-warmup 1 --output-json "$OUT/$part.json" ;;
+                throughput) step "$part" "${T_TPUT:-240}" $BENCH throughput $m --num-prompts "$n" \
+                    --backends vlmserve,hf --hf-batch-size "$hfb" --max-num-seqs "$SEQS" --output-json "$OUT/$part.json" ;;
+                profile) step "$part" "${T_PROF:-90}" python scripts/gpu_profile.py --model-shape "$shape" \
+                    --image-size "$image" --out "$OUT/$part.json" ;;
+                trace) step "$part" "${T_TRACE:-120}" python scripts/gpu_step_trace.py --model-shape "$shape" \
+                    --image-size "$image" --num-prompts "$n" --max-num-seqs "$SEQS" --out "$OUT/$part.json" ;;
+            esac ;;
+        llava_latency_gemv)  # single-stream decode with the split-K Triton GEMV (VLMSERVE_TRITON_GEMV=1)
+            m="--random-model --model-shape llava-1.5-7b --input-len 32 --output-len 128 --source-image-size 336x336"
+            step "$part" "${T_LAT:-110}" env VLMSERVE_TRITON_GEMV=1 $BENCH latency $m --backends vlmserve \
+                --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/$part.json" ;;
         llava) model_run llava llava-1.5-7b 336x336 "$LLAVA_N" "$LLAVA_HFB" ;;
         qwen) model_run qwen qwen2-vl-7b 1024x1024 "$QWEN_N" "$QWEN_HFB" ;;
         llava_ab)  # the media pipeline against serial processing (VLMSERVE_MEDIA_WORKERS=0), vlmserve only

@@ -150,6 +150,47 @@ def check_gemv(rows, dtype, M, K, N):
                  "cublas_tbps": w.numel() * w.element_size() / ms_ref / 1e9})
 
 
+def sweep(rows) -> None:
+    """Tile sizes of the decode kernel (the throughput workload's full batch: 128 sequences of 672
+    tokens, MHA) and of the split-K GEMV (single-stream decode's shapes), timed for choosing;
+    errors checked too."""
+    dtype = torch.bfloat16
+    B, h, d, L = 128, 32, 128, 672
+    k, v, tables = paged_cache([L] * B, 16, h, d, dtype, B * L // 16 + 4)
+    q = torch.randn(B, h, d, device=DEV, dtype=dtype)
+    seq_lens = torch.full((B,), L, device=DEV)
+    ref = tpa.reference_paged_decode_attention(q, k, v, tables, seq_lens, d ** -0.5)
+    nbytes = 2 * B * L * h * d * 2
+    for block_n in (32, 64, 128):
+        for warps in (2, 4, 8):
+            out = torch.full_like(q, float("nan"))
+            run = lambda: tpa.paged_decode_attention(q, k, v, tables, seq_lens, d ** -0.5, out=out,  # noqa: E731
+                                                      block_n=block_n, num_warps=warps)
+            run()
+            err = rel_err(out, ref)
+            ms = triton.testing.do_bench(run, return_mode="median")
+            rows.append({"kernel": "sweep_decode", "dtype": str(dtype), "shape": f"B={B} L={L} block_n={block_n} "
+                         f"warps={warps}", "rel_err": err, "ok": err < TOL[dtype], "us": 1e3 * ms,
+                         "gbps": nbytes / ms / 1e6})
+    for M, K, N in ((1, 4096, 12288), (1, 4096, 22016), (1, 11008, 4096)):
+        x = torch.randn(M, K, device=DEV, dtype=dtype)
+        w = torch.randn(N, K, device=DEV, dtype=dtype) * K ** -0.5
+        ref = tg.reference_gemv(x, w)
+        ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median")
+        rows.append({"kernel": "sweep_cublas", "dtype": str(dtype), "shape": f"M={M} K={K} N={N}", "rel_err": 0.0,
+                     "ok": True, "us": 1e3 * ms, "gbps": w.numel() * 2 / ms / 1e6})
+        configs = [(False, bn, bk, 4) for bn in (32, 64, 128) for bk in (64, 128, 256)]
+        configs += [(True, bn, bk, nw) for bn, bk in ((16, 128), (32, 128), (32, 256), (64, 64), (64, 128))
+                    for nw in (4, 8)]
+        for fma, bn, bk, nw in configs:
+            run = lambda: tg.gemv(x, w, block_n=bn, block_k=bk, fma=fma, num_warps=nw)  # noqa: E731
+            err = rel_err(run(), ref)
+            ms = triton.testing.do_bench(run, return_mode="median")
+            rows.append({"kernel": "sweep_gemv", "dtype": str(dtype), "shape": f"M={M} K={K} N={N} "
+                         f"{'fma' if fma else 'dot'} block_n={bn} block_k={bk} warps={nw}", "rel_err": err,
+                         "ok": err < TOL[dtype], "us": 1e3 * ms, "gbps": w.numel() * 2 / ms / 1e6})
+
+
 def ceilings() -> dict:
     n = 1 << 30
     a = torch.empty(n, dtype=torch.uint8, device=DEV)
@@ -169,6 +210,7 @@ def ceilings() -> dict:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu_check.json")
+    p.add_argument("--sweep", action="store_true", help="also time tile sizes of the decode and GEMV kernels")
     args = p.parse_args()
     torch.manual_seed(0)
     rows: list[dict] = []
@@ -187,6 +229,8 @@ def main() -> int:
     check_fused(rows, torch.float32, 64, 4096, 11008, 32, 8, 128)
     for M, K, N in ((1, 4096, 12288), (1, 4096, 22016), (1, 11008, 4096), (4, 4096, 22016), (8, 4096, 4096)):
         check_gemv(rows, torch.bfloat16, M, K, N)  # Llama-2-7B's qkv, gate_up, down, o at decode
+    if "--sweep" in sys.argv:
+        sweep(rows)
     ceil = ceilings()
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -53,3 +53,21 @@ def test_silu_and_mul():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 2 * 40, generator=g)
     torch.testing.assert_close(tf.silu_and_mul(x), ActAndMul("silu").forward_torch(x), **TOL)
+
+
+def test_rotary_in_place_matches_qwen2_vl_vision_rotary():
+    """The ViT of Qwen2-VL rotates q and k (views of one fused qkv projection, head_dim 80) with
+    float32 cos/sin of its 2D patch positions; on the GPU it takes this kernel instead of torch."""
+    from vlmserve.models.qwen2_vl import VisionRotary, apply_vision_rotary, vision_positions
+
+    g = torch.Generator().manual_seed(3)
+    heads, d = 3, 80
+    grids = [(1, 4, 6), (2, 2, 2)]
+    rot = VisionRotary(d, 10000.0)
+    cos, sin = rot(vision_positions(grids, 2))
+    n = cos.shape[0]
+    q, k, _ = torch.randn(n, 3, heads, d, generator=g).unbind(1)
+    ref_q, ref_k = apply_vision_rotary(q, cos, sin), apply_vision_rotary(k, cos, sin)
+    tf.rotary_inplace(q, k, cos, sin)
+    torch.testing.assert_close(q, ref_q, **TOL)
+    torch.testing.assert_close(k, ref_k, **TOL)

@@ -17,12 +17,13 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("M, N, K, split_k", [(1, 200, 300, None), (3, 64, 1000, 4), (8, 130, 257, 3),
                                               (2, 96, 128, 1)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_reference(M, N, K, split_k, bias):
+@pytest.mark.parametrize("fma", [False, True])
+def test_matches_reference(M, N, K, split_k, bias, fma):
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     x = torch.randn(M, K, generator=g).to(DEV)
     w = torch.randn(N, K, generator=g).to(DEV)
     b = torch.randn(N, generator=g).to(DEV) if bias else None
-    got = tg.gemv(x, w, b, split_k=split_k, block_n=32, block_k=64)
+    got = tg.gemv(x, w, b, split_k=split_k, block_n=32, block_k=64, fma=fma)
     torch.testing.assert_close(got, tg.reference_gemv(x, w, b), atol=1e-4, rtol=1e-4)
 
 

@@ -55,8 +55,30 @@ if triton is not None:
                  mask=rm[:, None] & cm[None, :])
 
 
+    @triton.jit
+    def _gemv_fma_partial_kernel(x_ptr, w_ptr, part_ptr, M, N, K, k_per_split, stride_xm, stride_wn,
+                                 stride_ps, stride_pm, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one row of x at a time on the CUDA cores: the weight tile goes from registers into an
+        # elementwise accumulator, reduced over K once at the end (no shared-memory staging)
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        m = tl.program_id(2)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cm = cols < N
+        k_lo = split * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            km = ks < k_hi
+            x = tl.load(x_ptr + m * stride_xm + ks, mask=km, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        tl.store(part_ptr + split * stride_ps + m * stride_pm + cols, tl.sum(acc, 1), mask=cm)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, split_k: int | None = None,
-         block_n: int = 64, block_k: int = 128) -> torch.Tensor:
+         block_n: int = 64, block_k: int = 128, fma: bool = False, num_warps: int = 4) -> torch.Tensor:
     """x [M, K] (M <= 8, rows contiguous), weight [N, K] contiguous -> [M, N] in x's dtype."""
     M, K = x.shape
     N = weight.shape[0]
@@ -68,10 +90,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
     part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-    _gemv_partial_kernel[(n_tiles, split_k)](
-        x, weight, part, M, N, K, k_per_split, x.stride(0), weight.stride(0), part.stride(0), part.stride(1),
-        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=4)
+    if fma:
+        _gemv_fma_partial_kernel[(n_tiles, split_k, M)](
+            x, weight, part, M, N, K, k_per_split, x.stride(0), weight.stride(0), part.stride(0), part.stride(1),
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    else:
+        _gemv_partial_kernel[(n_tiles, split_k)](
+            x, weight, part, M, N, K, k_per_split, x.stride(0), weight.stride(0), part.stride(0), part.stride(1),
+            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PREC="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=num_warps)
     y = part.sum(0)
     if bias is not None:
         y += bias.float()

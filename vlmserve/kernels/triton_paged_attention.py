@@ -201,7 +201,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float,
                            sliding_window: int | None = None, num_splits: int = 1,
-                           out: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
+                           out: torch.Tensor | None = None, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
     """q: [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, >= blocks of the
     longest sequence]; seq_lens [B] (the query is the token at seq_len - 1; 0: a padded row, output
     zeros). Returns [B, Hq, D]."""
@@ -225,7 +225,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=D, BLOCK_D=block_d,
-        BLOCK_N=block_n, PREC=_dot_precision(k_cache), num_warps=4)
+        BLOCK_N=block_n, PREC=_dot_precision(k_cache), num_warps=num_warps)
     if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1), Hq,
                                       NUM_SPLITS=num_splits, D=D, BLOCK_D=block_d)

@@ -18,8 +18,9 @@ from PIL import Image
 from torch import nn
 
 from vlmserve.config import ModelLoadError
+from vlmserve.kernels.triton_fused import rotary_inplace
 from vlmserve.layers.activation import get_act_fn
-from vlmserve.layers.layernorm import RMSNorm
+from vlmserve.layers.layernorm import RMSNorm, fused_kernels_enabled
 from vlmserve.layers.vision_attention import varlen_attention
 from vlmserve.models.qwen2 import Qwen2ForCausalLM
 from vlmserve.models.qwen2_vl_image_processing import FastQwen2VLImageProcessor
@@ -420,7 +421,10 @@ class VisionAttention(nn.Module):
     def forward(self, x, cos_sin, cu_seqlens: list[int]):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = apply_vision_rotary(q, *cos_sin), apply_vision_rotary(k, *cos_sin)
+        if q.is_cuda and fused_kernels_enabled():  # one kernel for q and k, in place, float32 inside
+            rotary_inplace(q, k, *cos_sin)
+        else:
+            q, k = apply_vision_rotary(q, *cos_sin), apply_vision_rotary(k, *cos_sin)
         o = varlen_attention(q, k, v, cu_seqlens, self.head_dim ** -0.5)
         return self.proj(o.reshape(n, -1))
 
