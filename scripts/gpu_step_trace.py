@@ -63,6 +63,7 @@ def main() -> int:
     p.add_argument("--num-prompts", type=int, default=500)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--profile-steps", type=int, default=4)
+    p.add_argument("--profile-prefill-step", type=int, default=12, help="profile the prefill step of this index")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default="step_trace.json")
     args = p.parse_args()
@@ -91,10 +92,18 @@ def main() -> int:
                 prof_box["prof"] = profile(activities=acts)
                 prof_box["prof"].start()
                 prof_box["left"] = args.profile_steps
+            prefill_now = nd < len(sched.scheduled)
+            if prefill_now and "prefill_prof" not in prof_box and \
+                    sum(1 for s in steps if s["prefill_tokens"]) == args.profile_prefill_step:
+                prof_box["prefill_prof"] = profile(activities=acts)
+                prof_box["prefill_prof"].start()
             enc0 = runner.encoder_cache.num_encoded_items
             t0 = time.perf_counter()
             out = execute(sched, *a, **k)
             t1 = time.perf_counter()
+            if prefill_now and "prefill_prof" in prof_box and "prefill_wall" not in prof_box:
+                prof_box["prefill_prof"].stop()
+                prof_box["prefill_wall"] = t1 - t0
             if prof_box.get("left"):
                 prof_box["left"] -= 1
                 if prof_box["left"] == 0:
@@ -138,23 +147,52 @@ def main() -> int:
     # matrix work of the prefill steps: 2 FLOPs per weight per token (LM), per patch token (vision)
     pf = 2 * lm_params * res["prefill_tokens"] + 2 * vision_params * res["images"] * tp_patches(args)
     res["prefill_weight_tflops_per_s"] = pf / res["prefill_s"] / 1e12 if res["prefill_s"] else None
-    prof = prof_box.get("prof")
-    if prof is not None:
+    for key, name, n in (("prof", "full_decode", args.profile_steps), ("prefill_prof", "prefill_step", 1)):
+        prof = prof_box.get(key)
+        if prof is None:
+            continue
         rows = []
         for e in prof.key_averages():
             t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
             if t and e.device_type == torch.autograd.DeviceType.CUDA:
-                rows.append({"kernel": e.key[:90], "calls_per_step": e.count / args.profile_steps,
-                             "ms_per_step": t / 1e3 / args.profile_steps})
+                rows.append({"kernel": e.key[:90], "calls_per_step": e.count / n, "ms_per_step": t / 1e3 / n})
         rows.sort(key=lambda r: -r["ms_per_step"])
-        res["full_decode_gpu_busy_ms"] = sum(r["ms_per_step"] for r in rows)
-        res["full_decode_top_kernels"] = rows[:15]
+        res[f"{name}_gpu_busy_ms"] = sum(r["ms_per_step"] for r in rows)
+        res[f"{name}_top_kernels"] = rows[:15]
+    if "prefill_wall" in prof_box:
+        res["prefill_step_wall_ms"] = 1e3 * prof_box["prefill_wall"]
+    res["triton_variants"] = compiled_variants()
+    slow = sorted(range(len(steps)), key=lambda i: -walls[i])[:12]
+    res["slowest_steps"] = [{**{k: v for k, v in steps[i].items() if k not in ("t0", "t1")}, "index": i,
+                             "wall_ms": 1e3 * walls[i]} for i in sorted(slow)]
+    res["step_records"] = [[round(1e3 * w, 2), s["decodes"], s["prefill_tokens"], s["images"]]
+                           for s, w in zip(steps, walls)]
     with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(json.dumps({k: v for k, v in res.items() if k != "full_decode_top_kernels"}, indent=1))
-    for r in res.get("full_decode_top_kernels", []):
-        print(f"  {r['ms_per_step']:7.3f} ms/step  x{r['calls_per_step']:6.1f}  {r['kernel']}")
+        json.dump(res, f, indent=1)
+    print(json.dumps({k: v for k, v in res.items() if not k.endswith("top_kernels") and k != "step_records"},
+                     indent=1))
+    for key in ("full_decode_top_kernels", "prefill_step_top_kernels"):
+        print(key)
+        for r in res.get(key, []):
+            print(f"  {r['ms_per_step']:7.3f} ms/step  x{r['calls_per_step']:6.1f}  {r['kernel']}")
     return 0
+
+
+def compiled_variants() -> dict:
+    """How many specializations of each Triton kernel were compiled in this process."""
+    from vlmserve.kernels import triton_fused, triton_paged_attention
+
+    out = {}
+    for mod in (triton_paged_attention, triton_fused):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            caches = getattr(fn, "device_caches", None)
+            if caches:
+                try:
+                    out[name] = sum(len(c[0]) for c in caches.values())
+                except Exception:  # another Triton's layout
+                    pass
+    return out
 
 
 def tp_patches(args) -> int:

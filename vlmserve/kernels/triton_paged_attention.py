@@ -31,8 +31,12 @@ def _next_pow2(n: int) -> int:
 
 
 if triton is not None:
+    # Step metadata (slots, lengths, block tables, query offsets) are slices of one per-step
+    # buffer, so their alignment and the block tables' row stride change from step to step, as
+    # does the number of decode rows: specializing on them would compile a new variant of a kernel
+    # in the middle of a run (seconds each). They are plain runtime values instead.
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=["slot_ptr"])
     def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                          stride_kt, stride_kh, stride_vt, stride_vh,
                          stride_cb, stride_cs, stride_ch, block_size,
@@ -49,7 +53,7 @@ if triton is not None:
             tl.store(kc_ptr + dst, k, mask=dm)
             tl.store(vc_ptr + dst, v, mask=dm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_tb"], do_not_specialize_on_alignment=["tables_ptr", "seq_lens_ptr"])
     def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                        scale, window, block_size,
                        stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb,
@@ -125,7 +129,8 @@ if triton is not None:
         o = tl.sum(parts * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
         tl.store(out_ptr + b * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["first_seq", "stride_tb"],
+                do_not_specialize_on_alignment=["tables_ptr", "qsl_ptr", "seq_lens_ptr"])
     def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, tables_ptr, qsl_ptr, seq_lens_ptr,
                         first_seq, scale, window, block_size,
                         stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb,

@@ -45,6 +45,11 @@ class ModelRunner:
             a.backend = self.attn_backend
         # decode steps replay CUDA graphs (captured at the first decode step) unless enforce_eager
         self.decode_graphs = None
+        # lone prefill chunks (time to first token at low load) replay graphs of token-count buckets
+        # up to VLMSERVE_PREFILL_GRAPH_TOKENS (default 2048; 0: eager)
+        self.prefill_graphs = None
+        self.prefill_graph_tokens = min(int(os.environ.get("VLMSERVE_PREFILL_GRAPH_TOKENS", "2048")),
+                                        scheduler_config.max_num_batched_tokens)
         self.use_cuda_graphs = (device.type == "cuda" and self.attn_backend.name == "triton"
                                 and not model_config.enforce_eager)
         # the vision tower replays CUDA graphs too (VLMSERVE_ENCODER_GRAPHS=0: eager, for A/B runs)
@@ -208,6 +213,8 @@ class ModelRunner:
                 all(it.seq.num_computed_tokens >= it.seq.num_prompt_tokens for it in items):
             hidden = self._replay_decode_graph(host[:num_vectors * T].view(num_vectors, T), host_tables,
                                                pos_host, seq_lens)
+        elif self.use_cuda_graphs and B == 1 and num_decodes == 0 and self.prefill_graph_tokens:
+            hidden = self._replay_prefill_graph(host, T, seq_lens[0], host_tables[0], pos_host, items, multirow)
         if hidden is None:
             dev_flat = host.to(dev, non_blocking=True)
             ids_t = dev_flat[:T]
@@ -252,9 +259,10 @@ class ModelRunner:
         grew = False
         for rope in self.position_tables:
             grew |= rope.reserve(max_position)
-        if grew and self.decode_graphs is not None:
-            logger.info("M-RoPE tables grew to position %d: capturing the decode graphs again", max_position)
+        if grew and (self.decode_graphs is not None or self.prefill_graphs is not None):
+            logger.info("M-RoPE tables grew to position %d: capturing the CUDA graphs again", max_position)
             self.decode_graphs = None
+            self.prefill_graphs = None
 
     def _replay_decode_graph(self, vectors, tables, positions, seq_lens) -> torch.Tensor | None:
         """vectors: the host rows [ids, slots, seq_lens(, positions)] of a decode-only step; tables
@@ -274,11 +282,35 @@ class ModelRunner:
                 return None
         return self.decode_graphs.run(vectors, tables, positions, max(seq_lens))
 
+    def _replay_prefill_graph(self, host, T: int, seq_len: int, table, pos_host, items, multirow: bool):
+        """One sequence's prefill chunk through a CUDA graph of its token-count bucket (host:
+        the step's pinned inputs, laid out as in execute); None: run it eagerly."""
+        if self.prefill_graphs is None:
+            from vlmserve.worker.prefill_graphs import PrefillGraphs
+
+            hidden_size = text_config(self.model_config.hf_config).hidden_size if self.is_multimodal else None
+            self.prefill_graphs = PrefillGraphs(
+                self.model, self.device, self.prefill_graph_tokens, self.model_config.max_model_len,
+                self.block_size, hidden_size, self.model_config.dtype,
+                tuple(pos_host.shape[:-1]) if multirow else ())
+        graphs = self.prefill_graphs
+        if not graphs.enabled or graphs.bucket(T) is None:
+            return None
+        embeds = None
+        if self.is_multimodal:  # the vision encoders run eagerly (or in their own graphs) first
+            ids = host[:T].to(self.device, non_blocking=True)
+            embeds = self._merged_embeddings(ids, [0, T], items)
+            if embeds is None:
+                embeds = self.model.embed_input_ids(ids)
+        positions = pos_host if multirow else host[2 * T + 1:3 * T + 1]
+        return graphs.run(host[:T], host[T:2 * T], positions, seq_len, table, embeds)
+
     def _forward(self, input_ids, positions, meta, items: list[ScheduledSeq]) -> torch.Tensor:
-        embeds = self._merged_embeddings(input_ids, meta, items) if self.is_multimodal else None
+        embeds = self._merged_embeddings(input_ids, meta.query_start_loc, items) if self.is_multimodal else None
         return self.model(input_ids, positions, meta, inputs_embeds=embeds)
 
-    def _merged_embeddings(self, input_ids, meta, items: list[ScheduledSeq]) -> torch.Tensor | None:
+    def _merged_embeddings(self, input_ids, query_start_loc: list[int],
+                           items: list[ScheduledSeq]) -> torch.Tensor | None:
         """Token embeddings with the embeddings of multimodal items written over their placeholder
         positions. Items not in the encoder cache are encoded first, all of a modality in one call."""
         spans = []  # (flat start, item, first item token, last item token + 1)
@@ -287,7 +319,7 @@ class ModelRunner:
             for mm in it.seq.mm_items:
                 lo, hi = max(c, mm.offset), min(c + n, mm.end)
                 if lo < hi:
-                    spans.append((meta.query_start_loc[i] + lo - c, mm, lo - mm.offset, hi - mm.offset))
+                    spans.append((query_start_loc[i] + lo - c, mm, lo - mm.offset, hi - mm.offset))
         if not spans:
             return None
         cache = self.encoder_cache

@@ -19,6 +19,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32/int64, padded with 0
     seq_lens_tensor: torch.Tensor  # [B] int64, on the device
     block_size: int
+    # query_start_loc on the device, where the caller keeps it there (a CUDA graph's static input);
+    # else backends that need it make it from the list
+    query_start_loc_tensor: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

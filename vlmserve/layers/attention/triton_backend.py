@@ -34,9 +34,13 @@ class TritonPagedAttentionBackend:
         self._max_decode_len = max(meta.seq_lens[:nd]) if nd else 0
         if meta.num_seqs > nd:
             qsl = meta.query_start_loc
-            # pinned: an asynchronous copy (from pageable memory it waits)
-            self._qsl = torch.tensor(qsl, dtype=torch.int32, pin_memory=meta.slot_mapping.is_cuda).to(
-                meta.slot_mapping.device, non_blocking=True)
+            if meta.query_start_loc_tensor is not None:
+                self._qsl = meta.query_start_loc_tensor
+            else:  # pinned: an asynchronous copy (from pageable memory it waits)
+                self._qsl = torch.tensor(qsl, dtype=torch.int32, pin_memory=meta.slot_mapping.is_cuda).to(
+                    meta.slot_mapping.device, non_blocking=True)
+            # the launch grid covers the longest chunk the host-side offsets allow (in a prefill
+            # graph: the bucket); the kernel reads the real lengths from the device
             self._max_query_len = max(qsl[i + 1] - qsl[i] for i in range(nd, meta.num_seqs))
         self._meta = meta
 
