@@ -127,6 +127,17 @@ def check_fused(rows, dtype, T, hidden, inter, hq, hkv, d):
     rows.append({"kernel": "rotary", "dtype": str(dtype), "shape": f"T={T} Hq={hq} Hkv={hkv} D={d}",
                  "rel_err": err, "ok": err < TOL[dtype], "us": 1e3 * ms})
 
+    if d == 128 and T > 1:  # Qwen2-VL's ViT: q, k views of one qkv projection, head_dim 80, float32 cos/sin
+        from vlmserve.models.qwen2_vl import VisionRotary, apply_vision_rotary
+
+        qv, kv, _ = torch.randn(T, 3, 16, 80, device=DEV, dtype=dtype).unbind(1)
+        vcos, vsin = VisionRotary(80, 10000.0).to(DEV)(torch.randint(0, 74, (T, 2), device=DEV))
+        ref_q, ref_k = apply_vision_rotary(qv, vcos, vsin), apply_vision_rotary(kv, vcos, vsin)
+        tf.rotary_inplace(qv, kv, vcos, vsin)
+        err = max(rel_err(qv, ref_q), rel_err(kv, ref_k))
+        rows.append({"kernel": "vision_rotary", "dtype": str(dtype), "shape": f"T={T} H=16 D=80",
+                     "rel_err": err, "ok": err < TOL[dtype]})
+
     act = ActAndMul("silu")
     x = torch.randn(T, 2 * inter, device=DEV, dtype=dtype)
     err = rel_err(tf.silu_and_mul(x), act.forward_torch(x.float()))
@@ -161,27 +172,62 @@ def sweep(rows) -> None:
     seq_lens = torch.full((B,), L, device=DEV)
     ref = tpa.reference_paged_decode_attention(q, k, v, tables, seq_lens, d ** -0.5)
     nbytes = 2 * B * L * h * d * 2
-    for block_n in (32, 64, 128):
-        for warps in (2, 4, 8):
+    for block_n, warps in ((64, 4), (64, 2), (128, 4)):
+        out = torch.full_like(q, float("nan"))
+        run = lambda: tpa.paged_decode_attention(q, k, v, tables, seq_lens, d ** -0.5, out=out,  # noqa: E731
+                                                  block_n=block_n, num_warps=warps)
+        run()
+        err = rel_err(out, ref)
+        ms = triton.testing.do_bench(run, return_mode="median")
+        rows.append({"kernel": "sweep_decode", "dtype": str(dtype), "shape": f"B={B} L={L} block_n={block_n} "
+                     f"warps={warps}", "rel_err": err, "ok": err < TOL[dtype], "us": 1e3 * ms,
+                     "gbps": nbytes / ms / 1e6})
+    # the KV store of a prefill step: 8192 tokens, 32 heads
+    T = 8192
+    kk, vv = (torch.randn(T, h, d, device=DEV, dtype=dtype) for _ in range(2))
+    kc, vc = (torch.full((T // 16 + 8, 16, h, d), float("nan"), device=DEV, dtype=dtype) for _ in range(2))
+    slots = torch.randperm(kc.shape[0] * 16, device=DEV)[:T]
+    slots[::97] = -1
+    tpa.store_kv(kk, vv, kc, vc, slots)
+    keep = slots >= 0
+    err = max(rel_err(kc.view(-1, h, d)[slots[keep]], kk[keep]), rel_err(vc.view(-1, h, d)[slots[keep]], vv[keep]))
+    ms = triton.testing.do_bench(lambda: tpa.store_kv(kk, vv, kc, vc, slots), return_mode="median")
+    rows.append({"kernel": "store_kv", "dtype": str(dtype), "shape": f"T={T} H={h} D={d}", "rel_err": err,
+                 "ok": err == 0.0, "us": 1e3 * ms, "gbps": 4 * kk.numel() * 2 / ms / 1e6})
+    # prefill attention: LLaVA's 13 prompts of 608 tokens (MHA) and one Qwen2-VL prompt of 1400 (GQA 7:1)
+    for hq, hkv, chunks in ((32, 32, [(0, 608)] * 13), (28, 4, [(0, 1400)])):
+        lens = [c + n for c, n in chunks]
+        k, v, tables = paged_cache(lens, 16, hkv, d, dtype, sum(-(-L // 16) for L in lens) + 4)
+        qsl = torch.tensor([0] + [n for _, n in chunks], device=DEV).cumsum(0)
+        q = torch.randn(int(qsl[-1]), hq, d, device=DEV, dtype=dtype)
+        seq_lens = torch.tensor(lens, device=DEV)
+        ref = tpa.reference_paged_prefill_attention(q, k, v, tables, qsl, seq_lens, d ** -0.5)
+        flops = sum(4 * n * (c + (n + 1) / 2) * d * hq for c, n in chunks)
+        for bm, bn, nw, ns in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                               (64, 128, 4, 2), (128, 32, 4, 3), (128, 64, 4, 3)):
             out = torch.full_like(q, float("nan"))
-            run = lambda: tpa.paged_decode_attention(q, k, v, tables, seq_lens, d ** -0.5, out=out,  # noqa: E731
-                                                      block_n=block_n, num_warps=warps)
-            run()
-            err = rel_err(out, ref)
-            ms = triton.testing.do_bench(run, return_mode="median")
-            rows.append({"kernel": "sweep_decode", "dtype": str(dtype), "shape": f"B={B} L={L} block_n={block_n} "
-                         f"warps={warps}", "rel_err": err, "ok": err < TOL[dtype], "us": 1e3 * ms,
-                         "gbps": nbytes / ms / 1e6})
-    for M, K, N in ((1, 4096, 12288), (1, 4096, 22016), (1, 11008, 4096)):
+            run = lambda: tpa.paged_prefill_attention(q, k, v, tables, qsl, seq_lens, d ** -0.5,  # noqa: E731
+                                                      max_query_len=max(n for _, n in chunks), out=out, block_m=bm,
+                                                      block_n=bn, num_warps=nw, num_stages=ns)
+            try:
+                run()
+                err = rel_err(out, ref)
+                ms = triton.testing.do_bench(run, return_mode="median")
+            except Exception as e:  # out of shared memory, say
+                rows.append({"kernel": "sweep_prefill", "dtype": str(dtype), "shape": f"{bm}/{bn}/{nw}/{ns}",
+                             "rel_err": float("nan"), "ok": True, "error": str(e)[:100]})
+                continue
+            rows.append({"kernel": "sweep_prefill", "dtype": str(dtype), "shape": f"Hq={hq} Hkv={hkv} "
+                         f"x{len(chunks)}x{chunks[0][1]} block_m={bm} block_n={bn} warps={nw} stages={ns}",
+                         "rel_err": err, "ok": err < TOL[dtype], "us": 1e3 * ms, "tflops": flops / ms / 1e9})
+    for M, K, N in ((1, 4096, 12288), (1, 11008, 4096)):
         x = torch.randn(M, K, device=DEV, dtype=dtype)
         w = torch.randn(N, K, device=DEV, dtype=dtype) * K ** -0.5
         ref = tg.reference_gemv(x, w)
         ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median")
         rows.append({"kernel": "sweep_cublas", "dtype": str(dtype), "shape": f"M={M} K={K} N={N}", "rel_err": 0.0,
                      "ok": True, "us": 1e3 * ms, "gbps": w.numel() * 2 / ms / 1e6})
-        configs = [(False, bn, bk, 4) for bn in (32, 64, 128) for bk in (64, 128, 256)]
-        configs += [(True, bn, bk, nw) for bn, bk in ((16, 128), (32, 128), (32, 256), (64, 64), (64, 128))
-                    for nw in (4, 8)]
+        configs = [(False, 64, 128, 4), (False, 32, 64, 4), (True, 32, 256, 4), (True, 16, 128, 8)]
         for fma, bn, bk, nw in configs:
             run = lambda: tg.gemv(x, w, block_n=bn, block_k=bk, fma=fma, num_warps=nw)  # noqa: E731
             err = rel_err(run(), ref)

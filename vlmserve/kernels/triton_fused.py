@@ -41,22 +41,24 @@ if triton is not None:
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                       stride_ct, num_q_heads, HALF: tl.constexpr, BLOCK: tl.constexpr):
+                       stride_ct, num_q_heads, num_heads, HALF: tl.constexpr, BLOCK: tl.constexpr,
+                       HEADS: tl.constexpr):
+        # HEADS heads of one token per program (q's heads first, then k's): one head's 2 x HALF
+        # values alone are too little work for a program to hide its memory latency
         t = tl.program_id(0)
-        h = tl.program_id(1)
+        h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
         i = tl.arange(0, BLOCK)
         im = i < HALF
-        if h < num_q_heads:
-            base = q_ptr + t * stride_qt + h * stride_qh
-        else:
-            base = k_ptr + t * stride_kt + (h - num_q_heads) * stride_kh
-        cos = tl.load(cos_ptr + t * stride_ct + i, mask=im, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + t * stride_ct + i, mask=im, other=0.0).to(tl.float32)
-        x1 = tl.load(base + i, mask=im, other=0.0)
-        x2 = tl.load(base + HALF + i, mask=im, other=0.0)
+        m = (h < num_heads)[:, None] & im[None, :]
+        base = tl.where(h < num_q_heads, q_ptr + t * stride_qt + h * stride_qh,
+                        k_ptr + t * stride_kt + (h - num_q_heads) * stride_kh)[:, None] + i[None, :]
+        cos = tl.load(cos_ptr + t * stride_ct + i, mask=im, other=0.0).to(tl.float32)[None, :]
+        sin = tl.load(sin_ptr + t * stride_ct + i, mask=im, other=0.0).to(tl.float32)[None, :]
+        x1 = tl.load(base, mask=m, other=0.0)
+        x2 = tl.load(base + HALF, mask=m, other=0.0)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
-        tl.store(base + i, (a * cos - b * sin).to(x1.dtype), mask=im)
-        tl.store(base + HALF + i, (b * cos + a * sin).to(x1.dtype), mask=im)
+        tl.store(base, (a * cos - b * sin).to(x1.dtype), mask=m)
+        tl.store(base + HALF, (b * cos + a * sin).to(x1.dtype), mask=m)
 
     @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):
@@ -91,8 +93,11 @@ def rotary_inplace(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     if T == 0:
         return
     cos2, sin2 = cos.reshape(T, -1), sin.reshape(T, -1)
-    _rotary_kernel[(T, Hq + k.shape[1])](q, k, cos2, sin2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                         cos2.stride(0), Hq, HALF=D // 2, BLOCK=_pow2(D // 2))
+    heads = Hq + k.shape[1]
+    per_program = min(16, _pow2(heads))
+    _rotary_kernel[(T, triton.cdiv(heads, per_program))](
+        q, k, cos2, sin2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos2.stride(0), Hq, heads,
+        HALF=D // 2, BLOCK=_pow2(D // 2), HEADS=per_program)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -39,19 +39,21 @@ if triton is not None:
     @triton.jit(do_not_specialize_on_alignment=["slot_ptr"])
     def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                          stride_kt, stride_kh, stride_vt, stride_vh,
-                         stride_cb, stride_cs, stride_ch, block_size,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr):
+                         stride_cb, stride_cs, stride_ch, block_size, num_heads,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+        # all KV heads of one token per program
         t = tl.program_id(0)
-        h = tl.program_id(1)
         slot = tl.load(slot_ptr + t)
         if slot >= 0:
+            h = tl.arange(0, BLOCK_H)
             d = tl.arange(0, BLOCK_D)
-            dm = d < D
-            dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs + h * stride_ch + d
-            k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=dm)
-            v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=dm)
-            tl.store(kc_ptr + dst, k, mask=dm)
-            tl.store(vc_ptr + dst, v, mask=dm)
+            m = (h < num_heads)[:, None] & (d < D)[None, :]
+            dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs \
+                + h[:, None] * stride_ch + d[None, :]
+            k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=m)
+            v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=m)
+            tl.store(kc_ptr + dst, k, mask=m)
+            tl.store(vc_ptr + dst, v, mask=m)
 
     @triton.jit(do_not_specialize=["stride_tb"], do_not_specialize_on_alignment=["tables_ptr", "seq_lens_ptr"])
     def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
@@ -192,10 +194,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     T, H, D = k.shape
     if T == 0:
         return
-    _store_kv_kernel[(T, H)](k, v, k_cache, v_cache, slot_mapping,
-                             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1],
-                             D=D, BLOCK_D=_next_pow2(D))
+    _store_kv_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping,
+                           k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1], H,
+                           D=D, BLOCK_D=_next_pow2(D), BLOCK_H=_next_pow2(H), num_warps=4 if H * D <= 2048 else 8)
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -245,7 +247,8 @@ def _dot_precision(cache: torch.Tensor) -> str:
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale: float,
                             sliding_window: int | None = None, first_seq: int = 0, max_query_len: int | None = None,
-                            out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                            out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64,
+                            num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
     """Sequences first_seq.. of a flat batch. q: [T, Hq, D] (the whole batch); query_start_loc [B + 1]
     and seq_lens [B] device tensors; the chunk's own k, v must already be in the cache. Writes the
     rows of those sequences into `out` ([T, Hq, D]) and returns it."""
@@ -265,7 +268,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, 
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, D=D, BLOCK_D=_next_pow2(D), BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC=_dot_precision(k_cache), num_warps=4 if block_m <= 64 else 8, num_stages=2)
+        PREC=_dot_precision(k_cache), num_warps=num_warps or (4 if block_m <= 64 else 8), num_stages=num_stages)
     return out
 
 
