@@ -14,6 +14,7 @@ from vlmserve.worker.prefill_graphs import token_buckets
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, logprobs=5, prompt_logprobs=3, ignore_eos=True)
+NO_PROMPT_LOGPROBS = SamplingParams(temperature=0.0, max_tokens=6, logprobs=5, ignore_eos=True)  # prefix hits
 
 
 def test_buckets_cover_every_length_up_to_the_largest():
@@ -23,9 +24,9 @@ def test_buckets_cover_every_length_up_to_the_largest():
     assert token_buckets(300) == [64, 128, 192, 256] and token_buckets(32) == []
 
 
-def _run_alone(llm, prompts):
+def _run_alone(llm, prompts, params=PARAMS):
     """Each prompt in its own generate call: every prefill step holds one sequence."""
-    return [llm.generate(p, PARAMS, use_tqdm=False)[0] for p in prompts]
+    return [llm.generate(p, params, use_tqdm=False)[0] for p in prompts]
 
 
 def _same(a, b):
@@ -33,7 +34,7 @@ def _same(a, b):
     for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
         for tok in set(x) & set(y):
             assert abs(x[tok].logprob - y[tok].logprob) < 2e-4
-    for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+    for x, y in zip((a.prompt_logprobs or [None])[1:], (b.prompt_logprobs or [None])[1:]):
         for tok in set(x) & set(y):
             assert abs(x[tok].logprob - y[tok].logprob) < 2e-4
 
@@ -53,9 +54,12 @@ def test_text_prefill_graphs_equal_eager(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     base = rng.integers(5, 400, 150).tolist()
     prompts = [{"prompt_token_ids": rng.integers(5, 400, n).tolist()} for n in (3, 64, 65, 200)]
-    prompts += [{"prompt_token_ids": base}, {"prompt_token_ids": base + [7, 8, 9]},  # a prefix-cache hit
-                {"prompt_token_ids": rng.integers(5, 400, 700).tolist()}]  # chunks of 512 and 188
+    prompts += [{"prompt_token_ids": rng.integers(5, 400, 700).tolist()}]  # chunks of 512 and 188
     for a, b in zip(_run_alone(graphs, prompts), _run_alone(eager, prompts)):
+        _same(a, b)
+    # the second prompt's prefill starts after 144 cached tokens (prompt logprobs would turn that off)
+    pair = [{"prompt_token_ids": base}, {"prompt_token_ids": base + [7, 8, 9]}]
+    for a, b in zip(_run_alone(graphs, pair, NO_PROMPT_LOGPROBS), _run_alone(eager, pair, NO_PROMPT_LOGPROBS)):
         _same(a, b)
     runner = graphs.llm_engine.runner
     assert runner.prefill_graphs is not None and len(runner.prefill_graphs.graphs) >= 4
