@@ -404,26 +404,39 @@ def run_hf(args, model_dir: str, prompts, warmup) -> dict:
             lens.append(len(row) if stop is None else stop + 1)
         return lens, [r[m.bool()].tolist() for r, m in zip(ids, mask)]
 
-    runs = []
+    runs, failed = [], []
     for bs in args.hf_batch_size:
-        generate(warmup[:bs], args.warmup_output_len)
         t0 = time.perf_counter()
         lens: list[int] = []
         ran: list[list[int]] = []
-        for i in range(0, len(prompts), bs):
-            batch_lens, batch_ids = generate(prompts[i:i + bs], args.output_len)
-            lens += batch_lens
-            ran += batch_ids
+        try:
+            generate(warmup[:bs], args.warmup_output_len)
+            t0 = time.perf_counter()
+            for i in range(0, len(prompts), bs):
+                batch_lens, batch_ids = generate(prompts[i:i + bs], args.output_len)
+                lens += batch_lens
+                ran += batch_ids
+        except torch.OutOfMemoryError:  # a batch size too large for the device: the others still count
+            failed.append({"batch_size": bs, "error": "out of memory"})
+            print(f"  hf batch {bs}: out of memory", file=sys.stderr, flush=True)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
         elapsed = time.perf_counter() - t0
         runs.append(_result("hf", prompts, lens, elapsed, args.output_len, ran_prompt_ids=ran,
                             load_s=load_s, batch_size=bs, notes=f"generate, batch {bs}"))
         print(f"  hf batch {bs}: {runs[-1]['output_tokens_per_s']:.1f} output tok/s in {elapsed:.1f}s",
               file=sys.stderr, flush=True)
+    if not runs:
+        raise RuntimeError("HF generate ran out of memory at every batch size: "
+                           + ",".join(map(str, args.hf_batch_size)))
     best = max(runs, key=lambda r: (r["outputs_ok"] and r.get("prompt_ids_ok", True), r["output_tokens_per_s"]))
     best = dict(best, all_batch_sizes=[{k: r[k] for k in ("batch_size", "elapsed_s", "output_tokens_per_s")}
-                                       for r in runs])
-    if len(runs) > 1:
-        best["notes"] += " (best of " + ",".join(map(str, args.hf_batch_size)) + ")"
+                                       for r in runs] + failed)
+    if len(args.hf_batch_size) > 1:
+        best["notes"] += " (best of " + ",".join(map(str, args.hf_batch_size)) + \
+            "".join(f"; {f['batch_size']}: out of memory" for f in failed) + ")"
     return best
 
 
