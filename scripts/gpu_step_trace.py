@@ -23,6 +23,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from gpu_profile import kernel_table  # noqa: E402  (scripts/ is on the path when this runs as a script)
 from vlmserve import LLM, SamplingParams
 from vlmserve.benchmarks import throughput as tp
 from vlmserve.benchmarks.gpu_models import write_model_dir
@@ -151,14 +152,7 @@ def main() -> int:
         prof = prof_box.get(key)
         if prof is None:
             continue
-        rows = []
-        for e in prof.key_averages():
-            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-            if t and e.device_type == torch.autograd.DeviceType.CUDA:
-                rows.append({"kernel": e.key[:90], "calls_per_step": e.count / n, "ms_per_step": t / 1e3 / n})
-        rows.sort(key=lambda r: -r["ms_per_step"])
-        res[f"{name}_gpu_busy_ms"] = sum(r["ms_per_step"] for r in rows)
-        res[f"{name}_top_kernels"] = rows[:15]
+        res[f"{name}_gpu_busy_ms"], res[f"{name}_top_kernels"] = kernel_table(prof, n, top=15)
     if "prefill_wall" in prof_box:
         res["prefill_step_wall_ms"] = 1e3 * prof_box["prefill_wall"]
     res["triton_variants"] = compiled_variants()
