@@ -28,8 +28,7 @@ from vlmserve import LLM, SamplingParams
 from vlmserve.benchmarks import throughput as tp
 from vlmserve.benchmarks.gpu_models import write_model_dir
 
-VISION_PREFIXES = ("vision_tower", "visual", "multi_modal_projector", "model.vision_tower", "model.visual",
-                   "model.multi_modal_projector")
+VISION_PARTS = ("vision_tower", "visual", "multi_modal_projector")  # LLaVA's and Qwen2-VL's parameter names
 
 
 def copy_bandwidth() -> float:
@@ -47,7 +46,7 @@ def weight_split(model) -> tuple[int, int, int]:
     without embeddings; vision parameters)."""
     lm_bytes = lm_params = vision = 0
     for name, p in model.named_parameters():
-        if name.startswith(VISION_PREFIXES) or ".visual." in name or "vision_tower" in name:
+        if any(part in name for part in VISION_PARTS):
             vision += p.numel()
         elif "embed_tokens" not in name:
             lm_bytes += p.numel() * p.element_size()

@@ -406,7 +406,6 @@ def run_hf(args, model_dir: str, prompts, warmup) -> dict:
 
     runs, failed = [], []
     for bs in args.hf_batch_size:
-        t0 = time.perf_counter()
         lens: list[int] = []
         ran: list[list[int]] = []
         try:

@@ -55,6 +55,25 @@ if triton is not None:
             tl.store(kc_ptr + dst, k, mask=m)
             tl.store(vc_ptr + dst, v, mask=m)
 
+    @triton.jit
+    def _attend_tile(q, kc_ptr, vc_ptr, table_ptr, toks, tm, keep, kvh, block_size, stride_cb, stride_cs,
+                     stride_ch, d, dm, m, l, acc, PREC: tl.constexpr):
+        """One tile of the online softmax shared by both attention kernels: gather the K and V rows
+        of tokens `toks` (valid where `tm`) through the sequence's block table, score them against
+        q, drop the scores outside `keep`, and fold the tile into the running max m, sum l and acc."""
+        blk = tl.load(table_ptr + toks // block_size, mask=tm, other=0)
+        off = blk.to(tl.int64) * stride_cb + (toks % block_size) * stride_cs + kvh * stride_ch
+        k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+        v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return m_new, l, acc
+
     @triton.jit(do_not_specialize=["stride_tb"], do_not_specialize_on_alignment=["tables_ptr", "seq_lens_ptr"])
     def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                        scale, window, block_size,
@@ -90,18 +109,8 @@ if triton is not None:
         for n0 in range(lo, hi, BLOCK_N):
             toks = n0 + tl.arange(0, BLOCK_N)
             tm = toks < hi
-            blk = tl.load(tables_ptr + b * stride_tb + toks // block_size, mask=tm, other=0)
-            off = blk.to(tl.int64) * stride_cb + (toks % block_size) * stride_cs + kvh * stride_ch
-            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            s = tl.where(tm[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m = m_new
+            m, l, acc = _attend_tile(q, kc_ptr, vc_ptr, tables_ptr + b * stride_tb, toks, tm, tm[None, :], kvh,
+                                     block_size, stride_cb, stride_cs, stride_ch, d, dm, m, l, acc, PREC)
         safe_l = tl.where(l > 0, l, 1.0)
         if NUM_SPLITS == 1:
             o = acc / safe_l[:, None]
@@ -166,21 +175,11 @@ if triton is not None:
             for n0 in range(lo, hi, BLOCK_N):
                 toks = n0 + tl.arange(0, BLOCK_N)
                 tm = toks < hi
-                blk = tl.load(tables_ptr + seq * stride_tb + toks // block_size, mask=tm, other=0)
-                off = blk.to(tl.int64) * stride_cb + (toks % block_size) * stride_cs + kvh * stride_ch
-                k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-                v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC)
                 keep = tm[None, :] & (toks[None, :] <= qpos[:, None])
                 if window > 0:
                     keep = keep & (toks[None, :] > qpos[:, None] - window)
-                s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 1))
-                p = tl.exp(s - m_new[:, None])
-                alpha = tl.exp(m - m_new)
-                l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-                m = m_new
+                m, l, acc = _attend_tile(q, kc_ptr, vc_ptr, tables_ptr + seq * stride_tb, toks, tm, keep, kvh,
+                                         block_size, stride_cb, stride_cs, stride_ch, d, dm, m, l, acc, PREC)
             o = acc / tl.where(l > 0, l, 1.0)[:, None]
             tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=rm[:, None] & dm[None, :])
