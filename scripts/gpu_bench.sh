@@ -5,6 +5,8 @@
 #          (the kernels against their torch references, the device's ceilings)
 #   llava  LLaVA-1.5-7B shape, 336x336 images: bench latency, bench throughput (beside HF), profile
 #   qwen   Qwen2-VL-7B shape, 1024x1024 images: the same
+#   alternatives   scripts/gpu_alternatives.py: the alternatives to the attention kernels, the GEMVs and the
+#                  CPU preprocessing, measured beside them
 #   check_sweep    scripts/gpu_check.py with the tile-size sweeps (--sweep)
 #   {llava,qwen}_{latency,throughput,profile,trace}
 #                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
@@ -55,6 +57,8 @@ for part in $PARTS; do
             step cpu_tests 90 python -m pytest -q -p no:cacheprovider tests/test_clip_image_processing.py \
                 tests/test_mrope_lookup.py
             step gpu_check "${T_CHECK:-150}" python scripts/gpu_check.py --out "$OUT/gpu_check.json" ;;
+        alternatives)  # attention, GEMV and preprocessing alternatives against what runs now
+            step alternatives "${T_ALT:-240}" python scripts/gpu_alternatives.py --out "$OUT/alternatives.json" ;;
         check_sweep)  # the kernel checks, plus tile-size sweeps of the decode attention and GEMV kernels
             step gpu_check "${T_CHECK:-240}" python scripts/gpu_check.py --sweep --out "$OUT/gpu_check.json" ;;
         llava_latency|qwen_latency|llava_throughput|qwen_throughput|llava_profile|qwen_profile|llava_trace|qwen_trace)

@@ -178,7 +178,7 @@ def main() -> int:
             total = time.perf_counter() - t0
         # the prefix cache serves the prompt now: the run is (almost) only decode steps
         res["decode_wall_ms_per_step"] = 1e3 * total / n
-        busy, top = kernel_table(prof, n)
+        busy, top = kernel_table(prof, n, top=30)
         res["decode_gpu_busy_ms_per_step"] = busy
         res["decode_host_gap_ms_per_step"] = res["decode_wall_ms_per_step"] - busy  # host work not overlapped
         res["decode_top_kernels"] = top

@@ -1,0 +1,226 @@
+"""Alternatives measured before choosing (issue 5), each against what vlmserve runs now, on the GPU:
+- prefill attention without cached context: the Triton paged kernel against torch's FlashAttention
+  varlen op (and cuDNN's, where this torch has it), LLaVA- and Qwen2-VL-shaped;
+- vision-tower attention over packed images (non-causal): SDPA per length (now) against the
+  varlen ops;
+- decode GEMVs of a 7B model, 32 layers back to back in one CUDA graph: cuBLAS against cuBLASLt;
+- Qwen2-VL preprocessing of a 1024x1024 image: the CPU fast path against the same ops on the GPU,
+  and HF's processor with device="cuda".
+Writes --out (JSON) and prints each row.
+
+    python scripts/gpu_alternatives.py --out /tmp/alternatives.json"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import triton
+
+from vlmserve.kernels import triton_paged_attention as tpa
+from vlmserve.layers.vision_attention import varlen_attention
+
+DEV = "cuda"
+ROWS: list[dict] = []
+
+
+def emit(**row):
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def flash_varlen(q, k, v, cu, max_len, causal, scale):
+    out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, causal, False,
+                                                  scale=scale)
+    return out[0]
+
+
+def cudnn_varlen(q, k, v, cu, max_len, causal, scale):
+    out = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_len, max_len, True, 0.0, causal,
+                                                  False, scale=scale)
+    return out[0]
+
+
+def schemas():
+    for name in ("_flash_attention_forward", "_cudnn_attention_forward", "_efficient_attention_forward"):
+        op = getattr(torch.ops.aten, name, None)
+        emit(what="schema", op=name, schema=str(op.default._schema) if op is not None else None)
+    try:
+        import torch.nn.attention.varlen as v
+        import inspect
+        emit(what="schema", op="varlen_attn", schema=str(inspect.signature(v.varlen_attn)))
+    except Exception as e:  # noqa: BLE001
+        emit(what="schema", op="varlen_attn", schema=f"absent: {e}")
+
+
+def prefill_attention(nseq, L, hq, hkv, d):
+    T = nseq * L
+    q = torch.randn(T, hq, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(T, hkv, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(T, hkv, d, device=DEV, dtype=torch.bfloat16)
+    bs = 16
+    nb = -(-L // bs)
+    kc = torch.zeros(nseq * nb + 1, bs, hkv, d, device=DEV, dtype=torch.bfloat16)
+    vc = torch.zeros_like(kc)
+    tables = torch.arange(nseq * nb, device=DEV).view(nseq, nb)
+    slots = torch.cat([(tables[i, :, None] * bs + torch.arange(bs, device=DEV)).flatten()[:L] for i in range(nseq)])
+    tpa.store_kv(k, v, kc, vc, slots)
+    qsl = torch.arange(0, T + 1, L, device=DEV, dtype=torch.int32)
+    seq_lens = torch.full((nseq,), L, device=DEV)
+    scale = d ** -0.5
+    out = torch.empty_like(q)
+
+    def ours():
+        tpa.paged_prefill_attention(q, kc, vc, tables, qsl, seq_lens, scale, None, first_seq=0,
+                                    max_query_len=L, out=out)
+    ours()
+    ref = out.clone()
+    flops = 4 * nseq * L * L / 2 * hq * d
+    shape = f"{nseq}x{L} Hq={hq} Hkv={hkv} D={d} causal"
+    ms = bench(ours)
+    emit(what="prefill_attention", impl="triton", shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9)
+    for name, fn in (("flash", flash_varlen), ("cudnn", cudnn_varlen)):
+        try:
+            o = fn(q, k, v, qsl, L, True, scale)
+            err = rel_err(o, ref)
+            ms = bench(lambda: fn(q, k, v, qsl, L, True, scale))
+            emit(what="prefill_attention", impl=name, shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9, rel_err=err)
+        except Exception as e:  # noqa: BLE001
+            emit(what="prefill_attention", impl=name, shape=shape, error=f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def vision_attention(nseq, L, h, d):
+    T = nseq * L
+    q, k, v = (torch.randn(T, h, d, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    cu_list = list(range(0, T + 1, L))
+    cu = torch.tensor(cu_list, device=DEV, dtype=torch.int32)
+    scale = d ** -0.5
+    flops = 4 * nseq * L * L * h * d
+    shape = f"{nseq}x{L} H={h} D={d} bidirectional"
+    ref = varlen_attention(q, k, v, cu_list, scale)
+    ms = bench(lambda: varlen_attention(q, k, v, cu_list, scale))
+    emit(what="vision_attention", impl="sdpa_by_length", shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9)
+    for name, fn in (("flash", flash_varlen), ("cudnn", cudnn_varlen)):
+        try:
+            o = fn(q, k, v, cu, L, False, scale)
+            err = rel_err(o, ref)
+            ms = bench(lambda: fn(q, k, v, cu, L, False, scale))
+            emit(what="vision_attention", impl=name, shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9, rel_err=err)
+        except Exception as e:  # noqa: BLE001
+            emit(what="vision_attention", impl=name, shape=shape, error=f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def gemv_chain():
+    """The decode GEMVs of Llama-2-7B (qkv, o, gate_up, down) x 32 layers, M=1, in one graph."""
+    torch.manual_seed(0)
+    shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
+    layers = [[torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for n, k in shapes] for _ in range(32)]
+    nbytes = sum(w.numel() * 2 for ws in layers for w in ws)
+    xs = {k: torch.randn(1, k, device=DEV, dtype=torch.bfloat16) for _, k in shapes}
+
+    def chain():
+        for ws in layers:
+            for w in ws:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+    for lib in ("cublas", "cublaslt"):
+        try:
+            torch.backends.cuda.preferred_blas_library(lib)
+            chain()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                chain()
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                chain()
+            ms = bench(g.replay)
+            emit(what="gemv_chain", impl=lib, gb=nbytes / 1e9, ms=ms, tbps=nbytes / ms / 1e9)
+        except Exception as e:  # noqa: BLE001
+            emit(what="gemv_chain", impl=lib, error=f"{type(e).__name__}: {str(e)[:200]}")
+    torch.backends.cuda.preferred_blas_library("cublas")
+    layers.clear()
+
+
+def qwen_preprocess():
+    import torchvision.transforms.v2.functional as tvF
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessor
+
+    from vlmserve.models.qwen2_vl_image_processing import FastQwen2VLImageProcessor
+
+    proc = Qwen2VLImageProcessor()
+    fast = FastQwen2VLImageProcessor.from_hf(proc, 14, 2, 2)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
+    lo, hi = proc.size["shortest_edge"], proc.size["longest_edge"]
+    cpu_pix, grid = fast(img, lo, hi)
+    t = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fast(img, lo, hi)
+        t.append(time.perf_counter() - t0)
+    emit(what="qwen_preprocess", impl="cpu_fast_path", ms=1e3 * sorted(t)[2], patches=cpu_pix.shape[0])
+    h, w = fast.resized_hw(1024, 1024, lo, hi)
+    mean, std = fast.mean.to(DEV), fast.std.to(DEV)
+    host = torch.from_numpy(np.asarray(img)).pin_memory()
+
+    def gpu():
+        x = host.to(DEV, non_blocking=True).permute(2, 0, 1)
+        x = tvF.resize(x, [h, w], interpolation=fast._interp, antialias=True)
+        x = (x.float() - mean) / std
+        p, m = 14, 2
+        gh, gw = h // p, w // p
+        x = x.view(1, 3, gh // m, m, p, gw // m, m, p).permute(2, 5, 3, 6, 1, 0, 4, 7)
+        return x.expand(gh // m, gw // m, m, m, 3, 2, p, p).reshape(gh * gw, 3 * 2 * p * p)
+    g = gpu()
+    torch.cuda.synchronize()
+    d = (g.cpu() - cpu_pix).abs()
+    emit(what="qwen_preprocess", impl="gpu_same_ops", ms=bench(gpu), max_abs_diff_vs_cpu=float(d.max()),
+         frac_diff_vs_cpu=float((d > 0).float().mean()))
+    try:
+        hf = proc(images=[img], return_tensors="pt", device=DEV)["pixel_values"]
+        d2 = (hf.to(DEV) - g).abs()
+        ms = bench(lambda: proc(images=[img], return_tensors="pt", device=DEV))
+        emit(what="qwen_preprocess", impl="hf_device_cuda", ms=ms, max_abs_diff_vs_gpu_same_ops=float(d2.max()))
+    except Exception as e:  # noqa: BLE001
+        emit(what="qwen_preprocess", impl="hf_device_cuda", error=f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="alternatives.json")
+    p.add_argument("--parts", default="schemas,prefill,vision,gemv,preprocess")
+    args = p.parse_args()
+    parts = args.parts.split(",")
+    emit(what="env", torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(0))
+    if "schemas" in parts:
+        schemas()
+    if "prefill" in parts:
+        for shape in ((1, 608, 32, 32, 128), (13, 608, 32, 32, 128), (1, 1400, 28, 4, 128), (6, 1400, 28, 4, 128)):
+            prefill_attention(*shape)
+    if "vision" in parts:
+        for shape in ((1, 577, 16, 64), (8, 577, 16, 64), (1, 5476, 16, 80), (6, 5476, 16, 80)):
+            vision_attention(*shape)
+    if "preprocess" in parts:
+        qwen_preprocess()
+    if "gemv" in parts:
+        gemv_chain()
+    with open(args.out, "w") as f:
+        json.dump(ROWS, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
