@@ -3,6 +3,7 @@
   varlen op (and cuDNN's, where this torch has it), LLaVA- and Qwen2-VL-shaped;
 - vision-tower attention over packed images (non-causal): SDPA per length (now) against the
   varlen ops;
+- single-stream decode attention: KV splits, tile sizes and warps, each in a CUDA graph;
 - decode GEMVs of a 7B model, 32 layers back to back in one CUDA graph: cuBLAS against cuBLASLt;
 - Qwen2-VL preprocessing of a 1024x1024 image: the CPU fast path against the same ops on the GPU,
   and HF's processor with device="cuda".
@@ -121,6 +122,36 @@ def vision_attention(nseq, L, h, d):
             emit(what="vision_attention", impl=name, shape=shape, error=f"{type(e).__name__}: {str(e)[:200]}")
 
 
+def decode_attention_b1():
+    """Single-stream decode attention (LLaVA-1.5-7B: 32 KV heads, head_dim 128, 736 tokens of
+    context), each configuration replayed in a CUDA graph (launch cost as in a decode graph)."""
+    L, hkv, d, bs = 736, 32, 128, 16
+    nb = L // bs
+    kc = torch.randn(nb + 8, bs, hkv, d, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(nb + 8, device=DEV)[:nb].view(1, nb)
+    q = torch.randn(1, hkv, d, device=DEV, dtype=torch.bfloat16)
+    seq_lens = torch.tensor([L], device=DEV)
+    out = torch.empty_like(q)
+    ref = tpa.reference_paged_decode_attention(q, kc, vc, tables, seq_lens, d ** -0.5)
+    nbytes = 2 * L * hkv * d * 2
+    for splits in (1, 2, 4, 8, 16):
+        for block_n in (16, 32, 64, 128):
+            for warps in (2, 4, 8):
+                def fn():
+                    tpa.paged_decode_attention(q, kc, vc, tables, seq_lens, d ** -0.5, None, num_splits=splits,
+                                               out=out, block_n=block_n, num_warps=warps)
+                try:
+                    fn()
+                    err = rel_err(out, ref)
+                    ms = triton.testing.do_bench_cudagraph(fn, rep=50)
+                    emit(what="decode_attention_b1", splits=splits, block_n=block_n, num_warps=warps,
+                         us=1e3 * ms, tbps=nbytes / ms / 1e9, rel_err=err)
+                except Exception as e:  # noqa: BLE001
+                    emit(what="decode_attention_b1", splits=splits, block_n=block_n, num_warps=warps,
+                         error=f"{type(e).__name__}: {str(e)[:120]}")
+
+
 def gemv_chain():
     """The decode GEMVs of Llama-2-7B (qkv, o, gate_up, down) x 32 layers, M=1, in one graph."""
     torch.manual_seed(0)
@@ -201,7 +232,7 @@ def qwen_preprocess():
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="alternatives.json")
-    p.add_argument("--parts", default="schemas,prefill,vision,gemv,preprocess")
+    p.add_argument("--parts", default="schemas,prefill,vision,gemv,preprocess,decode1")
     args = p.parse_args()
     parts = args.parts.split(",")
     emit(what="env", torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(0))
@@ -215,6 +246,8 @@ def main() -> int:
             vision_attention(*shape)
     if "preprocess" in parts:
         qwen_preprocess()
+    if "decode1" in parts:
+        decode_attention_b1()
     if "gemv" in parts:
         gemv_chain()
     with open(args.out, "w") as f:

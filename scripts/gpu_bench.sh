@@ -7,6 +7,7 @@
 #   qwen   Qwen2-VL-7B shape, 1024x1024 images: the same
 #   alternatives   scripts/gpu_alternatives.py: the alternatives to the attention kernels, the GEMVs and the
 #                  CPU preprocessing, measured beside them
+#   gpu_tests      the pytest files with GPU-only tests
 #   check_sweep    scripts/gpu_check.py with the tile-size sweeps (--sweep)
 #   {llava,qwen}_{latency,throughput,profile,trace}
 #                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
@@ -58,7 +59,11 @@ for part in $PARTS; do
                 tests/test_mrope_lookup.py
             step gpu_check "${T_CHECK:-150}" python scripts/gpu_check.py --out "$OUT/gpu_check.json" ;;
         alternatives)  # attention, GEMV and preprocessing alternatives against what runs now
-            step alternatives "${T_ALT:-240}" python scripts/gpu_alternatives.py --out "$OUT/alternatives.json" ;;
+            step alternatives "${T_ALT:-240}" python scripts/gpu_alternatives.py --out "$OUT/alternatives.json" \
+                ${ALT_PARTS:+--parts "$ALT_PARTS"} ;;
+        gpu_tests)  # the tests that need a GPU (FlashAttention prefill, GPU preprocessing, CUDA graphs)
+            step gpu_tests "${T_TESTS:-300}" python -m pytest -q -p no:cacheprovider tests/test_flash_prefill.py \
+                tests/test_device_pixels.py tests/test_prefill_graphs.py tests/test_encoder_graphs.py ;;
         check_sweep)  # the kernel checks, plus tile-size sweeps of the decode attention and GEMV kernels
             step gpu_check "${T_CHECK:-240}" python scripts/gpu_check.py --sweep --out "$OUT/gpu_check.json" ;;
         llava_latency|qwen_latency|llava_throughput|qwen_throughput|llava_profile|qwen_profile|llava_trace|qwen_trace)

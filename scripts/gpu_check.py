@@ -16,7 +16,7 @@ import triton
 from vlmserve.kernels import triton_fused as tf
 from vlmserve.kernels import triton_gemv as tg
 from vlmserve.kernels import triton_paged_attention as tpa
-from vlmserve.layers.activation import ActAndMul
+from vlmserve.layers.activation import ActAndMul, quick_gelu_torch
 from vlmserve.layers.layernorm import RMSNorm
 from vlmserve.layers.rotary import RotaryEmbedding
 
@@ -145,6 +145,16 @@ def check_fused(rows, dtype, T, hidden, inter, hq, hkv, d):
     ms_ref = triton.testing.do_bench(lambda: act.forward_torch(x), return_mode="median")
     rows.append({"kernel": "silu_and_mul", "dtype": str(dtype), "shape": f"T={T} I={inter}", "rel_err": err,
                  "ok": err < TOL[dtype], "us": 1e3 * ms, "torch_us": 1e3 * ms_ref})
+
+    if T > 1:  # the vision MLPs' QuickGELU (Qwen2-VL: 5120 wide), against HF's ops in this dtype and in float32
+        x = 3 * torch.randn(T, 5120, device=DEV, dtype=dtype)
+        got, same_ops = tf.quick_gelu(x), quick_gelu_torch(x)
+        err = rel_err(got, quick_gelu_torch(x.float()))
+        ms = triton.testing.do_bench(lambda: tf.quick_gelu(x), return_mode="median")
+        ms_ref = triton.testing.do_bench(lambda: quick_gelu_torch(x), return_mode="median")
+        rows.append({"kernel": "quick_gelu", "dtype": str(dtype), "shape": f"T={T} N=5120", "rel_err": err,
+                     "ok": err < TOL[dtype], "us": 1e3 * ms, "torch_us": 1e3 * ms_ref,
+                     "frac_differing_from_torch_same_dtype": float((got != same_ops).float().mean())})
 
 
 def check_gemv(rows, dtype, M, K, N):

@@ -1,4 +1,4 @@
-"""The fused Triton kernels (RMSNorm, rotary, SiLU-and-mul) against the torch layers they replace,
+"""The fused Triton kernels (RMSNorm, rotary, SiLU-and-mul, QuickGELU) against the torch layers they replace,
 on the CPU through Triton's interpreter, at float32 tolerance."""
 import importlib
 import os
@@ -54,6 +54,16 @@ def test_silu_and_mul():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 2 * 40, generator=g)
     torch.testing.assert_close(tf.silu_and_mul(x), ActAndMul("silu").forward_torch(x), **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quick_gelu(dtype):
+    """Rounded as HF's three torch ops round (to the tensor's dtype after each)."""
+    from vlmserve.layers.activation import quick_gelu_torch
+    x = (4 * torch.randn(7, 333, generator=torch.Generator().manual_seed(3))).to(dtype)
+    got, ref = tf.quick_gelu(x), quick_gelu_torch(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got, ref, atol=1e-6 if dtype == torch.float32 else 1e-3, rtol=1e-5)
 
 
 def test_rotary_in_place_matches_qwen2_vl_vision_rotary():

@@ -17,6 +17,7 @@ from vlmserve.engine.output_processor import OutputProcessor
 from vlmserve.engine.scheduler import Scheduler
 from vlmserve.engine.sequence import Sequence
 from vlmserve.multimodal import MULTIMODAL_REGISTRY, MultiModalItem
+from vlmserve.multimodal.device_pixels import device_preprocess_enabled
 from vlmserve.multimodal.processing import MultiModalInputError
 from vlmserve.outputs import CompletionOutput, RequestOutput
 from vlmserve.sampling_params import SamplingParams
@@ -92,6 +93,8 @@ class LLMEngine:
         self.runner = ModelRunner(model_config, cache_config, scheduler_config, device)
         proc_cls = MULTIMODAL_REGISTRY.processor_class(type(self.runner.model))
         self.mm_processor = proc_cls(model_config, self.tokenizer, mm_processor_kwargs) if proc_cls else None
+        if self.mm_processor is not None and device_preprocess_enabled(device):
+            self.mm_processor.media_device = device
         self.limit_mm_per_prompt = dict(limit_mm_per_prompt or {})
         if self.mm_processor is not None:
             unknown = set(self.limit_mm_per_prompt) - set(self.mm_processor.modalities)

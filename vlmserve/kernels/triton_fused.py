@@ -1,5 +1,5 @@
 """Fused elementwise kernels for the GPU, in Triton: (residual add +) RMSNorm, rotary embedding
-(neox layout) applied in place to q and k, and SiLU-and-mul. Unfused, each is 5-10 small kernels
+(neox layout) applied in place to q and k, SiLU-and-mul, and QuickGELU. Unfused, each is 5-10 small kernels
 per layer, which costs more than the layer's matmuls in a small decode step. Their references are
 the torch layers they replace (layers/layernorm.py, layers/rotary.py, layers/activation.py), which
 tests and scripts/gpu_check.py compare them with."""
@@ -69,6 +69,18 @@ if triton is not None:
         u = tl.load(x_ptr + row * stride_x + n + c, mask=cm, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_o + c, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=cm)
 
+    @triton.jit
+    def _quick_gelu_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        # HF's x * sigmoid(1.702 * x) as three torch ops, each rounded to the tensor's dtype
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        x = tl.load(x_ptr + i, mask=m, other=0.0)
+        dt = x.dtype
+        xf = x.to(tl.float32)
+        t = (xf * 1.702).to(dt).to(tl.float32)
+        s = (1.0 / (1.0 + tl.exp(-t))).to(dt).to(tl.float32)
+        tl.store(out_ptr + i, (xf * s).to(dt), mask=m)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """As layers.layernorm.RMSNorm: x [T, H] (rows contiguous); with a residual, returns
@@ -109,3 +121,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(1024, _pow2(n))
         _silu_and_mul_kernel[(T, triton.cdiv(n, block))](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block)
     return out.view(*x.shape[:-1], n)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 * x) (CLIP's and Qwen2-VL's vision MLPs) in one pass instead of three."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        block = 2048
+        _quick_gelu_kernel[(triton.cdiv(n, block),)](x, out, n, BLOCK=block, num_warps=8)
+    return out

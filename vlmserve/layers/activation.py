@@ -4,7 +4,22 @@ from torch import nn
 
 from vlmserve.kernels import fused_cpu
 
-_ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu,
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's and Qwen2-VL's vision activation; on CUDA one Triton kernel (kernels/triton_fused.py)."""
+    if x.is_cuda:
+        from vlmserve.layers.layernorm import fused_kernels_enabled
+        if fused_kernels_enabled():
+            from vlmserve.kernels.triton_fused import quick_gelu as fused
+            return fused(x)
+    return quick_gelu_torch(x)
+
+
+def quick_gelu_torch(x: torch.Tensor) -> torch.Tensor:
+    """HF's QuickGELUActivation: the reference of the fused kernel."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+_ACTS = {"quick_gelu": quick_gelu, "silu": F.silu, "swish": F.silu, "gelu": F.gelu,
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 

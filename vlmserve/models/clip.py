@@ -9,10 +9,6 @@ from torch import nn
 from vlmserve.layers.activation import get_act_fn
 
 
-def _quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
-
-
 class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -51,7 +47,7 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.act = _quick_gelu if cfg.hidden_act == "quick_gelu" else get_act_fn(cfg.hidden_act)
+        self.act = get_act_fn(cfg.hidden_act)
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 

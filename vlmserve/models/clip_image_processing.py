@@ -6,14 +6,19 @@ op order and dtypes of whichever HF backend that processor uses:
 - "pil" (transformers 5's `CLIPImageProcessorPil`, 4.x's slow `CLIPImageProcessor`): PIL resize,
   crop, rescale in float64 then float32, normalize in float32,
 without HF's per-call argument handling, validation and batching (most of its time on small
-images). `FastCLIPImageProcessor.from_hf` gives None for settings it does not reproduce, and
+images). On a GPU engine, `device_pixels` leaves the resize and the rest to the encoder's device
+(torchvision backend; multimodal/device_pixels.py). `FastCLIPImageProcessor.from_hf` gives None for settings it does not reproduce, and
 `__call__` gives None for an image it cannot take: the caller then runs HF's processor."""
 from __future__ import annotations
+
+import functools
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vlmserve.multimodal.device_pixels import DevicePixels
 from vlmserve.multimodal.image_utils import RGBReader, hf_backend
 
 _PIL_BICUBIC, _PIL_BILINEAR = 3, 2
@@ -34,6 +39,7 @@ class FastCLIPImageProcessor:
         self.shortest_edge, self.crop, self.resample = shortest_edge, crop, resample
         self.rescale_factor, self.mean, self.std = rescale_factor, mean, std
         self._read_rgb = RGBReader(convert_rgb)
+        self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if backend == "torchvision":
             import torchvision.transforms.v2.functional as tvF
             self._tvF = tvF
@@ -124,11 +130,46 @@ class FastCLIPImageProcessor:
             x = self._center_crop(x)
             if x is None:
                 return None
+        return self._rescale_normalize(x)
+
+    def _rescale_normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is not None:  # the same two float32 ops as HF's normalize, in place
-            return x.to(torch.float32).sub_(self._mean_t).div_(self._std_t)
+            mean, std = self._stats(x.device)
+            return x.to(torch.float32).sub_(mean).div_(std)
         if self.rescale_factor is not None:
             return x * self.rescale_factor
         return x.contiguous()
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._device_stats:
+            self._device_stats[device] = (self._mean_t.to(device), self._std_t.to(device))
+        return self._device_stats[device]
+
+    def device_pixels(self, image, device: torch.device) -> DevicePixels | None:
+        """Like __call__ (torchvision backend only), with the resize and the rest left to the
+        encoder's device (multimodal/device_pixels.py); None: use __call__."""
+        if self.backend != "torchvision":
+            return None
+        rgb = self._read_rgb(image)
+        if rgb is None:
+            return None
+        h, w = rgb.shape[:2]
+        hw = self._resized_hw(h, w) if self.shortest_edge else (h, w)
+        if self.crop and self._crop_box(*hw) is None:
+            return None
+        with warnings.catch_warnings():  # PIL's buffer is read-only; the staging copy only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(rgb)
+        return DevicePixels.staged(x, functools.partial(self.finish_on_device, size=hw), device)
+
+    def finish_on_device(self, rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """uint8 [H, W, 3] on any device -> pixel values [3, H', W'] there, as _torchvision gives."""
+        x = rgb.permute(2, 0, 1).contiguous()
+        if self.shortest_edge:
+            x = self._tvF.resize(x, list(size), interpolation=self._interp, antialias=True)
+        if self.crop:
+            x = self._center_crop(x)
+        return self._rescale_normalize(x)
 
     def _pil(self, rgb: np.ndarray) -> torch.Tensor | None:
         if self.shortest_edge:

@@ -59,7 +59,12 @@ class LlavaProcessor(BaseMultiModalProcessor):
 
     def process_raw(self, modality: str, items: list, kwargs: dict) -> list[ProcessedItem]:
         fast = self.fast_image_processor if not kwargs else None  # kwargs override HF's settings
-        pixels = [fast(item) if fast is not None else None for item in items]
+        if fast is None:
+            pixels = [None] * len(items)
+        elif self.media_device is not None:  # resized and normalized on the GPU, as the encoder runs
+            pixels = [fast.device_pixels(item, self.media_device) or fast(item) for item in items]
+        else:
+            pixels = [fast(item) for item in items]
         rest = [i for i, p in enumerate(pixels) if p is None]
         if rest:
             out = self.image_processor(images=[items[i] for i in rest], return_tensors="pt", **kwargs)

@@ -20,7 +20,7 @@ from torch import nn
 from vlmserve.config import ModelLoadError
 from vlmserve.kernels.triton_fused import rotary_inplace
 from vlmserve.layers.activation import get_act_fn
-from vlmserve.layers.layernorm import RMSNorm, fused_kernels_enabled
+from vlmserve.layers.layernorm import fused_kernels_enabled
 from vlmserve.layers.vision_attention import varlen_attention
 from vlmserve.models.qwen2 import Qwen2ForCausalLM
 from vlmserve.models.qwen2_vl_image_processing import FastQwen2VLImageProcessor
@@ -50,14 +50,6 @@ KNOWN_KWARGS = ("min_pixels", "max_pixels", "fps")
 # The video loader's sampling keys (num_frames, max_frames): the frames that reach the processor
 # are already sampled, so it accepts and ignores them wherever they were set.
 IGNORED_KWARGS = tuple(k for k in VIDEO_SAMPLING_KEYS if k not in KNOWN_KWARGS)
-
-
-def _quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
-
-
-def vision_act(name: str):
-    return _quick_gelu if name == "quick_gelu" else get_act_fn(name)
 
 
 # ---- M-RoPE positions of a prompt ------------------------------------------------------------
@@ -322,9 +314,13 @@ class Qwen2VLMultiModalProcessor(BaseMultiModalProcessor):
     def _process_images(self, images: list, size: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """-> (pixel values, grid [t, h, w]) per image: the fast path where it applies, HF's
         processor (in one call) for the others."""
-        fast = self.fast_image_processor
-        out = [fast(im, size["shortest_edge"], size["longest_edge"]) if fast is not None else None
-               for im in images]
+        fast, lo, hi = self.fast_image_processor, size["shortest_edge"], size["longest_edge"]
+        if fast is None:
+            out = [None] * len(images)
+        elif self.media_device is not None:  # resized and normalized on the GPU, as the encoder runs
+            out = [fast.device_pixels(im, lo, hi, self.media_device) for im in images]
+        else:
+            out = [fast(im, lo, hi) for im in images]
         rest = [i for i, o in enumerate(out) if o is None]
         if rest:
             hf = self.image_processor(images=[images[i] for i in rest], size=size, return_tensors="pt")
@@ -433,7 +429,7 @@ class VisionMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.act = vision_act(act)
+        self.act = get_act_fn(act)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))

@@ -10,14 +10,18 @@ its time on large images:
   of patches, the frame repeated for the temporal patch): the output is the only large fresh
   allocation, where HF makes a float copy of the whole image first (on large images the page
   faults of fresh memory cost more than the arithmetic).
+On a GPU engine, `device_pixels` leaves the resize and the rest to the encoder's device
+(multimodal/device_pixels.py).
 `FastQwen2VLImageProcessor.from_hf` gives None for settings it does not reproduce, and `__call__`
 gives None for an image it cannot take (not a PIL image): the caller then runs HF's processor."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 
+from vlmserve.multimodal.device_pixels import DevicePixels
 from vlmserve.multimodal.image_utils import RGBReader, hf_backend
 
 _PIL_BICUBIC, _PIL_BILINEAR = 3, 2
@@ -35,6 +39,7 @@ class FastQwen2VLImageProcessor:
         self._interp = {_PIL_BICUBIC: tvF.InterpolationMode.BICUBIC,
                         _PIL_BILINEAR: tvF.InterpolationMode.BILINEAR}[resample]
         self._read_rgb = RGBReader(convert_rgb)
+        self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_hf(cls, proc, patch_size: int, merge_size: int,
@@ -79,6 +84,36 @@ class FastQwen2VLImageProcessor:
             x = torch.from_numpy(rgb).permute(2, 0, 1)  # channels-last view, no copy
         x = self._resize(x, [h, w], interpolation=self._interp, antialias=True)
         return self._normalize_into_patches(x), torch.tensor([[1, h // self.patch, w // self.patch]])
+
+    def device_pixels(self, image, min_pixels: int, max_pixels: int,
+                      device: torch.device) -> tuple[DevicePixels, torch.Tensor] | None:
+        """Like __call__, with the resize and the rest left to the encoder's device: (DevicePixels
+        that give the pixel values there, grid [1, h, w]), or None (then use __call__)."""
+        rgb = self._read_rgb(image)
+        if rgb is None:
+            return None
+        h, w = self.resized_hw(rgb.shape[0], rgb.shape[1], min_pixels, max_pixels)
+        with warnings.catch_warnings():  # PIL's buffer is read-only; the staging copy only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(rgb)
+        return (DevicePixels.staged(x, functools.partial(self.finish_on_device, size=(h, w)), device),
+                torch.tensor([[1, h // self.patch, w // self.patch]]))
+
+    def finish_on_device(self, rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """uint8 [H, W, 3] on any device -> the pixel values there: HF's resize, rescale and
+        normalize, and patch layout, as whole-image ops (on the CPU: __call__'s numbers)."""
+        x = self._resize(rgb.permute(2, 0, 1), list(size), interpolation=self._interp, antialias=True)
+        mean, std = self._stats(x.device)
+        x = (x.to(torch.float32) - mean) / std
+        p, m, t = self.patch, self.merge, self.temporal
+        gh, gw = size[0] // p, size[1] // p
+        x = x.view(1, 3, gh // m, m, p, gw // m, m, p).permute(2, 5, 3, 6, 1, 0, 4, 7)
+        return x.expand(gh // m, gw // m, m, m, 3, t, p, p).reshape(gh * gw, 3 * t * p * p)
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._device_stats:
+            self._device_stats[device] = (self.mean.to(device), self.std.to(device))
+        return self._device_stats[device]
 
     def _normalize_into_patches(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [3, H, W] (any layout) -> float32 [patches, 3 * temporal * patch^2] in HF's order:

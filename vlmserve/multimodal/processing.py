@@ -50,6 +50,9 @@ class BaseMultiModalProcessor:
         self.tokenizer = tokenizer
         self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
         self.hidden_size = text_config(self.hf_config).hidden_size
+        # Set by the engine on a GPU: processors may then leave resizing and normalizing to that
+        # device, handing over DevicePixels (multimodal/device_pixels.py) instead of pixel values.
+        self.media_device: torch.device | None = None
 
     # ---- what a model's processor provides ------------------------------------------------
     def placeholder_token_id(self, modality: str) -> int:

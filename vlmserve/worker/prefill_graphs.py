@@ -3,8 +3,10 @@ the whole model eagerly in ~15 kernel launches per layer, and at batch 1 the hos
 slower than the GPU's work (an H100 finished LLaVA-1.5-7B's 608-token prefill in 16 ms of kernels
 but the step took 28 ms). That is time to first token at low load.
 
-One graph per token-count bucket (multiples of 64 up to 512, of 128 up to `max_tokens`), captured
-on first use into one shared memory pool, at most `max_graphs`. A step of T tokens replays the
+One graph per token-count bucket (multiples of 64 up to 512, of 128 up to `max_tokens`) and per
+kind of chunk (a whole fresh prompt, or a chunk after cached context: the attention backend may
+take different kernels for them), captured on first use into one shared memory pool, at most
+`max_graphs`. A step of T tokens replays the
 smallest bucket >= T: rows T.. get token 0, position 0 and slot -1 (the KV store skips them); the
 prefill kernel reads the real length from the device-side query offsets and skips their tiles.
 Each row of the other layers depends on its own input only, so padded rows change nothing in the
@@ -47,25 +49,25 @@ class PrefillGraphs:
         self.block_tables = torch.zeros((1, -(-max_model_len // block_size)), dtype=torch.long, device=device)
         # multimodal models: the merged embeddings go in instead of the ids
         self.embeds = torch.zeros((n, hidden_size), dtype=dtype, device=device) if hidden_size else None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.enabled = bool(self.buckets)
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, fresh: bool) -> AttentionMetadata:
         return AttentionMetadata(
             num_decodes=0, query_start_loc=[0, bs], seq_lens=[bs], slot_mapping=self.slot_mapping[:bs],
             block_tables=self.block_tables, seq_lens_tensor=self.seq_lens, block_size=self.block_size,
-            query_start_loc_tensor=self.query_start_loc)
+            query_start_loc_tensor=self.query_start_loc, prefill_without_context=fresh)
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int, fresh: bool) -> torch.Tensor:
         embeds = self.embeds[:bs] if self.embeds is not None else None
-        return self.model(self.input_ids[:bs], self.positions[..., :bs], self._meta(bs), inputs_embeds=embeds)
+        return self.model(self.input_ids[:bs], self.positions[..., :bs], self._meta(bs, fresh), inputs_embeds=embeds)
 
     @torch.inference_mode()
-    def _capture(self, bs: int) -> None:
+    def _capture(self, bs: int, fresh: bool) -> None:
         # a harmless step to record: one real row at slot -1, reading one cache slot of block 0
         self.slot_mapping.fill_(-1)
         self.seq_lens.fill_(1)
@@ -73,16 +75,17 @@ class PrefillGraphs:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._forward(bs)  # warm-up: kernel compilation and allocations happen outside the graph
+            self._forward(bs, fresh)  # warm-up: kernel compilation and allocations happen outside the graph
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                out = self._forward(bs)
+                out = self._forward(bs, fresh)
         if self.pool is None:
             self.pool = graph.pool()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        self.graphs[bs] = (graph, out)
-        logger.info("captured a CUDA graph of prefill steps up to %d tokens (%d graphs)", bs, len(self.graphs))
+        self.graphs[bs, fresh] = (graph, out)
+        logger.info("captured a CUDA graph of prefill steps up to %d tokens%s (%d graphs)", bs,
+                    " without cached context" if fresh else "", len(self.graphs))
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, seq_len: int,
@@ -95,11 +98,12 @@ class PrefillGraphs:
         if not self.enabled or bs is None or (embeds is None) != (self.embeds is None) \
                 or table.shape[0] > self.block_tables.shape[1] or positions.shape[:-1] != self.positions.shape[:-1]:
             return None
-        if bs not in self.graphs:
+        fresh = seq_len == T  # nothing cached before this chunk: the attention needs no cache reads
+        if (bs, fresh) not in self.graphs:
             if len(self.graphs) >= self.max_graphs:
                 return None
             try:
-                self._capture(bs)
+                self._capture(bs, fresh)
             except Exception as e:  # a model whose forward syncs with the host, say
                 logger.warning("prefill CUDA graph capture failed (%s); prefill steps run eagerly", e)
                 self.enabled = False
@@ -116,6 +120,6 @@ class PrefillGraphs:
         self.block_tables[0, :table.shape[0]].copy_(table, non_blocking=True)
         if embeds is not None:
             self.embeds[:T].copy_(embeds)
-        graph, out = self.graphs[bs]
+        graph, out = self.graphs[bs, fresh]
         graph.replay()
         return out[:T]

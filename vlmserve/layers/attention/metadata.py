@@ -22,6 +22,11 @@ class AttentionMetadata:
     # query_start_loc on the device, where the caller keeps it there (a CUDA graph's static input);
     # else backends that need it make it from the list
     query_start_loc_tensor: torch.Tensor | None = None
+    # Whether every prefill chunk starts at its sequence's first token (nothing cached before it),
+    # which lets a backend attend over the step's own k, v instead of the paged cache. None: the
+    # backend works it out from the host-side lengths. A CUDA graph sets it, so that a replay
+    # takes the path its capture took.
+    prefill_without_context: bool | None = None
 
     @property
     def num_seqs(self) -> int:

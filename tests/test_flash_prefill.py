@@ -1,0 +1,80 @@
+"""FlashAttention for prefill chunks without cached context (layers/attention/triton_backend.py), on
+a GPU in bf16: prompt logprobs and tokens as the Triton prefill kernel gives them, in steps that mix
+decode rows with fresh prompts, with prefix-cache hits (which take the Triton kernel), and through
+the prefill CUDA graphs (a graph per kind of chunk)."""
+import numpy as np
+import pytest
+import torch
+
+from vlmserve import LLM, SamplingParams
+from vlmserve.testing.checkpoints import make_text_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention needs a GPU")
+PARAMS = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, prompt_logprobs=3, ignore_eos=True)
+TOL = 0.05  # bf16: the two kernels round differently
+
+
+def _close(a, b):
+    for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+        for tok in set(x) & set(y):
+            assert abs(x[tok].logprob - y[tok].logprob) < TOL
+    first_a, first_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+    for tok in set(first_a) & set(first_b):
+        assert abs(first_a[tok].logprob - first_b[tok].logprob) < TOL
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # GQA (4 query heads per KV head), head_dim 64
+    return make_text_checkpoint(str(tmp_path_factory.mktemp("llama_gqa")), "llama", num_key_value_heads=1)
+
+
+def _prompts(seed, lengths):
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(5, 400, n).tolist()} for n in lengths]
+
+
+def test_flash_prefill_equals_triton_kernel_in_mixed_steps(model_dir):
+    llm = LLM(model_dir, dtype="bfloat16", max_model_len=1024, max_num_seqs=3, enforce_eager=True)
+    backend = llm.llm_engine.runner.attn_backend
+    if not backend.flash:
+        pytest.skip("this torch has no FlashAttention for this GPU")
+    prompts = _prompts(0, (5, 130, 64, 300, 17, 257, 90))  # 3 at a time: later ones join decoding ones
+    before = backend.num_flash_prefill_steps
+    flash = llm.generate(prompts, PARAMS, use_tqdm=False)
+    assert backend.num_flash_prefill_steps > before
+    backend.flash = False
+    try:
+        llm.llm_engine.block_manager.reset_prefix_cache()
+        triton = llm.generate(prompts, PARAMS, use_tqdm=False)
+    finally:
+        backend.flash = True
+    for a, b in zip(flash, triton):
+        _close(a, b)
+
+
+def test_prefix_hits_and_graphs_with_flash_prefill(model_dir, monkeypatch):
+    graphs = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
+    monkeypatch.setenv("VLMSERVE_PREFILL_GRAPH_TOKENS", "0")
+    eager = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
+    monkeypatch.delenv("VLMSERVE_PREFILL_GRAPH_TOKENS")
+    if not graphs.llm_engine.runner.attn_backend.flash:
+        pytest.skip("this torch has no FlashAttention for this GPU")
+    base = _prompts(1, (200,))[0]["prompt_token_ids"]
+    no_prompt_lp = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, ignore_eos=True)
+    for llm in (graphs, eager):
+        llm.generate({"prompt_token_ids": base}, no_prompt_lp, use_tqdm=False)
+    # alone: a fresh prompt (flash), then one whose first 192 tokens are cached (the Triton kernel)
+    outs = {}
+    for name, llm in (("graphs", graphs), ("eager", eager)):
+        outs[name] = [llm.generate(p, PARAMS, use_tqdm=False)[0] for p in _prompts(2, (70, 333))]
+        outs[name] += [llm.generate({"prompt_token_ids": base + [7, 8, 9]}, no_prompt_lp, use_tqdm=False)[0]]
+    for a, b in zip(outs["graphs"][:2], outs["eager"][:2]):
+        _close(a, b)
+    a, b = outs["graphs"][2], outs["eager"][2]
+    for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+        for tok in set(x) & set(y):
+            assert abs(x[tok].logprob - y[tok].logprob) < TOL
+    kinds = {fresh for _, fresh in graphs.llm_engine.runner.prefill_graphs.graphs}
+    assert kinds == {True, False}  # one graph per kind of chunk
+    assert graphs.llm_engine.scheduler.num_cached_tokens > 0
