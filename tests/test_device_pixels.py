@@ -120,7 +120,8 @@ def test_gpu_device_path_is_hf_on_the_gpu():
         image = noise(*size, seed=sum(size))
         deferred, grid = fast.device_pixels(image, *QWEN_PIXELS, device=torch.device("cuda"))
         assert deferred.image.is_pinned()
-        ref = hf(images=[image], return_tensors="pt", device="cuda")
+        ref = hf(images=[image], size={"shortest_edge": QWEN_PIXELS[0], "longest_edge": QWEN_PIXELS[1]},
+                 return_tensors="pt", device="cuda")
         assert torch.equal(grid, ref["image_grid_thw"].cpu())
         assert torch.equal(deferred.to("cuda"), ref["pixel_values"].to("cuda"))
     hf, fast = clip_fast()
