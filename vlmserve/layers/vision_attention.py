@@ -24,10 +24,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return _sdpa(q[None], k[None], v[None], scale)[0]
     out = torch.empty_like(q)
     for length, starts in by_length.items():
-        rows = (torch.tensor(starts, device=q.device)[:, None]
-                + torch.arange(length, device=q.device)[None, :]).flatten()
         n = len(starts)
         shape = (n, length) + q.shape[1:]
+        if starts == list(range(starts[0], starts[0] + n * length, length)):
+            # back to back (images of one size): a view, no gather or scatter
+            rows = slice(starts[0], starts[0] + n * length)
+            if n * length == q.shape[0]:
+                return _sdpa(q.view(shape), k.view(shape), v.view(shape), scale).reshape(q.shape)
+        else:
+            rows = (torch.tensor(starts, device=q.device)[:, None]
+                    + torch.arange(length, device=q.device)[None, :]).flatten()
         o = _sdpa(q[rows].view(shape), k[rows].view(shape), v[rows].view(shape), scale)
         out[rows] = o.reshape(n * length, *q.shape[1:])
     return out
