@@ -1,15 +1,18 @@
-"""FlashAttention for prefill chunks without cached context (layers/attention/triton_backend.py), on
-a GPU in bf16: prompt logprobs and tokens as the Triton prefill kernel gives them, in steps that mix
-decode rows with fresh prompts, with prefix-cache hits (which take the Triton kernel), and through
-the prefill CUDA graphs (a graph per kind of chunk)."""
+"""FlashAttention for prefill chunks without cached context (layers/attention/triton_backend.py): on
+the CPU, which sequences of a step it takes; on a GPU in bf16, prompt logprobs and tokens as the
+Triton prefill kernel gives them, in steps that mix decode rows, chunks with cached context and
+fresh prompts, with prefix-cache hits (which take the Triton kernel), and through the prefill CUDA
+graphs (a graph per kind of chunk)."""
 import numpy as np
 import pytest
 import torch
 
 from vlmserve import LLM, SamplingParams
+from vlmserve.layers.attention import AttentionMetadata
+from vlmserve.layers.attention.triton_backend import TritonPagedAttentionBackend
 from vlmserve.testing.checkpoints import make_text_checkpoint
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention needs a GPU")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention needs a GPU")
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, prompt_logprobs=3, ignore_eos=True)
 TOL = 0.05  # bf16: the two kernels round differently
 
@@ -34,8 +37,37 @@ def _prompts(seed, lengths):
     return [{"prompt_token_ids": rng.integers(5, 400, n).tolist()} for n in lengths]
 
 
+@pytest.mark.parametrize("num_decodes, chunks, fresh_from", [
+    (2, [(0, 5), (0, 9)], 2),            # decodes, then two fresh prompts: all prefill to flash
+    (1, [(40, 8), (0, 9), (0, 3)], 2),   # a chunk after cached context first: it to Triton, the rest to flash
+    (0, [(0, 5), (12, 4)], 2),           # the last chunk has context: all to Triton
+    (3, [], 3),                          # decode only
+])
+def test_which_sequences_take_flash(num_decodes, chunks, fresh_from):
+    backend = TritonPagedAttentionBackend(torch.device("cpu"))
+    backend.flash = True
+    qsl, seq_lens = list(range(num_decodes + 1)), [30] * num_decodes
+    for ctx, n in chunks:
+        qsl.append(qsl[-1] + n)
+        seq_lens.append(ctx + n)
+    T = qsl[-1]
+    meta = AttentionMetadata(num_decodes=num_decodes, query_start_loc=qsl, seq_lens=seq_lens,
+                             slot_mapping=torch.zeros(T, dtype=torch.long), block_tables=torch.zeros(len(seq_lens), 4),
+                             seq_lens_tensor=torch.tensor(seq_lens), block_size=16)
+    backend._step_info(meta)
+    if not chunks:
+        return
+    assert backend._fresh_from == fresh_from
+    if fresh_from < len(seq_lens):
+        assert backend._fresh_cu.tolist() == [q - qsl[fresh_from] for q in qsl[fresh_from:]]
+        assert backend._fresh_max_len == max(n for ctx, n in chunks[fresh_from - num_decodes:])
+
+
+@gpu
 def test_flash_prefill_equals_triton_kernel_in_mixed_steps(model_dir):
-    llm = LLM(model_dir, dtype="bfloat16", max_model_len=1024, max_num_seqs=3, enforce_eager=True)
+    # chunks of 96 tokens: steps hold decodes, a long prompt's later chunk and a new prompt's first
+    llm = LLM(model_dir, dtype="bfloat16", max_model_len=1024, max_num_seqs=3, max_num_batched_tokens=96,
+              enforce_eager=True)
     backend = llm.llm_engine.runner.attn_backend
     if not backend.flash:
         pytest.skip("this torch has no FlashAttention for this GPU")
@@ -53,6 +85,7 @@ def test_flash_prefill_equals_triton_kernel_in_mixed_steps(model_dir):
         _close(a, b)
 
 
+@gpu
 def test_prefix_hits_and_graphs_with_flash_prefill(model_dir, monkeypatch):
     graphs = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
     monkeypatch.setenv("VLMSERVE_PREFILL_GRAPH_TOKENS", "0")

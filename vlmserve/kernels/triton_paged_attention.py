@@ -247,15 +247,17 @@ def _dot_precision(cache: torch.Tensor) -> str:
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale: float,
                             sliding_window: int | None = None, first_seq: int = 0, max_query_len: int | None = None,
                             out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64,
-                            num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
-    """Sequences first_seq.. of a flat batch. q: [T, Hq, D] (the whole batch); query_start_loc [B + 1]
-    and seq_lens [B] device tensors; the chunk's own k, v must already be in the cache. Writes the
-    rows of those sequences into `out` ([T, Hq, D]) and returns it."""
+                            num_warps: int | None = None, num_stages: int = 2,
+                            num_seqs: int | None = None) -> torch.Tensor:
+    """Sequences first_seq.. (num_seqs of them; default: all the rest) of a flat batch. q: [T, Hq, D]
+    (the whole batch); query_start_loc [B + 1] and seq_lens [B] device tensors; the chunk's own k, v
+    must already be in the cache. Writes the rows of those sequences into `out` ([T, Hq, D]) and
+    returns it."""
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     if out is None:
         out = torch.empty_like(q)
-    num = seq_lens.shape[0] - first_seq
+    num = seq_lens.shape[0] - first_seq if num_seqs is None else num_seqs
     if num <= 0:
         return out
     if max_query_len is None:

@@ -1,9 +1,9 @@
 """The CUDA attention backend: the Triton paged-attention kernels (vlmserve/kernels/
 triton_paged_attention.py) over the same KV cache layout as TorchSDPABackend. Decode rows go
 through the split-KV decode kernel, prefill chunks through the varlen prefill kernel, which reads
-the cached context (earlier chunks, prefix-cache hits) from the paged cache. A step whose prefill
-chunks have no cached context (whole fresh prompts, the common case) attends over its own k, v with
-torch's FlashAttention varlen op instead: 1.2-1.6x faster than the Triton kernel at these shapes on
+the cached context (earlier chunks, prefix-cache hits) from the paged cache. Prefill chunks with no
+cached context (whole fresh prompts, the common case; those after the last chunk that has some)
+attend over the step's own k, v through torch's FlashAttention varlen op instead: 1.2-1.6x faster than the Triton kernel at these shapes on
 an H100 (scripts/gpu_alternatives.py; BENCHMARKS.md). VLMSERVE_FLASH_PREFILL=0 keeps the Triton kernel.
 
 CUDA-graph safe for decode batches: nothing here reads a device tensor back to the host; the
@@ -47,8 +47,10 @@ class TritonPagedAttentionBackend:
         self._qsl = None
         self._max_query_len = 0
         self.flash = _flash_available(dev)
-        self._fresh = False  # this step's prefill chunks have no cached context
-        self._fresh_cu = None  # their offsets from the first prefill token, on the device
+        self._fresh_from = 0  # this step's prefill sequences from here on have no cached context
+        self._fresh_cu = None  # their offsets from the first of their tokens, on the device
+        self._fresh_max_len = 0
+        self._paged_max_len = 0
         self.num_flash_prefill_steps = 0
 
     def _step_info(self, meta) -> None:
@@ -65,14 +67,27 @@ class TritonPagedAttentionBackend:
                     meta.slot_mapping.device, non_blocking=True)
             # the launch grid covers the longest chunk the host-side offsets allow (in a prefill
             # graph: the bucket); the kernel reads the real lengths from the device
-            self._max_query_len = max(qsl[i + 1] - qsl[i] for i in range(nd, meta.num_seqs))
-            fresh = meta.prefill_without_context
-            if fresh is None:
-                fresh = all(meta.seq_lens[i] == qsl[i + 1] - qsl[i] for i in range(nd, meta.num_seqs))
-            self._fresh = self.flash and fresh
-            if self._fresh:
+            B = meta.num_seqs
+            self._max_query_len = max(qsl[i + 1] - qsl[i] for i in range(nd, B))
+            # The prefill sequences from _fresh_from on start at their first token (nothing cached
+            # before them): FlashAttention takes those, the Triton kernel the ones before.
+            fresh_from = B
+            if self.flash:
+                if meta.prefill_without_context is not None:
+                    fresh_from = nd if meta.prefill_without_context else B
+                else:
+                    while fresh_from > nd and meta.seq_lens[fresh_from - 1] == qsl[fresh_from] - qsl[fresh_from - 1]:
+                        fresh_from -= 1
+            self._fresh_from = fresh_from
+            if fresh_from < B:
                 self.num_flash_prefill_steps += 1
-                self._fresh_cu = self._qsl[nd:] if qsl[nd] == 0 else self._qsl[nd:] - qsl[nd]
+                p0 = qsl[fresh_from]
+                self._fresh_cu = self._qsl[fresh_from:] if p0 == 0 else self._qsl[fresh_from:] - p0
+                self._fresh_max_len = max(qsl[i + 1] - qsl[i] for i in range(fresh_from, B))
+            if nd < fresh_from < B:
+                self._paged_max_len = max(qsl[i + 1] - qsl[i] for i in range(nd, fresh_from))
+            else:
+                self._paged_max_len = self._max_query_len
         self._meta = meta
 
     def forward(self, layer, q, k, v, kv_cache, meta):
@@ -80,9 +95,9 @@ class TritonPagedAttentionBackend:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         tpa.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         self._step_info(meta)
-        nd = meta.num_decodes
-        flash = meta.num_seqs > nd and self._fresh and flash_prefill_usable(layer, q)
-        if flash and nd == 0:
+        nd, B = meta.num_decodes, meta.num_seqs
+        fresh_from = self._fresh_from if B > nd and flash_prefill_usable(layer, q) else B
+        if fresh_from == 0:
             return self._flash_prefill(layer, q, k, v, 0)
         out = torch.empty_like(q)
         if nd:
@@ -90,17 +105,17 @@ class TritonPagedAttentionBackend:
             tpa.paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
                                        meta.seq_lens_tensor[:nd], layer.scale, layer.sliding_window,
                                        num_splits=splits, out=out[:nd])
-        if flash:
-            p0 = meta.query_start_loc[nd]
-            out[p0:] = self._flash_prefill(layer, q, k, v, p0)
-        elif meta.num_seqs > nd:
+        if fresh_from > nd:
             tpa.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, self._qsl,
-                                        meta.seq_lens_tensor, layer.scale, layer.sliding_window,
-                                        first_seq=nd, max_query_len=self._max_query_len, out=out)
+                                        meta.seq_lens_tensor, layer.scale, layer.sliding_window, first_seq=nd,
+                                        max_query_len=self._paged_max_len, out=out, num_seqs=fresh_from - nd)
+        if fresh_from < B:
+            p0 = meta.query_start_loc[fresh_from]
+            out[p0:] = self._flash_prefill(layer, q, k, v, p0)
         return out
 
     def _flash_prefill(self, layer, q, k, v, p0: int) -> torch.Tensor:
         """Causal attention of the prefill rows p0.. within their own chunks (no cached context)."""
-        L = self._max_query_len
+        L = self._fresh_max_len
         return torch.ops.aten._flash_attention_forward(q[p0:], k[p0:], v[p0:], self._fresh_cu, self._fresh_cu,
                                                        L, L, 0.0, True, False, scale=layer.scale)[0]
