@@ -65,6 +65,18 @@ def schemas():
         emit(what="schema", op="varlen_attn", schema=f"absent: {e}")
 
 
+def varlen_ops(what, shape, flops, ref, args):
+    """torch's FlashAttention and cuDNN varlen ops on args (q, k, v, cu_seqlens, max_len, causal,
+    scale): time, rate and error against ref, or the error they raise."""
+    for name, fn in (("flash", flash_varlen), ("cudnn", cudnn_varlen)):
+        try:
+            err = rel_err(fn(*args), ref)
+            ms = bench(lambda: fn(*args))
+            emit(what=what, impl=name, shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9, rel_err=err)
+        except Exception as e:  # noqa: BLE001
+            emit(what=what, impl=name, shape=shape, error=f"{type(e).__name__}: {str(e)[:200]}")
+
+
 def prefill_attention(nseq, L, hq, hkv, d):
     T = nseq * L
     q = torch.randn(T, hq, d, device=DEV, dtype=torch.bfloat16)
@@ -91,14 +103,7 @@ def prefill_attention(nseq, L, hq, hkv, d):
     shape = f"{nseq}x{L} Hq={hq} Hkv={hkv} D={d} causal"
     ms = bench(ours)
     emit(what="prefill_attention", impl="triton", shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9)
-    for name, fn in (("flash", flash_varlen), ("cudnn", cudnn_varlen)):
-        try:
-            o = fn(q, k, v, qsl, L, True, scale)
-            err = rel_err(o, ref)
-            ms = bench(lambda: fn(q, k, v, qsl, L, True, scale))
-            emit(what="prefill_attention", impl=name, shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9, rel_err=err)
-        except Exception as e:  # noqa: BLE001
-            emit(what="prefill_attention", impl=name, shape=shape, error=f"{type(e).__name__}: {str(e)[:200]}")
+    varlen_ops("prefill_attention", shape, flops, ref, (q, k, v, qsl, L, True, scale))
 
 
 def vision_attention(nseq, L, h, d):
@@ -112,14 +117,7 @@ def vision_attention(nseq, L, h, d):
     ref = varlen_attention(q, k, v, cu_list, scale)
     ms = bench(lambda: varlen_attention(q, k, v, cu_list, scale))
     emit(what="vision_attention", impl="sdpa_by_length", shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9)
-    for name, fn in (("flash", flash_varlen), ("cudnn", cudnn_varlen)):
-        try:
-            o = fn(q, k, v, cu, L, False, scale)
-            err = rel_err(o, ref)
-            ms = bench(lambda: fn(q, k, v, cu, L, False, scale))
-            emit(what="vision_attention", impl=name, shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9, rel_err=err)
-        except Exception as e:  # noqa: BLE001
-            emit(what="vision_attention", impl=name, shape=shape, error=f"{type(e).__name__}: {str(e)[:200]}")
+    varlen_ops("vision_attention", shape, flops, ref, (q, k, v, cu, L, False, scale))
 
 
 def decode_attention_b1():
