@@ -3,6 +3,7 @@ width). The model's processor gave each multimodal prompt its positions; the run
 them, whatever the model."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -14,7 +15,7 @@ def multirow_positions(items, positions: list[int], query_start_loc: list[int], 
     with `mrope_positions` takes them for its prompt tokens (prefill chunks, prefix-cache hits and
     recomputes after preemption slice the same stored table) and plain position + delta in every
     row for the tokens after the prompt."""
-    out = torch.tensor(positions, dtype=torch.long).expand(rows, -1).clone()
+    out = torch.from_numpy(np.array(positions, dtype=np.int64)).expand(rows, -1).clone()
     for i, it in enumerate(items):
         seq = it.seq
         table = seq.mrope_positions
