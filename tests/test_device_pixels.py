@@ -101,15 +101,16 @@ def test_qwen2_vl_engine_with_device_pixels_generates_the_same(tmp_path):
     d = make_qwen2_vl_checkpoint(str(tmp_path / "qwen"))
     llm = LLM(d, dtype="float32", max_model_len=256, limit_mm_per_prompt={"image": 2})
     image = "<|vision_start|><|image_pad|><|vision_end|>"
+    two = [noise(300, 70, 2), noise(60, 200, 3)]
     prompts = [{"prompt": f"{image} what is it", "multi_modal_data": {"image": noise(120, 90, 1)}},
-               {"prompt": f"{image} and {image}", "multi_modal_data": {"image": [noise(300, 70, 2), noise(60, 200, 3)]}}]
+               {"prompt": f"{image} and {image}", "multi_modal_data": {"image": two}}]
     _same_outputs(*_generate_both_ways(llm, prompts))
 
 
 def test_llava_engine_with_device_pixels_generates_the_same(llava_dir):
     llm = LLM(llava_dir, dtype="float32", max_model_len=256)
-    prompts = [{"prompt": f"USER: <image>\nwhat is it {i} ASSISTANT:", "multi_modal_data": {"image": noise(70 + 9 * i, 50, i)}}
-               for i in range(3)]
+    prompts = [{"prompt": f"USER: <image>\nwhat is it {i} ASSISTANT:",
+                "multi_modal_data": {"image": noise(70 + 9 * i, 50, i)}} for i in range(3)]
     _same_outputs(*_generate_both_ways(llm, prompts))
 
 

@@ -1,6 +1,6 @@
 """Fused elementwise kernels for the GPU, in Triton: (residual add +) RMSNorm, rotary embedding
-(neox layout) applied in place to q and k, SiLU-and-mul, and QuickGELU. Unfused, each is 5-10 small kernels
-per layer, which costs more than the layer's matmuls in a small decode step. Their references are
+(neox layout) applied in place to q and k, SiLU-and-mul, and QuickGELU. Unfused, each is 3-10
+small kernels per layer, which costs more than the layer's matmuls in a small decode step. Their references are
 the torch layers they replace (layers/layernorm.py, layers/rotary.py, layers/activation.py), which
 tests and scripts/gpu_check.py compare them with."""
 from __future__ import annotations

@@ -7,8 +7,9 @@ op order and dtypes of whichever HF backend that processor uses:
   crop, rescale in float64 then float32, normalize in float32,
 without HF's per-call argument handling, validation and batching (most of its time on small
 images). On a GPU engine, `device_pixels` leaves the resize and the rest to the encoder's device
-(torchvision backend; multimodal/device_pixels.py). `FastCLIPImageProcessor.from_hf` gives None for settings it does not reproduce, and
-`__call__` gives None for an image it cannot take: the caller then runs HF's processor."""
+(torchvision backend; multimodal/device_pixels.py). `FastCLIPImageProcessor.from_hf` gives None for
+settings it does not reproduce, and `__call__` gives None for an image it cannot take: the caller
+then runs HF's processor."""
 from __future__ import annotations
 
 import functools

@@ -3,17 +3,18 @@ triton_paged_attention.py) over the same KV cache layout as TorchSDPABackend. De
 through the split-KV decode kernel, prefill chunks through the varlen prefill kernel, which reads
 the cached context (earlier chunks, prefix-cache hits) from the paged cache. Prefill chunks with no
 cached context (whole fresh prompts, the common case; those after the last chunk that has some)
-attend over the step's own k, v through torch's FlashAttention varlen op instead: 1.2-1.6x faster than the Triton kernel at these shapes on
-an H100 (scripts/gpu_alternatives.py; BENCHMARKS.md). VLMSERVE_FLASH_PREFILL=0 keeps the Triton kernel.
+attend over the step's own k, v through torch's FlashAttention varlen op instead: 1.2-1.6x faster
+than the Triton kernel on an H100 at LLaVA- and Qwen2-VL-sized prompts, batched or alone (scripts/
+gpu_alternatives.py, BENCHMARKS.md). VLMSERVE_FLASH_PREFILL=0 keeps the Triton kernel for all.
 
 CUDA-graph safe for decode batches: nothing here reads a device tensor back to the host; the
 number of KV splits comes from the host-side `meta.seq_lens` (the graph runner passes the longest
 length it allows, so a captured graph keeps one split count)."""
 from __future__ import annotations
 
-import torch
-
 import os
+
+import torch
 
 from vlmserve.kernels import triton_paged_attention as tpa
 from vlmserve.layers.attention.backends import TorchSDPABackend
@@ -45,7 +46,6 @@ class TritonPagedAttentionBackend:
         self._meta = None  # the step whose host-side summaries are below (one per step, not per layer)
         self._max_decode_len = 0
         self._qsl = None
-        self._max_query_len = 0
         self.flash = _flash_available(dev)
         self._fresh_from = 0  # this step's prefill sequences from here on have no cached context
         self._fresh_cu = None  # their offsets from the first of their tokens, on the device
@@ -65,10 +65,7 @@ class TritonPagedAttentionBackend:
             else:  # pinned: an asynchronous copy (from pageable memory it waits)
                 self._qsl = torch.tensor(qsl, dtype=torch.int32, pin_memory=meta.slot_mapping.is_cuda).to(
                     meta.slot_mapping.device, non_blocking=True)
-            # the launch grid covers the longest chunk the host-side offsets allow (in a prefill
-            # graph: the bucket); the kernel reads the real lengths from the device
             B = meta.num_seqs
-            self._max_query_len = max(qsl[i + 1] - qsl[i] for i in range(nd, B))
             # The prefill sequences from _fresh_from on start at their first token (nothing cached
             # before them): FlashAttention takes those, the Triton kernel the ones before.
             fresh_from = B
@@ -79,15 +76,15 @@ class TritonPagedAttentionBackend:
                     while fresh_from > nd and meta.seq_lens[fresh_from - 1] == qsl[fresh_from] - qsl[fresh_from - 1]:
                         fresh_from -= 1
             self._fresh_from = fresh_from
+            # launch grids cover the longest chunk the host-side offsets allow (in a prefill graph:
+            # the bucket); the kernels read the real lengths from the device
             if fresh_from < B:
                 self.num_flash_prefill_steps += 1
                 p0 = qsl[fresh_from]
                 self._fresh_cu = self._qsl[fresh_from:] if p0 == 0 else self._qsl[fresh_from:] - p0
                 self._fresh_max_len = max(qsl[i + 1] - qsl[i] for i in range(fresh_from, B))
-            if nd < fresh_from < B:
+            if fresh_from > nd:
                 self._paged_max_len = max(qsl[i + 1] - qsl[i] for i in range(nd, fresh_from))
-            else:
-                self._paged_max_len = self._max_query_len
         self._meta = meta
 
     def forward(self, layer, q, k, v, kv_cache, meta):
