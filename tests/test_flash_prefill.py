@@ -3,6 +3,8 @@ the CPU, which sequences of a step it takes; on a GPU in bf16, prompt logprobs a
 Triton prefill kernel gives them, in steps that mix decode rows, chunks with cached context and
 fresh prompts, with prefix-cache hits (which take the Triton kernel), and through the prefill CUDA
 graphs (a graph per kind of chunk)."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,42 @@ def test_which_sequences_take_flash(num_decodes, chunks, fresh_from):
     if fresh_from < len(seq_lens):
         assert backend._fresh_cu.tolist() == [q - qsl[fresh_from] for q in qsl[fresh_from:]]
         assert backend._fresh_max_len == max(n for ctx, n in chunks[fresh_from - num_decodes:])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel in its interpreter")
+@pytest.mark.parametrize("chunks", [[(0, 9), (0, 5)], [(20, 6), (0, 9)], [(7, 3), (10, 4)]])
+def test_layers_flash_cannot_serve_take_the_triton_kernel_for_the_whole_step(chunks):
+    """float32 (or a sliding window): whatever the step's bookkeeping chose for FlashAttention,
+    such a layer attends over every prefill sequence with the Triton kernel, as the reference does."""
+    from types import SimpleNamespace
+
+    from vlmserve.kernels import triton_paged_attention as tpa
+
+    g = torch.Generator().manual_seed(len(chunks))
+    hq, hkv, d, bs = 4, 2, 16, 4
+    backend = TritonPagedAttentionBackend(torch.device("cpu"))
+    backend.flash = True
+    layer = SimpleNamespace(num_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, sliding_window=None)
+    nd, lens = 1, [6]  # one decode row, then the chunks
+    qsl = [0, 1]
+    for ctx, n in chunks:
+        qsl.append(qsl[-1] + n)
+        lens.append(ctx + n)
+    T, B = qsl[-1], len(lens)
+    per_seq = max(-(-L // bs) for L in lens)
+    tables = torch.arange(B * per_seq).view(B, per_seq)
+    cache = torch.randn(2, B * per_seq, bs, hkv, d, generator=g)
+    slots = []
+    for i in range(B):
+        first = lens[i] - (qsl[i + 1] - qsl[i])
+        slots += [int(tables[i, p // bs]) * bs + p % bs for p in range(first, lens[i])]
+    q, k, v = (torch.randn(T, h, d, generator=g) for h in (hq, hkv, hkv))
+    meta = AttentionMetadata(num_decodes=nd, query_start_loc=qsl, seq_lens=lens, slot_mapping=torch.tensor(slots),
+                             block_tables=tables, seq_lens_tensor=torch.tensor(lens), block_size=bs)
+    out = backend.forward(layer, q, k, v, cache, meta)
+    ref = tpa.reference_paged_prefill_attention(q, cache[0], cache[1], tables, torch.tensor(qsl), torch.tensor(lens),
+                                                layer.scale)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 @gpu

@@ -50,7 +50,7 @@ class TritonPagedAttentionBackend:
         self._fresh_from = 0  # this step's prefill sequences from here on have no cached context
         self._fresh_cu = None  # their offsets from the first of their tokens, on the device
         self._fresh_max_len = 0
-        self._paged_max_len = 0
+        self._paged_max_len = self._prefill_max_len = 0
         self.num_flash_prefill_steps = 0
 
     def _step_info(self, meta) -> None:
@@ -76,15 +76,18 @@ class TritonPagedAttentionBackend:
                     while fresh_from > nd and meta.seq_lens[fresh_from - 1] == qsl[fresh_from] - qsl[fresh_from - 1]:
                         fresh_from -= 1
             self._fresh_from = fresh_from
-            # launch grids cover the longest chunk the host-side offsets allow (in a prefill graph:
-            # the bucket); the kernels read the real lengths from the device
+            # Launch grids cover the longest chunk the host-side offsets allow (in a prefill graph:
+            # the bucket); the kernels read the real lengths from the device. The Triton kernel
+            # takes all prefill sequences in layers that FlashAttention cannot serve.
+            self._prefill_max_len = max(qsl[i + 1] - qsl[i] for i in range(nd, B))
+            self._paged_max_len = self._prefill_max_len
             if fresh_from < B:
                 self.num_flash_prefill_steps += 1
                 p0 = qsl[fresh_from]
                 self._fresh_cu = self._qsl[fresh_from:] if p0 == 0 else self._qsl[fresh_from:] - p0
                 self._fresh_max_len = max(qsl[i + 1] - qsl[i] for i in range(fresh_from, B))
-            if fresh_from > nd:
-                self._paged_max_len = max(qsl[i + 1] - qsl[i] for i in range(nd, fresh_from))
+                if fresh_from > nd:
+                    self._paged_max_len = max(qsl[i + 1] - qsl[i] for i in range(nd, fresh_from))
         self._meta = meta
 
     def forward(self, layer, q, k, v, kv_cache, meta):
@@ -103,9 +106,10 @@ class TritonPagedAttentionBackend:
                                        meta.seq_lens_tensor[:nd], layer.scale, layer.sliding_window,
                                        num_splits=splits, out=out[:nd])
         if fresh_from > nd:
+            max_len = self._paged_max_len if fresh_from < B else self._prefill_max_len
             tpa.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, self._qsl,
                                         meta.seq_lens_tensor, layer.scale, layer.sliding_window, first_seq=nd,
-                                        max_query_len=self._paged_max_len, out=out, num_seqs=fresh_from - nd)
+                                        max_query_len=max_len, out=out, num_seqs=fresh_from - nd)
         if fresh_from < B:
             p0 = meta.query_start_loc[fresh_from]
             out[p0:] = self._flash_prefill(layer, q, k, v, p0)
