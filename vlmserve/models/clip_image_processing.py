@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmserve.multimodal.device_pixels import DevicePixels
+from vlmserve.multimodal.device_pixels import DeviceCopies, DevicePixels
 from vlmserve.multimodal.image_utils import RGBReader, hf_backend
 
 _PIL_BICUBIC, _PIL_BILINEAR = 3, 2
@@ -40,18 +40,16 @@ class FastCLIPImageProcessor:
         self.shortest_edge, self.crop, self.resample = shortest_edge, crop, resample
         self.rescale_factor, self.mean, self.std = rescale_factor, mean, std
         self._read_rgb = RGBReader(convert_rgb)
-        self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if backend == "torchvision":
             import torchvision.transforms.v2.functional as tvF
             self._tvF = tvF
             self._interp = {_PIL_BICUBIC: tvF.InterpolationMode.BICUBIC,
                             _PIL_BILINEAR: tvF.InterpolationMode.BILINEAR}[resample]
-            if mean is not None and rescale_factor is not None:  # HF folds the rescale into these
-                self._mean_t = (torch.tensor(mean) * (1.0 / rescale_factor)).view(-1, 1, 1)
-                self._std_t = (torch.tensor(std) * (1.0 / rescale_factor)).view(-1, 1, 1)
-            elif mean is not None:
-                self._mean_t = torch.tensor(mean).view(-1, 1, 1)
-                self._std_t = torch.tensor(std).view(-1, 1, 1)
+            if mean is not None:  # HF folds the rescale into these
+                mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+                if rescale_factor is not None:
+                    mean_t, std_t = mean_t * (1.0 / rescale_factor), std_t * (1.0 / rescale_factor)
+                self._norm = DeviceCopies(mean_t, std_t)
         else:
             self._mean_np = np.array(mean, dtype=np.float32)[:, None, None] if mean is not None else None
             self._std_np = np.array(std, dtype=np.float32)[:, None, None] if std is not None else None
@@ -135,16 +133,11 @@ class FastCLIPImageProcessor:
 
     def _rescale_normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is not None:  # the same two float32 ops as HF's normalize, in place
-            mean, std = self._stats(x.device)
+            mean, std = self._norm.on(x.device)
             return x.to(torch.float32).sub_(mean).div_(std)
         if self.rescale_factor is not None:
             return x * self.rescale_factor
         return x.contiguous()
-
-    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._device_stats:
-            self._device_stats[device] = (self._mean_t.to(device), self._std_t.to(device))
-        return self._device_stats[device]
 
     def device_pixels(self, image, device: torch.device) -> DevicePixels | None:
         """Like __call__ (torchvision backend only), with the resize and the rest left to the

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from vlmserve.multimodal.device_pixels import DevicePixels
+from vlmserve.multimodal.device_pixels import DeviceCopies, DevicePixels
 from vlmserve.multimodal.image_utils import RGBReader, hf_backend
 
 _PIL_BICUBIC, _PIL_BILINEAR = 3, 2
@@ -39,7 +39,7 @@ class FastQwen2VLImageProcessor:
         self._interp = {_PIL_BICUBIC: tvF.InterpolationMode.BICUBIC,
                         _PIL_BILINEAR: tvF.InterpolationMode.BILINEAR}[resample]
         self._read_rgb = RGBReader(convert_rgb)
-        self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._norm = DeviceCopies(self.mean, self.std)
 
     @classmethod
     def from_hf(cls, proc, patch_size: int, merge_size: int,
@@ -103,17 +103,12 @@ class FastQwen2VLImageProcessor:
         """uint8 [H, W, 3] on any device -> the pixel values there: HF's resize, rescale and
         normalize, and patch layout, as whole-image ops (on the CPU: __call__'s numbers)."""
         x = self._resize(rgb.permute(2, 0, 1), list(size), interpolation=self._interp, antialias=True)
-        mean, std = self._stats(x.device)
+        mean, std = self._norm.on(x.device)
         x = (x.to(torch.float32) - mean) / std
         p, m, t = self.patch, self.merge, self.temporal
         gh, gw = size[0] // p, size[1] // p
         x = x.view(1, 3, gh // m, m, p, gw // m, m, p).permute(2, 5, 3, 6, 1, 0, 4, 7)
         return x.expand(gh // m, gw // m, m, m, 3, t, p, p).reshape(gh * gw, 3 * t * p * p)
-
-    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._device_stats:
-            self._device_stats[device] = (self.mean.to(device), self.std.to(device))
-        return self._device_stats[device]
 
     def _normalize_into_patches(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [3, H, W] (any layout) -> float32 [patches, 3 * temporal * patch^2] in HF's order:

@@ -52,3 +52,17 @@ class DevicePixels:
 
     def __repr__(self) -> str:
         return f"DevicePixels(uint8 image {tuple(self.image.shape)})"
+
+
+class DeviceCopies:
+    """Small constant tensors (a processor's mean and std) and their copies on each device asked for,
+    made once per device."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.tensors = tensors
+        self._copies: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._copies:
+            self._copies[device] = tuple(t.to(device) for t in self.tensors)
+        return self._copies[device]
