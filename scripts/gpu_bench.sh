@@ -11,6 +11,7 @@
 #   check_sweep    scripts/gpu_check.py with the tile-size sweeps (--sweep)
 #   {llava,qwen}_{latency,throughput,profile,trace}
 #                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
+#   {llava,qwen}_sync  latency and throughput (vlmserve only) with async scheduling off (VLMSERVE_ASYNC_SCHEDULING=0)
 #   llava_ab       LLaVA throughput, vlmserve only, media processed serially vs in the pipeline
 #   llava_profile  the LLaVA profile alone
 #   fastpath       issue 5's fast path, LLaVA: profiles now (encoder graphs checked against eager) and
@@ -63,7 +64,8 @@ for part in $PARTS; do
                 ${ALT_PARTS:+--parts "$ALT_PARTS"} ;;
         gpu_tests)  # the tests that need a GPU (FlashAttention prefill, GPU preprocessing, CUDA graphs)
             step gpu_tests "${T_TESTS:-300}" python -m pytest -q -p no:cacheprovider tests/test_flash_prefill.py \
-                tests/test_device_pixels.py tests/test_prefill_graphs.py tests/test_encoder_graphs.py ;;
+                tests/test_device_pixels.py tests/test_prefill_graphs.py tests/test_encoder_graphs.py \
+                tests/test_async_scheduling.py ;;
         check_sweep)  # the kernel checks, plus tile-size sweeps of the decode attention and GEMV kernels
             step gpu_check "${T_CHECK:-240}" python scripts/gpu_check.py --sweep --out "$OUT/gpu_check.json" ;;
         llava_latency|qwen_latency|llava_throughput|qwen_throughput|llava_profile|qwen_profile|llava_trace|qwen_trace)
@@ -86,6 +88,15 @@ for part in $PARTS; do
             m="--random-model --model-shape llava-1.5-7b --input-len 32 --output-len 128 --source-image-size 336x336"
             step "$part" "${T_LAT:-110}" env VLMSERVE_TRITON_GEMV=1 $BENCH latency $m --backends vlmserve \
                 --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/$part.json" ;;
+        llava_sync|qwen_sync)  # A/B: latency and throughput (vlmserve only) with async scheduling off
+            tag=${part%%_*}
+            if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; n=$LLAVA_N
+            else shape=qwen2-vl-7b; image=1024x1024; n=$QWEN_N; fi
+            m="--random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image"
+            step "${tag}_latency_sync" "${T_LAT:-110}" env VLMSERVE_ASYNC_SCHEDULING=0 $BENCH latency $m \
+                --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_sync.json"
+            step "${tag}_throughput_sync" "${T_TPUT:-240}" env VLMSERVE_ASYNC_SCHEDULING=0 $BENCH throughput $m \
+                --num-prompts "$n" --backends vlmserve --max-num-seqs "$SEQS" --output-json "$OUT/${tag}_throughput_sync.json" ;;
         llava) model_run llava llava-1.5-7b 336x336 "$LLAVA_N" "$LLAVA_HFB" ;;
         qwen) model_run qwen qwen2-vl-7b 1024x1024 "$QWEN_N" "$QWEN_HFB" ;;
         llava_ab)  # the media pipeline against serial processing (VLMSERVE_MEDIA_WORKERS=0), vlmserve only

@@ -117,6 +117,8 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
+    # schedule and launch step n+1 before reading step n's results (None: on for CUDA)
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         if self.max_num_seqs < 1:

@@ -346,7 +346,9 @@ def run_vlmserve(args, model_dir: str, prompts, warmup) -> dict:
                   num_preemptions=st.num_preemptions - pre0,
                   cached_prompt_tokens=st.num_cached_prompt_tokens - cached0,
                   max_batch_seqs=st.max_batch_seqs, num_kv_blocks=engine.num_kv_blocks,
-                  notes=f"max batch {st.max_batch_seqs} seqs, {st.num_steps - steps0} steps")
+                  async_scheduling=engine.async_scheduling,
+                  notes=f"max batch {st.max_batch_seqs} seqs, {st.num_steps - steps0} steps"
+                        + (", async scheduling" if engine.async_scheduling else ""))
     return res
 
 

@@ -58,7 +58,7 @@ class BlockManager:
 
     def _update_hashes(self, seq: Sequence) -> None:
         bs = self.block_size
-        for i in range(len(seq.block_hashes), seq.num_tokens // bs):
+        for i in range(len(seq.block_hashes), len(seq.token_ids) // bs):  # known tokens only
             parent = seq.block_hashes[i - 1] if i else None
             seq.block_hashes.append(
                 hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs], seq.block_extra_keys(i, bs)))
@@ -120,7 +120,8 @@ class BlockManager:
         """Register the full blocks of `seq` whose KV entries are now all computed."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        # a launched step may have computed a pending token whose id is not known yet
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         if num_full <= seq.num_cached_blocks:
             return
         self._update_hashes(seq)

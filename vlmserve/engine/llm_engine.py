@@ -21,7 +21,7 @@ from vlmserve.multimodal.device_pixels import device_preprocess_enabled
 from vlmserve.multimodal.processing import MultiModalInputError
 from vlmserve.outputs import CompletionOutput, RequestOutput
 from vlmserve.sampling_params import SamplingParams
-from vlmserve.worker.model_runner import ModelRunner
+from vlmserve.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,17 @@ def _eos_ids(model_dir: str, hf_config, tokenizer) -> set[int]:
         add(getattr(text_config(hf_config), "eos_token_id", None))
     add(tokenizer.eos_token_id)
     return ids
+
+
+def async_scheduling_enabled(config: SchedulerConfig, device: torch.device) -> bool:
+    """As configured; by default on for CUDA, where the device runs a step while the host prepares
+    the next (VLMSERVE_ASYNC_SCHEDULING=0/1 changes the default, for A/B runs)."""
+    if config.async_scheduling is not None:
+        return config.async_scheduling
+    env = os.environ.get("VLMSERVE_ASYNC_SCHEDULING")
+    if env is not None:
+        return env != "0"
+    return device.type == "cuda"
 
 
 def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
@@ -125,6 +136,8 @@ class LLMEngine:
                                                 model_config.max_model_len)
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
+        self.async_scheduling = async_scheduling_enabled(scheduler_config, device)
+        self._in_flight: tuple | None = None  # (SchedulerOutput, LaunchedStep) launched, not yet read
         self._seq_ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------
@@ -201,35 +214,72 @@ class LLMEngine:
     # ---- stepping ------------------------------------------------------------------------
     def step(self, include_unfinished: bool = False) -> list[RequestOutput]:
         """Run one scheduler + model step. Returns the outputs of requests that finished in it
-        (and, with include_unfinished, of every request that made progress)."""
+        (and, with include_unfinished, of every request that made progress).
+
+        With async scheduling, the step is launched before the previous one's results are read:
+        the host schedules and prepares step n+1 while the device runs step n, and the outputs
+        returned are those of step n. A sequence sampled in step n counts its token as pending;
+        step n+1 reads it on the device. A sequence that stops on step n's token may be in step n+1
+        too: that result is dropped. One that will stop by length is not scheduled again."""
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and self._needs_results(self._in_flight[1]):
+            outputs += self._finish_step(include_unfinished)
         sched = self.scheduler.schedule()
         st = self.stats
         st.num_preemptions = self.scheduler.num_preemptions
         st.num_cached_prompt_tokens = self.scheduler.num_cached_tokens
-        if not sched:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("scheduler made no progress: a request cannot fit in the KV cache")
-            return []
+        launched = self._launch(sched) if sched else None
+        if not self.async_scheduling:  # the text of the last step's tokens, while this one runs
+            self.output_processor.flush_all_text()
+        if launched is None and self._in_flight is None and self.scheduler.has_unfinished():
+            raise RuntimeError("scheduler made no progress: a request cannot fit in the KV cache")
+        if self._in_flight is not None:  # the previous step's results, while this one runs
+            outputs += self._finish_step(include_unfinished)
+        self._in_flight = launched
+        if launched is not None and not self.async_scheduling:
+            outputs += self._finish_step(include_unfinished)
+        return outputs
+
+    def _needs_results(self, step: LaunchedStep) -> bool:
+        """Penalties read every earlier token of a sequence on the host: wait for them."""
+        return any(seq.params.needs_penalties and seq.finish_reason is None for seq in step.sampled_seqs)
+
+    def _launch(self, sched) -> tuple:
+        st = self.stats
         stop_ids = {s.seq.seq_id: self.output_processor.stop_ids_for(s.seq)
                     for s in sched.scheduled if s.seq.params.min_tokens}
         for s in sched.scheduled:
             c = s.seq.num_computed_tokens
             st.num_prompt_tokens_computed += max(0, min(c + s.num_new_tokens, s.seq.num_prompt_tokens) - c)
-        # the text of the last step's tokens is decoded while this step's forward pass runs
-        results = self.runner.execute(sched, stop_ids, while_gpu_busy=self.output_processor.flush_all_text)
+        prev = self._in_flight[1] if self._in_flight is not None else None
+        step = self.runner.launch(sched, stop_ids, prev)
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+        for seq in step.sampled_seqs:
+            seq.num_pending_tokens += 1
         st.num_steps += 1
         nseq = len(sched.scheduled)
         st.max_batch_seqs = max(st.max_batch_seqs, nseq)
         st.batch_sizes.append(nseq)
         if len(st.batch_sizes) > 4096:
             del st.batch_sizes[:2048]
+        return sched, step
 
+    def _finish_step(self, include_unfinished: bool) -> list[RequestOutput]:
+        """Read the results of the step in flight and turn them into tokens, text and outputs."""
+        sched, step = self._in_flight
+        self._in_flight = None
+        results = self.runner.collect(step)
+        st = self.stats
         touched: dict[str, _Request] = {}
         for s, res in zip(sched.scheduled, _align(sched.scheduled, results)):
-            seq = s.seq
-            seq.num_computed_tokens += s.num_new_tokens
-            self.block_manager.cache_computed_blocks(seq)
+            seq = res.seq
+            if res.token_id is not None:
+                seq.num_pending_tokens -= 1
+            if seq.finish_reason is not None:  # aborted, or stopped on an earlier step's token
+                continue
             self.output_processor.process(res, defer_text=not include_unfinished)
+            self.block_manager.cache_computed_blocks(seq)
             if res.token_id is not None:
                 st.num_generation_tokens += 1
                 if seq.first_token_time is None:
@@ -239,6 +289,8 @@ class LLMEngine:
             req = self.requests.get(seq.request_id)
             if req is not None:
                 touched[seq.request_id] = req
+        if self.async_scheduling:  # the text of this step's tokens, while the next step runs
+            self.output_processor.flush_all_text()
 
         outputs = []
         for rid, req in touched.items():

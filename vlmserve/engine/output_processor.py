@@ -68,7 +68,9 @@ class OutputProcessor:
 
     def _check_stop(self, seq: Sequence, tok: int, defer_text: bool = False) -> None:
         p = seq.params
-        n_out = seq.num_output_tokens
+        # known tokens: under async scheduling the next step may already be sampling another one
+        n_known = len(seq.token_ids)
+        n_out = n_known - seq.num_prompt_tokens
         min_ok = n_out >= p.min_tokens
         # A stop token ends the sequence and, as in vLLM, adds no text.
         if min_ok and not p.ignore_eos and tok in self.eos_token_ids:
@@ -78,7 +80,7 @@ class OutputProcessor:
             seq.finish_reason, seq.stop_reason = "stop", tok
             return
         if defer_text and not p.stop_strings:  # decoded later, token by token, as here
-            self._pending_text.setdefault(seq.seq_id, (seq, []))[1].append(seq.num_tokens)
+            self._pending_text.setdefault(seq.seq_id, (seq, []))[1].append(n_known)
         else:
             self.flush_text(seq)
             prev_len = len(seq.output_text)
@@ -92,6 +94,6 @@ class OutputProcessor:
                     seq.finish_reason, seq.stop_reason = "stop", stop
                     return
         max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
-        if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+        if n_out >= max_tokens or n_known >= self.max_model_len:
             seq.finish_reason = "length"
             self.flush_text(seq)

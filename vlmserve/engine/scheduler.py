@@ -58,6 +58,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending_tokens and seq.will_stop_by_length(self.config.max_model_len):
+                i += 1  # finishes when its pending token is processed: no step for it
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.allocate_slots(seq, num_new):
                 victim = self.running.pop()

@@ -39,6 +39,9 @@ class Sequence:
 
         # KV cache state, owned by the block manager and the scheduler.
         self.num_computed_tokens = 0
+        # Tokens sampled by launched steps whose results are not processed yet (async scheduling):
+        # counted in num_tokens, not yet in token_ids. The next step reads the last one on the device.
+        self.num_pending_tokens = 0
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chain hashes of the full blocks of token_ids
         self.num_cached_blocks = 0  # leading blocks of block_table registered in the prefix cache
@@ -62,11 +65,20 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens known (token_ids) plus those pending from launched steps: what scheduling plans with."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Output tokens before the one the next launched step samples (pending ones included)."""
+        return self.num_tokens - self.num_prompt_tokens
+
+    def will_stop_by_length(self, max_model_len: int) -> bool:
+        """With its pending tokens, the sequence reaches max_tokens or max_model_len: it stops,
+        whatever they are, so another step for it would be wasted."""
+        max_tokens = self.params.max_tokens
+        return (max_tokens is not None and self.num_output_tokens >= max_tokens) \
+            or self.num_tokens >= max_model_len
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -95,7 +107,7 @@ class Sequence:
 
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: the KV cache is dropped; prompt and output tokens are kept."""
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # pending tokens stay pending: their results will come
         self.block_table = []
         self.num_cached_blocks = 0
         self.num_preemptions += 1

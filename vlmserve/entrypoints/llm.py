@@ -47,7 +47,7 @@ class LLM:
                  mm_processor_kwargs: dict | None = None, chat_template: str | None = None,
                  allowed_local_media_path: str | None = None,
                  allowed_media_domains: list[str] | None = None, device: str | None = None,
-                 load_format: str = "auto"):
+                 load_format: str = "auto", async_scheduling: bool | None = None):
         if task != "generate":
             raise ValueError(f"task {task!r} is not supported by this version of vlmserve (only 'generate')")
         if tensor_parallel_size != 1:
@@ -63,7 +63,8 @@ class LLM:
             max_num_batched_tokens = max(8192, max_num_seqs)
         scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs,
                                            max_num_batched_tokens=max_num_batched_tokens,
-                                           max_model_len=model_config.max_model_len)
+                                           max_model_len=model_config.max_model_len,
+                                           async_scheduling=async_scheduling)
         cache_config = CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
                                    gpu_memory_utilization=gpu_memory_utilization,
                                    enable_prefix_caching=enable_prefix_caching)

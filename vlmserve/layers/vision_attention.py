@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlmserve.device_utils import to_device
+
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                      scale: float) -> torch.Tensor:
@@ -32,7 +34,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             if n * length == q.shape[0]:
                 return _sdpa(q.view(shape), k.view(shape), v.view(shape), scale).reshape(q.shape)
         else:
-            rows = (torch.tensor(starts, device=q.device)[:, None]
+            rows = (to_device(starts, q.device, torch.long)[:, None]
                     + torch.arange(length, device=q.device)[None, :]).flatten()
         o = _sdpa(q[rows].view(shape), k[rows].view(shape), v[rows].view(shape), scale)
         out[rows] = o.reshape(n * length, *q.shape[1:])

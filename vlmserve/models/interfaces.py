@@ -14,6 +14,8 @@ class SupportsMultiModal(Protocol):
       prompt where item i goes (e.g. "<image>"), which the processor expands to the item's tokens.
     - `embed_multimodal(modality, items)`: a list of processed items (dicts of tensors, as the
       model's processor made them) -> one [num_tokens, hidden] tensor per item, in one batched call.
+      Floating-point tensors arrive on the model's device; integer ones (grid shapes, sizes) stay
+      on the host, so that reading them does not wait for the device.
     - `forward(input_ids, positions, meta, inputs_embeds)`: takes the token embeddings with the item
       embeddings already merged in at the placeholder positions (`embed_input_ids` makes the former).
     """

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from vlmserve.config import ModelLoadError
+from vlmserve.device_utils import to_device
 from vlmserve.kernels.triton_fused import rotary_inplace
 from vlmserve.layers.activation import get_act_fn
 from vlmserve.layers.layernorm import fused_kernels_enabled
@@ -489,7 +490,7 @@ class Qwen2VisionTransformer(nn.Module):
 
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         x = self.patch_embed(pixels)
-        cos_sin = self.rotary(vision_positions(grids, self.merge).to(x.device))
+        cos_sin = self.rotary(to_device(vision_positions(grids, self.merge), x.device))
         cu = frame_cu_seqlens(grids)
         for blk in self.blocks:
             x = blk(x, cos_sin, cu)

@@ -76,10 +76,11 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, vectors: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor | None,
-            max_seq_len: int) -> torch.Tensor | None:
+            max_seq_len: int, fill_ids=None) -> torch.Tensor | None:
         """Hidden states [n, H] of a decode-only batch, or None where no graph fits (then run eagerly).
         vectors: [rows of self.vectors, n], tables [n, blocks], positions [..., n] or None (1-D
-        positions are a row of vectors); host tensors, pinned for the copies to be asynchronous."""
+        positions are a row of vectors); host tensors, pinned for the copies to be asynchronous.
+        fill_ids(ids), if given, then writes on the device the ids the host does not know yet."""
         n = vectors.shape[1]
         bs = self.bucket(n)
         if bs is None or vectors.shape[0] != self.vectors.shape[0] or max_seq_len > self.max_model_len \
@@ -89,6 +90,8 @@ class DecodeGraphs:
         if not self.graphs:
             self.capture()
         self.vectors[:, :n].copy_(vectors, non_blocking=True)
+        if fill_ids is not None:
+            fill_ids(self.input_ids[:n])
         if positions is not None:
             self.positions[..., :n].copy_(positions, non_blocking=True)
         if n < bs:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from vlmserve.config import CacheConfig, ModelConfig, SchedulerConfig, text_config
+from vlmserve.device_utils import to_device
 from vlmserve.engine.scheduler import SchedulerOutput, ScheduledSeq
 from vlmserve.engine.sequence import Sequence
 from vlmserve.layers.attention import Attention, AttentionMetadata
@@ -22,6 +23,25 @@ from vlmserve.worker.positions import multirow_positions
 from vlmserve.worker.sampler import SampledLogprobs, Sampler, gather_logprobs
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward pass and sampling are queued on the device. `ModelRunner.collect`
+    waits for it and reads its results; until then the host may prepare and launch the next step,
+    whose pending inputs (the tokens sampled here) it reads from `tokens` on the device."""
+    items: list[ScheduledSeq]  # in the runner's order: decodes first
+    sample_rows: list[int]  # index into items of the sequences that sample
+    row_of: dict[int, int]  # seq id -> its row in tokens
+    tokens: torch.Tensor | None = None  # [N] sampled ids, on the device
+    tokens_host: torch.Tensor | None = None  # their copy on the host, valid once `done` is reached
+    logprobs_host: SampledLogprobs | None = None
+    prompt_logprobs_host: list[tuple[int, SampledLogprobs, int]] = field(default_factory=list)  # (item, rows, k)
+    done: torch.cuda.Event | None = None  # recorded after the host copies (CUDA only)
+
+    @property
+    def sampled_seqs(self) -> list[Sequence]:
+        return [self.items[i].seq for i in self.sample_rows]
 
 
 @dataclass
@@ -100,7 +120,7 @@ class ModelRunner:
         for mm in items:
             by_modality.setdefault(mm.modality, []).append(mm)
         for modality, mms in by_modality.items():
-            data = [{k: v.to(self.device) for k, v in mm.data.items()} for mm in mms]
+            data = [items_to_device(mm.data, self.device) for mm in mms]
             out.extend(self.model.embed_multimodal(modality, data))
         return out
 
@@ -142,11 +162,21 @@ class ModelRunner:
             self.kv_caches.append(cache)
 
     # ---- one step ------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, stop_ids: dict[int, list[int]],
                 while_gpu_busy=None) -> list[SeqStepResult]:
-        """Run the step; `while_gpu_busy()`, if given, is called once the forward pass is queued on
-        the device, before anything waits for it."""
+        """Run the step and wait for its results; `while_gpu_busy()`, if given, is called once the
+        step is queued on the device, before anything waits for it."""
+        step = self.launch(sched, stop_ids)
+        if while_gpu_busy is not None:
+            while_gpu_busy()
+        return self.collect(step)
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, stop_ids: dict[int, list[int]],
+               prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue the step's forward pass and sampling on the device without waiting for it. A decode
+        whose input token is still pending (sampled by `prev`, not collected yet) reads it from
+        prev's tokens on the device."""
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
         bs = self.block_size
         input_ids: list[int] = []
@@ -157,6 +187,8 @@ class ModelRunner:
         sample_rows: list[int] = []  # index into items
         sample_idx: list[int] = []  # index into the flat batch
         prompt_lp: list[tuple[int, int, int]] = []  # (item, first position, last position)
+        pending_at: list[int] = []  # flat positions whose token id is pending: read from prev.tokens
+        pending_rows: list[int] = []  # ... at these rows
         num_decodes = 0
         for i, it in enumerate(items):
             seq, n = it.seq, it.num_new_tokens
@@ -164,7 +196,14 @@ class ModelRunner:
             table = seq.block_table
             if n == 1:
                 num_decodes += 1
-                input_ids.append(seq.token_ids[c])
+                if c < len(seq.token_ids):
+                    input_ids.append(seq.token_ids[c])
+                else:  # sampled by the step in flight
+                    if prev is None or seq.seq_id not in prev.row_of:
+                        raise RuntimeError(f"sequence {seq.seq_id} has a pending token but no launched step")
+                    pending_at.append(len(input_ids))
+                    pending_rows.append(prev.row_of[seq.seq_id])
+                    input_ids.append(0)
                 positions.append(c)
                 slots.append(table[c // bs] * bs + c % bs)
             else:  # a prefill chunk: its slots in one vectorized expression, not a loop per token
@@ -189,8 +228,9 @@ class ModelRunner:
         max_blocks = max(len(it.seq.block_table) for it in items)
         # Every int input of the step in one host tensor, pinned on CUDA, and one asynchronous copy:
         # a torch.tensor(..., device=cuda) per input waits for its copy, five times a step.
-        # Layout: ids [T], slots [T], seq_lens [B], positions [T] (one row only), block tables [B, max_blocks];
-        # for a decode-only step (T == B) its head is the rows of the decode graphs' static inputs.
+        # Layout: ids [T], slots [T], seq_lens [B], positions [T] (one row only), block tables [B, max_blocks],
+        # then the pending inputs' flat positions [P] and rows in prev.tokens [P]; for a decode-only
+        # step (T == B) its head is the rows of the decode graphs' static inputs.
         multirow = self.position_rows > 1
         flat = input_ids + slots + seq_lens
         if not multirow:
@@ -199,12 +239,24 @@ class ModelRunner:
             table = it.seq.block_table
             flat += table
             flat += [0] * (max_blocks - len(table))
+        flat += pending_at
+        flat += pending_rows
         host = torch.from_numpy(np.array(flat, dtype=np.int64))  # ~4x faster than torch.tensor(list)
         if on_gpu:
             host = host.pin_memory()
         num_vectors = 3 + (not multirow)
         tables_at = num_vectors * T + B - T
-        host_tables = host[tables_at:].view(B, max_blocks)
+        pending_from = tables_at + B * max_blocks
+        host_tables = host[tables_at:pending_from].view(B, max_blocks)
+
+        def fill_pending(ids: torch.Tensor, pending: torch.Tensor | None = None) -> None:
+            """Write the pending input ids into `ids` (on the device), in stream order after prev."""
+            if pending_at:
+                if pending is None:
+                    pending = host[pending_from:].to(dev, non_blocking=True)
+                P = len(pending_at)
+                ids.index_copy_(0, pending[:P], prev.tokens.index_select(0, pending[P:]))
+
         pos_host = None
         if multirow:  # M-RoPE: [rows, T], from the sequences' own prompt positions
             pos_host = multirow_positions(items, positions, qsl, self.position_rows)
@@ -215,45 +267,63 @@ class ModelRunner:
         if self.use_cuda_graphs and num_decodes == B and \
                 all(it.seq.num_computed_tokens >= it.seq.num_prompt_tokens for it in items):
             hidden = self._replay_decode_graph(host[:num_vectors * T].view(num_vectors, T), host_tables,
-                                               pos_host, seq_lens)
+                                               pos_host, seq_lens, fill_pending)
         elif self.use_cuda_graphs and B == 1 and num_decodes == 0 and self.prefill_graph_tokens:
             hidden = self._replay_prefill_graph(host, T, seq_lens[0], host_tables[0], pos_host, items, multirow)
         if hidden is None:
             dev_flat = host.to(dev, non_blocking=True)
             ids_t = dev_flat[:T]
+            fill_pending(ids_t, dev_flat[pending_from:])
             meta = AttentionMetadata(
                 num_decodes=num_decodes, query_start_loc=qsl, seq_lens=seq_lens,
-                slot_mapping=dev_flat[T:2 * T], block_tables=dev_flat[tables_at:].view(B, max_blocks),
+                slot_mapping=dev_flat[T:2 * T], block_tables=dev_flat[tables_at:pending_from].view(B, max_blocks),
                 seq_lens_tensor=dev_flat[2 * T:2 * T + B], block_size=bs)
             pos_t = pos_host.to(dev, non_blocking=True) if multirow else dev_flat[2 * T + B:3 * T + B]
             hidden = self._forward(ids_t, pos_t, meta, items)
-        if while_gpu_busy is not None:
-            while_gpu_busy()  # host work of the engine that needs no result of this step
 
-        results = [SeqStepResult(it.seq) for it in items]
+        seqs = [items[i].seq for i in sample_rows]
+        step = LaunchedStep(items, sample_rows, {s.seq_id: j for j, s in enumerate(seqs)})
         if sample_rows:
-            seqs = [items[i].seq for i in sample_rows]
             lo = sample_idx[0]
             if sample_idx[-1] - lo == len(sample_idx) - 1:  # a contiguous run (always, for decodes)
                 rows = hidden[lo:lo + len(sample_idx)]
             else:  # indexing with a list would copy it to the GPU and wait
-                rows = hidden[torch.tensor(sample_idx, pin_memory=on_gpu).to(dev, non_blocking=True)]
+                rows = hidden[to_device(sample_idx, dev, torch.long)]
             logits = self.model.compute_logits(rows)
-            tokens, lp = self.sampler(logits, seqs, [stop_ids.get(s.seq_id, []) for s in seqs])
-            tokens = tokens.tolist()
-            lp_rows = _logprob_rows(lp, [s.params.logprobs for s in seqs]) if lp is not None else None
-            for j, i in enumerate(sample_rows):
-                results[i].token_id = tokens[j]
-                if lp_rows is not None and seqs[j].params.logprobs is not None:
-                    results[i].logprobs = lp_rows[j]
+            step.tokens, lp = self.sampler(logits, seqs, [stop_ids.get(s.seq_id, []) for s in seqs])
+            step.tokens_host = step.tokens.to("cpu", non_blocking=True)
+            if lp is not None:
+                step.logprobs_host = lp.to_host()
         for i, first, last in prompt_lp:
             seq = items[i].seq
             start = qsl[i] + first - seq.num_computed_tokens
             h = hidden[start:start + last - first + 1]
             logprobs = torch.log_softmax(self.model.compute_logits(h).float(), dim=-1)
-            targets = torch.tensor(seq.token_ids[first + 1:last + 2], device=dev)
+            targets = to_device(seq.token_ids[first + 1:last + 2], dev, torch.long)
             k = seq.params.prompt_logprobs
-            results[i].prompt_logprobs = _logprob_rows(gather_logprobs(logprobs, targets, k), [k] * len(targets))
+            lp = gather_logprobs(logprobs, targets, k)
+            step.prompt_logprobs_host.append((i, lp.to_host(), k))
+        if on_gpu:
+            step.done = torch.cuda.Event()
+            step.done.record()
+        return step
+
+    def collect(self, step: LaunchedStep) -> list[SeqStepResult]:
+        """Wait for a launched step and give its results, one per item, in the step's order."""
+        if step.done is not None:
+            step.done.synchronize()
+        results = [SeqStepResult(it.seq) for it in step.items]
+        if step.sample_rows:
+            seqs = step.sampled_seqs
+            tokens = step.tokens_host.tolist()
+            lp_rows = _logprob_rows(step.logprobs_host, [s.params.logprobs for s in seqs]) \
+                if step.logprobs_host is not None else None
+            for j, i in enumerate(step.sample_rows):
+                results[i].token_id = tokens[j]
+                if lp_rows is not None and seqs[j].params.logprobs is not None:
+                    results[i].logprobs = lp_rows[j]
+        for i, lp, k in step.prompt_logprobs_host:
+            results[i].prompt_logprobs = _logprob_rows(lp, [k] * lp.token_logprobs.shape[0])
         return results
 
     def _reserve_positions(self, max_position: int) -> None:
@@ -267,9 +337,10 @@ class ModelRunner:
             self.decode_graphs = None
             self.prefill_graphs = None
 
-    def _replay_decode_graph(self, vectors, tables, positions, seq_lens) -> torch.Tensor | None:
+    def _replay_decode_graph(self, vectors, tables, positions, seq_lens, fill_pending) -> torch.Tensor | None:
         """vectors: the host rows [ids, slots, seq_lens(, positions)] of a decode-only step; tables
-        [B, max_blocks] and M-RoPE positions [rows, B] (else None) on the host too."""
+        [B, max_blocks] and M-RoPE positions [rows, B] (else None) on the host too; fill_pending
+        writes the pending input ids into the graph's ids."""
         if self.decode_graphs is None:
             from vlmserve.worker.cuda_graphs import DecodeGraphs
 
@@ -283,7 +354,7 @@ class ModelRunner:
                 self.use_cuda_graphs = False
                 self.decode_graphs = None
                 return None
-        return self.decode_graphs.run(vectors, tables, positions, max(seq_lens))
+        return self.decode_graphs.run(vectors, tables, positions, max(seq_lens), fill_pending)
 
     def _replay_prefill_graph(self, host, T: int, seq_len: int, table, pos_host, items, multirow: bool):
         """One sequence's prefill chunk through a CUDA graph of its token-count bucket (host:
@@ -335,7 +406,7 @@ class ModelRunner:
         for mm in missing.values():
             by_modality.setdefault(mm.modality, []).append(mm)
         for modality, mms in by_modality.items():
-            data = [{k: v.to(self.device) for k, v in mm.data.items()} for mm in mms]
+            data = [items_to_device(mm.data, self.device) for mm in mms]
             for mm, emb in zip(mms, self.model.embed_multimodal(modality, data)):
                 if emb.shape[0] != mm.length:
                     raise RuntimeError(f"the encoder gave {emb.shape[0]} embeddings for a {modality} "
@@ -346,6 +417,14 @@ class ModelRunner:
         for dst, mm, lo, hi in spans:
             embeds[dst:dst + hi - lo] = cache.get(mm.hash)[lo:hi].to(embeds.dtype)
         return embeds
+
+
+def items_to_device(data: dict, device: torch.device) -> dict:
+    """A multimodal item's tensors for its encoder: the data on the device, copied without waiting
+    for the device (the step before may still run there); integer tensors (grid shapes, sizes)
+    stay on the host, where models read them."""
+    return {k: v if isinstance(v, torch.Tensor) and not v.is_floating_point() else v.to(device, non_blocking=True)
+            for k, v in data.items()}
 
 
 def _logprob_rows(lp: SampledLogprobs, ks: list[int | None]) -> list[tuple]:

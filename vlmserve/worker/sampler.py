@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmserve.device_utils import to_device
 from vlmserve.engine.sequence import Sequence
 
 
@@ -19,6 +20,11 @@ class SampledLogprobs:
     token_ranks: torch.Tensor  # [N] 1-based rank of it
     topk_ids: torch.Tensor  # [N, K]
     topk_logprobs: torch.Tensor  # [N, K]
+
+    def to_host(self) -> SampledLogprobs:
+        """Start the copies to the host (pinned memory, from CUDA); read them once the step is done."""
+        return SampledLogprobs(*(t.to("cpu", non_blocking=True) for t in (
+            self.token_logprobs, self.token_ranks, self.topk_ids, self.topk_logprobs)))
 
 
 def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> SampledLogprobs:
@@ -39,6 +45,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         p = seq.params
         if not p.needs_penalties:
             continue
+        if seq.num_pending_tokens:  # the engine processes a step's results before penalizing with them
+            raise RuntimeError("penalties need every earlier token of the sequence on the host")
         row_logits = logits[row]
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(seq.token_ids, device=logits.device).unique()
@@ -51,10 +59,17 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
 
 def restrict_support(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                     min_p: torch.Tensor) -> torch.Tensor:
-    """Zero out what top-k (0: off), then top-p, then min-p exclude, renormalizing in between."""
+                     min_p: torch.Tensor, use_top_k_p: bool | None = None,
+                     use_min_p: bool | None = None) -> torch.Tensor:
+    """Zero out what top-k (0: off), then top-p, then min-p exclude, renormalizing in between.
+    use_top_k_p / use_min_p: whether any row has them on; the sampler knows it on the host, so
+    that nothing is read back from the device (None: look at the tensors)."""
     vocab = probs.shape[1]
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    if use_top_k_p is None:
+        use_top_k_p = bool((top_k > 0).any()) or bool((top_p < 1).any())
+    if use_min_p is None:
+        use_min_p = bool((min_p > 0).any())
+    if use_top_k_p:
         sorted_p, order = probs.sort(dim=1, descending=True)
         ranks = torch.arange(vocab, device=probs.device)[None, :]
         k = torch.where(top_k > 0, top_k, vocab)[:, None]
@@ -66,7 +81,7 @@ def restrict_support(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
         sorted_p = sorted_p.masked_fill((mass_above >= top_p[:, None]) & (top_p[:, None] < 1), 0.0)
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
         probs = probs / probs.sum(1, keepdim=True)
-    if bool((min_p > 0).any()):
+    if use_min_p:
         thresh = probs.max(1, keepdim=True).values * min_p[:, None]
         probs = probs.masked_fill(probs < thresh, 0.0)
         probs = probs / probs.sum(1, keepdim=True)
@@ -88,7 +103,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]]):
         """logits: [N, V] for the N sampling sequences; stop_ids[i]: tokens barred until
-        min_tokens. Returns (token ids [N] on the CPU, SampledLogprobs or None)."""
+        min_tokens. Returns (token ids [N], SampledLogprobs or None), on the device: nothing here
+        waits for the device."""
         logits = logits.float()
         raw_logprobs = None
         max_k = max((s.params.logprobs or 0) for s in seqs if s.params.logprobs is not None) \
@@ -101,7 +117,7 @@ class Sampler:
             apply_penalties(logits, seqs)
             for row, seq in enumerate(seqs):
                 if seq.num_output_tokens < seq.params.min_tokens and stop_ids[row]:
-                    logits[row, stop_ids[row]] = float("-inf")
+                    logits[row].index_fill_(0, to_device(stop_ids[row], logits.device, torch.long), float("-inf"))
 
         greedy = [s.params.greedy for s in seqs]
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
@@ -109,13 +125,16 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             dev = logits.device
-            temp = torch.tensor([1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], device=dev)
+            temp = to_device([1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], dev, torch.float32)
             probs = torch.softmax(logits / temp[:, None], dim=-1)
+            top_k = [s.params.top_k for s in seqs]
+            top_p = [s.params.top_p for s in seqs]
+            min_p = [s.params.min_p for s in seqs]
             probs = restrict_support(
-                probs,
-                torch.tensor([s.params.top_k for s in seqs], device=dev),
-                torch.tensor([s.params.top_p for s in seqs], device=dev),
-                torch.tensor([s.params.min_p for s in seqs], device=dev))
+                probs, to_device(top_k, dev, torch.long), to_device(top_p, dev, torch.float32),
+                to_device(min_p, dev, torch.float32),
+                use_top_k_p=any(k > 0 for k in top_k) or any(p < 1 for p in top_p),
+                use_min_p=any(p > 0 for p in min_p))
             race = torch.empty_like(probs).exponential_(generator=self.generator)
             for row, seq in enumerate(seqs):
                 g = self._seq_generator(seq)
@@ -123,8 +142,8 @@ class Sampler:
                     race[row].exponential_(generator=g)
             tokens = (probs / race).argmax(dim=-1)
             if any(greedy):
-                mask = torch.tensor(greedy, device=dev)
+                mask = to_device(greedy, dev, torch.bool)
                 tokens = torch.where(mask, logits.argmax(dim=-1), tokens)
 
         lp = gather_logprobs(raw_logprobs, tokens, max_k) if raw_logprobs is not None else None
-        return tokens.cpu(), lp
+        return tokens, lp

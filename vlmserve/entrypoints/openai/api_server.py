@@ -189,6 +189,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepare step n+1 on the host while the device runs step n (default: on for CUDA)")
     p.add_argument("--device", default=None)
     p.add_argument("--log-interval", type=float, default=10.0, help="seconds between throughput logs")
 
@@ -207,7 +209,8 @@ def build_state(args) -> ServerState:
                                    gpu_memory_utilization=args.gpu_memory_utilization,
                                    enable_prefix_caching=args.enable_prefix_caching),
                        SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched,
-                                       max_model_len=model_config.max_model_len),
+                                       max_model_len=model_config.max_model_len,
+                                       async_scheduling=args.async_scheduling),
                        dev, limit_mm_per_prompt=args.limit_mm_per_prompt,
                        mm_processor_kwargs=args.mm_processor_kwargs)
     names = args.served_model_name or [DEMO_MODEL_NAME if args.model in (None, DEMO_MODEL_NAME) else args.model]
