@@ -254,7 +254,7 @@ def test_launch_does_not_wait_for_the_device(arch, request):
     sites: list[str] = []
     with sync_sites(sites):  # the watch sees a sync
         torch.ones(1, device="cuda").item()
-    assert len(sites) == 1
+    assert sites
     sites.clear()
     runner = llm.llm_engine.runner
     launch = runner.launch
