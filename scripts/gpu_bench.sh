@@ -12,6 +12,7 @@
 #   {llava,qwen}_{latency,throughput,profile,trace}
 #                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
 #   {llava,qwen}_sync  latency and throughput (vlmserve only) with async scheduling off (VLMSERVE_ASYNC_SCHEDULING=0)
+#   {llava,qwen}_async scripts/gpu_async_trace.py: the host's launch and wait times, syncs in launches (ASYNC_N)
 #   llava_ab       LLaVA throughput, vlmserve only, media processed serially vs in the pipeline
 #   llava_profile  the LLaVA profile alone
 #   fastpath       issue 5's fast path, LLaVA: profiles now (encoder graphs checked against eager) and
@@ -97,6 +98,12 @@ for part in $PARTS; do
                 --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_sync.json"
             step "${tag}_throughput_sync" "${T_TPUT:-240}" env VLMSERVE_ASYNC_SCHEDULING=0 $BENCH throughput $m \
                 --num-prompts "$n" --backends vlmserve --max-num-seqs "$SEQS" --output-json "$OUT/${tag}_throughput_sync.json" ;;
+        llava_async|qwen_async)  # scripts/gpu_async_trace.py: launch/collect times and the syncs in launches
+            tag=${part%%_*}
+            if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; n=${ASYNC_N:-300}
+            else shape=qwen2-vl-7b; image=1024x1024; n=${ASYNC_N:-96}; fi
+            step "$part" "${T_TRACE:-150}" python scripts/gpu_async_trace.py --model-shape "$shape" --image-size "$image" \
+                --num-prompts "$n" --max-num-seqs "$SEQS" --out "$OUT/$part.json" ;;
         llava) model_run llava llava-1.5-7b 336x336 "$LLAVA_N" "$LLAVA_HFB" ;;
         qwen) model_run qwen qwen2-vl-7b 1024x1024 "$QWEN_N" "$QWEN_HFB" ;;
         llava_ab)  # the media pipeline against serial processing (VLMSERVE_MEDIA_WORKERS=0), vlmserve only

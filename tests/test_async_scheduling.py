@@ -4,11 +4,7 @@ leave a wasted step behind, stop strings, min_tokens, seeded sampling, penalties
 the results), prompt logprobs, preemption, chunked prefill through an image, M-RoPE positions and
 aborts. On the CPU a launched step has already run, so these tests check the bookkeeping (pending
 tokens read on the device, moot results dropped); the GPU run checks that launching does not wait."""
-import contextlib
-import os
 import random
-import traceback
-import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +13,7 @@ from PIL import Image
 
 from vlmserve import LLM, SamplingParams
 from vlmserve.testing.checkpoints import make_qwen2_vl_checkpoint
+from vlmserve.testing.sync_watch import sync_sites
 
 LOGPROB_TOL = 1e-4  # batches differ by the wasted rows, so matmuls may round differently
 
@@ -209,28 +206,6 @@ def test_qwen2_vl_mrope_decode_positions(qwen_dir):
 
 
 # ---- on a GPU: launching a step does not wait for the device ----------------------------------------
-@contextlib.contextmanager
-def sync_sites(sites: list[str]):
-    """Record where code in the block makes the host wait for the device (torch's sync debug mode):
-    the innermost frames of each synchronizing call outside the libraries."""
-    lib = os.path.dirname(os.__file__)
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
-            frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(lib)
-                      and "site-packages" not in f.filename and f.filename != __file__]
-            sites.append(" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[::-1][:4]) or "?")
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = show
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
 def test_launch_does_not_wait_for_the_device(arch, request):
@@ -252,7 +227,7 @@ def test_launch_does_not_wait_for_the_device(arch, request):
               SamplingParams(temperature=0, max_tokens=10, prompt_logprobs=1, ignore_eos=True)]
     llm.generate(prompts(0), params, use_tqdm=False)
     sites: list[str] = []
-    with sync_sites(sites):  # the watch sees a sync
+    with sync_sites(sites, skip_file=__file__):  # the watch sees a sync
         torch.ones(1, device="cuda").item()
     assert sites
     sites.clear()

@@ -1,0 +1,90 @@
+"""Where the host's time goes in an offline throughput run with async scheduling (issue 5): the
+workload of `vlmserve bench throughput` through `LLM.generate`, with the runner's `launch` (host
+work that queues a step) and `collect` (the wait for the step before it) timed, and every place
+where launching made the host wait for the device (torch's sync debug mode) counted.
+
+If the device never idles, the run's time is the waits plus the host work that overlaps them; a
+launch that syncs turns that step's host work into device idle time.
+
+    python scripts/gpu_async_trace.py --model-shape llava-1.5-7b --image-size 336x336 --num-prompts 300"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+import time
+
+import torch
+
+from vlmserve import LLM, SamplingParams
+from vlmserve.benchmarks import throughput as tp
+from vlmserve.benchmarks.gpu_models import write_model_dir
+from vlmserve.testing.sync_watch import sync_sites
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-shape", default="llava-1.5-7b")
+    p.add_argument("--image-size", default="336x336")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=300)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--watch-syncs", type=int, default=1, help="0: time only (the watch costs host time)")
+    p.add_argument("--out", default="async_trace.json")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        write_model_dir(d, args.model_shape)
+        prompts = tp.make_mm_prompts(d, args.num_prompts + 8, args.input_len, 0, args.image_size)
+        max_len = max(len(tp.prompt_ids(x)) for x in prompts) + args.output_len
+        llm = LLM(d, dtype="bfloat16", max_model_len=max_len, max_num_seqs=args.max_num_seqs, load_format="dummy")
+        engine, runner = llm.llm_engine, llm.llm_engine.runner
+        inputs = [{"prompt": x["prompt"], "multi_modal_data": {"image": x["image"]}} for x in prompts]
+        llm.generate(inputs[:8], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+
+        launch, collect = runner.launch, runner.collect
+        t = collections.Counter()
+        kinds = collections.Counter()
+        sites: list[str] = []
+
+        def timed_launch(sched, *a, **k):
+            kind = "decode" if all(s.num_new_tokens == 1 for s in sched.scheduled) else "prefill/mixed"
+            kinds[kind] += 1
+            t0 = time.perf_counter()
+            n0 = len(sites)
+            if args.watch_syncs:
+                with sync_sites(sites):
+                    out = launch(sched, *a, **k)
+            else:
+                out = launch(sched, *a, **k)
+            t[f"launch {kind} s"] += time.perf_counter() - t0
+            if len(sites) > n0:
+                kinds[f"{kind} launches that synced"] += 1
+            return out
+
+        def timed_collect(step):
+            t0 = time.perf_counter()
+            if step.done is not None:
+                step.done.synchronize()
+            t["collect wait s"] += time.perf_counter() - t0
+            return collect(step)
+
+        runner.launch, runner.collect = timed_launch, timed_collect
+        t0 = time.perf_counter()
+        llm.generate(inputs[8:], SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
+                     use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+    res = {"model_shape": args.model_shape, "image_size": args.image_size, "num_prompts": args.num_prompts,
+           "async_scheduling": engine.async_scheduling, "watch_syncs": bool(args.watch_syncs),
+           "elapsed_s": elapsed, "req_per_s": args.num_prompts / elapsed, "steps": dict(kinds),
+           "times_s": dict(t), "other_host_s": elapsed - sum(t.values()),
+           "sync_sites": collections.Counter(sites).most_common(20)}
+    print(json.dumps(res, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
