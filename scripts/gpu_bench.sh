@@ -12,6 +12,9 @@
 #   {llava,qwen}_{latency,throughput,profile,trace}
 #                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
 #   {llava,qwen}_sync  latency and throughput (vlmserve only) with async scheduling off (VLMSERVE_ASYNC_SCHEDULING=0)
+#   {llava,qwen}_vlm   throughput, vlmserve only (A/B of SEQS or env settings)
+#   preprocess     scripts/gpu_preprocess_profile.py, LLaVA and Qwen2-VL images
+#   async_test     tests/test_async_scheduling.py alone
 #   {llava,qwen}_async scripts/gpu_async_trace.py: the host's launch and wait times, syncs in launches (ASYNC_N)
 #   llava_ab       LLaVA throughput, vlmserve only, media processed serially vs in the pipeline
 #   llava_profile  the LLaVA profile alone
@@ -104,6 +107,20 @@ for part in $PARTS; do
             else shape=qwen2-vl-7b; image=1024x1024; n=${ASYNC_N:-96}; fi
             step "$part" "${T_TRACE:-150}" python scripts/gpu_async_trace.py --model-shape "$shape" --image-size "$image" \
                 --num-prompts "$n" --max-num-seqs "$SEQS" --out "$OUT/$part.json" ;;
+        llava_vlm|qwen_vlm)  # throughput, vlmserve only (for A/B of engine settings: SEQS, env)
+            tag=${part%%_*}
+            if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; n=$LLAVA_N
+            else shape=qwen2-vl-7b; image=1024x1024; n=$QWEN_N; fi
+            step "$part" "${T_TPUT:-240}" $BENCH throughput --random-model --model-shape $shape --input-len 32 \
+                --output-len 128 --source-image-size $image --num-prompts "$n" --backends vlmserve \
+                --max-num-seqs "$SEQS" --output-json "$OUT/${part}_seqs$SEQS.json" ;;
+        preprocess)  # scripts/gpu_preprocess_profile.py: the host time of one image's preprocessing
+            step preprocess_llava 60 python scripts/gpu_preprocess_profile.py --model-shape llava-1.5-7b \
+                --image-size 336x336 --out "$OUT/preprocess_llava.json"
+            step preprocess_qwen 60 python scripts/gpu_preprocess_profile.py --model-shape qwen2-vl-7b \
+                --image-size 1024x1024 --out "$OUT/preprocess_qwen.json" ;;
+        async_test)  # the GPU test of async scheduling alone
+            step async_test 120 python -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py ;;
         llava) model_run llava llava-1.5-7b 336x336 "$LLAVA_N" "$LLAVA_HFB" ;;
         qwen) model_run qwen qwen2-vl-7b 1024x1024 "$QWEN_N" "$QWEN_HFB" ;;
         llava_ab)  # the media pipeline against serial processing (VLMSERVE_MEDIA_WORKERS=0), vlmserve only

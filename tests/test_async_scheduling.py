@@ -241,4 +241,7 @@ def test_launch_does_not_wait_for_the_device(arch, request):
     runner.launch = watched
     outs = llm.generate(prompts(1), params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [12, 16, 9, 14, 10]
+    # capturing a CUDA graph of a new shape waits, once (which shapes the warm-up met depends on
+    # how the prompt pipeline's threads feed the steps)
+    sites = [s for s in sites if "capture" not in s]
     assert not sites, "launching a step waited for the device at:\n" + "\n".join(sorted(set(sites)))

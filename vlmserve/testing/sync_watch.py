@@ -15,13 +15,15 @@ _LIB = os.path.dirname(os.__file__)
 @contextlib.contextmanager
 def sync_sites(sites: list[str], depth: int = 4, skip_file: str | None = None):
     """Append to `sites`, for each synchronizing call in the block, its innermost `depth` frames
-    outside the Python and site-packages libraries (and `skip_file`), innermost first."""
+    outside the Python and site-packages libraries (and `skip_file`), innermost first, as
+    "file:line function"."""
     def show(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
             return
         frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(_LIB)
                   and "site-packages" not in f.filename and f.filename not in (__file__, skip_file)]
-        sites.append(" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[::-1][:depth]) or "?")
+        sites.append(" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                                 for f in frames[::-1][:depth]) or "?")
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

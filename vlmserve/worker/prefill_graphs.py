@@ -71,7 +71,7 @@ class PrefillGraphs:
         # a harmless step to record: one real row at slot -1, reading one cache slot of block 0
         self.slot_mapping.fill_(-1)
         self.seq_lens.fill_(1)
-        self.query_start_loc[1] = 1
+        self.query_start_loc[1:].fill_(1)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -116,7 +116,7 @@ class PrefillGraphs:
             self.positions[..., T:bs].zero_()
             self.slot_mapping[T:bs].fill_(-1)
         self.seq_lens.fill_(seq_len)
-        self.query_start_loc[1] = T
+        self.query_start_loc[1:].fill_(T)  # a kernel argument: item assignment would copy and wait
         self.block_tables[0, :table.shape[0]].copy_(table, non_blocking=True)
         if embeds is not None:
             self.embeds[:T].copy_(embeds)
