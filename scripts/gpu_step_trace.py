@@ -1,8 +1,8 @@
 """Where the time of an offline throughput run goes, step by step (issue 5): the workload of
 `vlmserve bench throughput` (a --model-shape model with random weights made on the GPU, one random
 image + --input-len text tokens per request, --output-len tokens out), run through `LLM.generate`
-with every engine step timed on the host (a step ends with the sampler's copy to the host, so its
-wall time is its GPU time plus the host work that does not overlap it). Prints and writes (--out):
+with every engine step timed on the host, async scheduling off (a step ends with the sampler's copy to
+the host, so its wall time is its GPU time plus the host work that does not overlap it). Prints and writes (--out):
 - decode-only steps: how many, their total time, and per batch size their median time against the
   step's own memory floor (the language model's weights plus the KV cache of the batch, read once
   at the measured copy bandwidth);
@@ -72,7 +72,9 @@ def main() -> int:
         write_model_dir(d, args.model_shape)
         prompts = tp.make_mm_prompts(d, args.num_prompts + 8, args.input_len, 0, args.image_size)
         max_len = max(len(tp.prompt_ids(x)) for x in prompts) + args.output_len
-        llm = LLM(d, dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.max_num_seqs, load_format="dummy")
+        # steps one at a time (no async scheduling), so that each step's wall time is its own
+        llm = LLM(d, dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.max_num_seqs, load_format="dummy",
+                  async_scheduling=False)
         engine, runner = llm.llm_engine, llm.llm_engine.runner
         lm_bytes, lm_params, vision_params = weight_split(runner.model)
         kv_per_token = runner.kv_bytes_per_block() / runner.block_size
@@ -81,7 +83,7 @@ def main() -> int:
         llm.generate(inputs[:8], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
 
         steps: list[dict] = []
-        execute = runner.execute
+        launch = runner.launch
         prof_box: dict = {}
         acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
 
@@ -99,7 +101,9 @@ def main() -> int:
                 prof_box["prefill_prof"].start()
             enc0 = runner.encoder_cache.num_encoded_items
             t0 = time.perf_counter()
-            out = execute(sched, *a, **k)
+            out = launch(sched, *a, **k)
+            if out.done is not None:
+                out.done.synchronize()
             t1 = time.perf_counter()
             if prefill_now and "prefill_prof" in prof_box and "prefill_wall" not in prof_box:
                 prof_box["prefill_prof"].stop()
@@ -115,11 +119,11 @@ def main() -> int:
                           "images": runner.encoder_cache.num_encoded_items - enc0})
             return out
 
-        runner.execute = traced
+        runner.launch = traced
         t0 = time.perf_counter()
         llm.generate(inputs[8:], sp, use_tqdm=False)
         elapsed = time.perf_counter() - t0
-        runner.execute = execute
+        runner.launch = launch
 
     walls = [s["t1"] - s["t0"] for s in steps]
     gaps = [b["t0"] - a["t1"] for a, b in zip(steps, steps[1:])]
