@@ -272,7 +272,7 @@ class LLMEngine:
         results = self.runner.collect(step)
         st = self.stats
         touched: dict[str, _Request] = {}
-        for s, res in zip(sched.scheduled, _align(sched.scheduled, results)):
+        for res in _align(sched.scheduled, results):
             seq = res.seq
             if res.token_id is not None:
                 seq.num_pending_tokens -= 1
