@@ -54,3 +54,36 @@ def test_finished_and_stop_string_sequences_are_not_deferred(text_model_dir):
     init_offsets(stop)
     proc.process(SeqStepResult(stop, token_id=40), defer_text=True)
     assert not proc._pending_text and stop.output_text
+
+
+def test_backend_decode_equals_hf_decode(text_model_dir):
+    """The detokenizer calls a fast tokenizer's Rust decode directly; it gives HF's decode, special
+    tokens and multi-byte characters included, and with clean_up_tokenization_spaces HF's own decode
+    is kept."""
+    from vlmserve.engine.detokenizer import make_decode
+
+    tok = AutoTokenizer.from_pretrained(text_model_dir("llama"))
+    assert not tok.clean_up_tokenization_spaces
+    decode = make_decode(tok)
+    assert decode.__code__ is not make_decode(_WithCleanup(tok)).__code__  # the direct path was taken
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(0, 12))]
+        for skip in (False, True):
+            assert decode(ids, skip) == tok.decode(ids, skip_special_tokens=skip)
+    cleaned = make_decode(_WithCleanup(tok))
+    ids = tok("Hello , world ! it 's").input_ids
+    assert cleaned(ids, True) == _WithCleanup(tok).decode(ids, skip_special_tokens=True)
+
+
+class _WithCleanup:
+    """A tokenizer that cleans up spaces: make_decode must go through its decode."""
+
+    clean_up_tokenization_spaces = True
+
+    def __init__(self, tok):
+        self._tokenizer = tok._tokenizer
+        self.tok = tok
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens).replace(" ,", ",")

@@ -47,10 +47,11 @@ def http_media(media_dir):
     srv.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(media_dir):
+@pytest.fixture(scope="module", params=["--no-async-scheduling", "--async-scheduling"])
+def server(media_dir, request):
+    """The demo server, stepping one step at a time and with async scheduling (the default on CUDA)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "vlmserve.entrypoints.cli", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "vlmserve.entrypoints.cli", "serve", "--port", str(port), request.param,
            "--api-key", API_KEY, "--limit-mm-per-prompt", "image=2", "--dtype", "float32",
            "--allowed-local-media-path", str(media_dir), "--allowed-media-domains", "127.0.0.1",
            "--max-model-len", "1024", "--log-interval", "2"]

@@ -5,7 +5,7 @@ engine decodes it during the next step's forward pass (`flush_all_text`), off th
 and before any output of the sequence is made (`flush_text`); the text is the same."""
 from __future__ import annotations
 
-from vlmserve.engine.detokenizer import decode_new_text
+from vlmserve.engine.detokenizer import decode_new_text, make_decode
 from vlmserve.engine.sequence import Sequence
 from vlmserve.outputs import Logprob, PositionLogprobs
 from vlmserve.worker.model_runner import SeqStepResult
@@ -14,6 +14,7 @@ from vlmserve.worker.model_runner import SeqStepResult
 class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int):
         self.tokenizer = tokenizer
+        self._decode = make_decode(tokenizer)
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self._token_text: dict[int, str] = {}
@@ -45,7 +46,7 @@ class OutputProcessor:
         pending = self._pending_text.pop(seq.seq_id, None)
         if pending is not None:
             for end in pending[1]:
-                seq.output_text += decode_new_text(self.tokenizer, seq, seq.params.skip_special_tokens, end)
+                seq.output_text += decode_new_text(self._decode, seq, seq.params.skip_special_tokens, end)
 
     def flush_all_text(self) -> None:
         for seq, _ in list(self._pending_text.values()):
@@ -84,7 +85,7 @@ class OutputProcessor:
         else:
             self.flush_text(seq)
             prev_len = len(seq.output_text)
-            seq.output_text += decode_new_text(self.tokenizer, seq, p.skip_special_tokens)
+            seq.output_text += decode_new_text(self._decode, seq, p.skip_special_tokens)
         if p.stop_strings and min_ok:
             for stop in p.stop_strings:
                 idx = seq.output_text.find(stop, max(0, prev_len - len(stop) + 1))
