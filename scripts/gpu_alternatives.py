@@ -13,6 +13,7 @@ Writes --out (JSON) and prints each row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -104,6 +105,40 @@ def prefill_attention(nseq, L, hq, hkv, d):
     ms = bench(ours)
     emit(what="prefill_attention", impl="triton", shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9)
     varlen_ops("prefill_attention", shape, flops, ref, (q, k, v, qsl, L, True, scale))
+    if nseq == 1:
+        dense_sdpa("prefill_attention", shape, flops, ref, q, k, v, scale)
+
+
+def dense_sdpa(what, shape, flops, ref, q, k, v, scale):
+    """One sequence through F.scaled_dot_product_attention ([1, H, T, D], causal), by backend; GQA
+    by enable_gqa, and by K/V repeated to the query heads (the repeat timed with it)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gqa = q.shape[1] != k.shape[1]
+    qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
+
+    def run(kk, vv, **kw):
+        return F.scaled_dot_product_attention(qt, kk, vv, is_causal=True, scale=scale, **kw)[0].transpose(0, 1)
+
+    def repeated():
+        r = q.shape[1] // k.shape[1]
+        return run(kt.repeat_interleave(r, dim=1), vt.repeat_interleave(r, dim=1))
+
+    variants = [("gqa_flag", lambda: run(kt, vt, enable_gqa=gqa))]
+    if gqa:
+        variants.append(("repeat_kv", repeated))
+    for backend in (None, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        for how, fn in variants:
+            name = f"sdpa_{backend.name.lower() if backend else 'default'}_{how}"
+            try:
+                ctx = sdpa_kernel([backend]) if backend else contextlib.nullcontext()
+                with ctx:
+                    err = rel_err(fn(), ref)
+                    ms = bench(fn)
+                emit(what=what, impl=name, shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9, rel_err=err)
+            except Exception as e:  # noqa: BLE001
+                emit(what=what, impl=name, shape=shape, error=f"{type(e).__name__}: {str(e)[:160]}")
 
 
 def vision_attention(nseq, L, h, d):
