@@ -63,6 +63,7 @@ def test_which_sequences_take_flash(num_decodes, chunks, fresh_from):
     if fresh_from < len(seq_lens):
         assert backend._fresh_cu.tolist() == [q - qsl[fresh_from] for q in qsl[fresh_from:]]
         assert backend._fresh_max_len == max(n for ctx, n in chunks[fresh_from - num_decodes:])
+        assert backend._one_fresh == (fresh_from == len(seq_lens) - 1)  # one: the dense kernel
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel in its interpreter")
@@ -121,6 +122,25 @@ def test_flash_prefill_equals_triton_kernel_in_mixed_steps(model_dir):
         backend.flash = True
     for a, b in zip(flash, triton):
         _close(a, b)
+
+
+@gpu
+def test_lone_prompt_dense_attention_equals_triton_kernel(model_dir, monkeypatch):
+    """A lone fresh prompt takes dense SDPA, in a prefill graph (its bucket's padding rows after the
+    prompt) and eagerly: the same tokens and logprobs as the Triton kernel."""
+    graphs = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
+    monkeypatch.setenv("VLMSERVE_PREFILL_GRAPH_TOKENS", "0")
+    eager = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
+    monkeypatch.setenv("VLMSERVE_FLASH_PREFILL", "0")
+    triton = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
+    if not graphs.llm_engine.runner.attn_backend.flash:
+        pytest.skip("this torch has no FlashAttention for this GPU")
+    for p in _prompts(3, (70, 333, 600)):
+        want = triton.generate(p, PARAMS, use_tqdm=False)[0]
+        for llm in (graphs, eager):
+            llm.llm_engine.block_manager.reset_prefix_cache()
+            _close(llm.generate(p, PARAMS, use_tqdm=False)[0], want)
+    assert graphs.llm_engine.runner.prefill_graphs.graphs
 
 
 @gpu

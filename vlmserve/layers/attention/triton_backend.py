@@ -5,7 +5,9 @@ the cached context (earlier chunks, prefix-cache hits) from the paged cache. Pre
 cached context (whole fresh prompts, the common case; those after the last chunk that has some)
 attend over the step's own k, v through torch's FlashAttention varlen op instead: 1.2-1.6x faster
 than the Triton kernel on an H100 at LLaVA- and Qwen2-VL-sized prompts, batched or alone (scripts/
-gpu_alternatives.py, BENCHMARKS.md). VLMSERVE_FLASH_PREFILL=0 keeps the Triton kernel for all.
+gpu_alternatives.py, BENCHMARKS.md). A step with one such chunk (a lone prompt: time to first token)
+takes torch's dense SDPA instead, which picks cuDNN's kernel on an H100: 1.8-1.9x faster again than
+the varlen op there. VLMSERVE_FLASH_PREFILL=0 keeps the Triton kernel for all.
 
 CUDA-graph safe for decode batches: nothing here reads a device tensor back to the host; the
 number of KV splits comes from the host-side `meta.seq_lens` (the graph runner passes the longest
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from vlmserve.kernels import triton_paged_attention as tpa
 from vlmserve.layers.attention.backends import TorchSDPABackend
@@ -50,6 +53,7 @@ class TritonPagedAttentionBackend:
         self._fresh_from = 0  # this step's prefill sequences from here on have no cached context
         self._fresh_cu = None  # their offsets from the first of their tokens, on the device
         self._fresh_max_len = 0
+        self._one_fresh = False  # one fresh sequence: the dense kernel, over rows p0.. to the end
         self._paged_max_len = self._prefill_max_len = 0
         self.num_flash_prefill_steps = 0
 
@@ -86,6 +90,7 @@ class TritonPagedAttentionBackend:
                 p0 = qsl[fresh_from]
                 self._fresh_cu = self._qsl[fresh_from:] if p0 == 0 else self._qsl[fresh_from:] - p0
                 self._fresh_max_len = max(qsl[i + 1] - qsl[i] for i in range(fresh_from, B))
+                self._one_fresh = fresh_from == B - 1
                 if fresh_from > nd:
                     self._paged_max_len = max(qsl[i + 1] - qsl[i] for i in range(nd, fresh_from))
         self._meta = meta
@@ -117,6 +122,12 @@ class TritonPagedAttentionBackend:
 
     def _flash_prefill(self, layer, q, k, v, p0: int) -> torch.Tensor:
         """Causal attention of the prefill rows p0.. within their own chunks (no cached context)."""
+        if self._one_fresh:  # rows p0.. are one sequence (in a prefill graph, with padding rows after
+            # it, which real rows never attend to under the causal mask)
+            qt, kt, vt = (x[p0:].transpose(0, 1)[None] for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=layer.scale,
+                                               enable_gqa=layer.num_heads != layer.num_kv_heads)
+            return o[0].transpose(0, 1)
         L = self._fresh_max_len
         return torch.ops.aten._flash_attention_forward(q[p0:], k[p0:], v[p0:], self._fresh_cu, self._fresh_cu,
                                                        L, L, 0.0, True, False, scale=layer.scale)[0]
