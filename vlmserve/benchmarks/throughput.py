@@ -113,7 +113,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every backend (default: the CPUs this process may use)")
     e.add_argument("--max-num-seqs", type=int, default=256)
-    e.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step (default: the engine's, vlmserve.config.default_max_num_batched_tokens)")
     e.add_argument("--kv-cache-gib", type=int, default=4,
                    help="CPU KV cache space of vlmserve and vLLM (VLMSERVE_/VLLM_CPU_KVCACHE_SPACE)")
     e.add_argument("--enforce-eager", action="store_true", help="vlmserve without CUDA graphs")
@@ -347,7 +348,9 @@ def run_vlmserve(args, model_dir: str, prompts, warmup) -> dict:
                   cached_prompt_tokens=st.num_cached_prompt_tokens - cached0,
                   max_batch_seqs=st.max_batch_seqs, num_kv_blocks=engine.num_kv_blocks,
                   async_scheduling=engine.async_scheduling,
-                  notes=f"max batch {st.max_batch_seqs} seqs, {st.num_steps - steps0} steps"
+                  max_num_batched_tokens=engine.scheduler_config.max_num_batched_tokens,
+                  notes=f"max batch {st.max_batch_seqs} seqs, {engine.scheduler_config.max_num_batched_tokens} "
+                        f"tokens/step, {st.num_steps - steps0} steps"
                         + (", async scheduling" if engine.async_scheduling else ""))
     return res
 
@@ -501,7 +504,7 @@ def run_vllm(args, model_dir: str, prompts, warmup) -> dict:
                "--output-len", str(args.output_len), "--warmup-output-len", str(args.warmup_output_len),
                "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--seed", str(args.seed),
                "--max-num-seqs", str(args.max_num_seqs),
-               "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+               "--max-num-batched-tokens", str(args.max_num_batched_tokens or max(8192, args.max_num_seqs))]  # the CPU default
         if args.vllm_enforce_eager:
             cmd.append("--enforce-eager")
         env = dict(os.environ)

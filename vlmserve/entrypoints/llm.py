@@ -10,7 +10,7 @@ from collections.abc import Sequence as Seq
 import torch
 from tqdm.auto import tqdm
 
-from vlmserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from vlmserve.config import CacheConfig, ModelConfig, SchedulerConfig, default_max_num_batched_tokens
 from vlmserve.engine.llm_engine import LLMEngine
 from vlmserve.entrypoints.chat_utils import load_chat_template, prepare_chat
 from vlmserve.entrypoints.prompt_pipeline import PreparedPrompts, named_error, run_pipelined
@@ -60,7 +60,7 @@ class LLM:
         model_config.enforce_eager = enforce_eager
         model_config.load_format = load_format
         if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(8192, max_num_seqs)
+            max_num_batched_tokens = default_max_num_batched_tokens(dev, max_num_seqs)
         scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs,
                                            max_num_batched_tokens=max_num_batched_tokens,
                                            max_model_len=model_config.max_model_len,
