@@ -148,7 +148,10 @@ class LLMEngine:
         if n > self.model_config.max_model_len:
             raise ValueError(f"the prompt has {n} tokens, more than max_model_len="
                              f"{self.model_config.max_model_len}")
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        ids = prompt_token_ids
+        if set(map(type, ids)) <= {int, bool} and min(ids) >= 0 and max(ids) < self.vocab_size:
+            return  # the common case, checked at C speed (a Python loop took ~0.4 ms per 800 tokens)
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids out of the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
 

@@ -142,10 +142,20 @@ class BaseMultiModalProcessor:
     def _expand(self, ids: list[int], per_modality: dict[str, list[ProcessedItem]],
                 hashes: dict[str, list[str]]) -> tuple[list[int], list[MultiModalItem]]:
         placeholder_of = {self.placeholder_token_id(m): m for m in self.modalities}
+        # where the placeholders are, found by list.index (C speed; the prompt may be long)
+        at: list[tuple[int, str]] = []
+        for ph, m in placeholder_of.items():
+            i = -1
+            while True:
+                try:
+                    i = ids.index(ph, i + 1)
+                except ValueError:
+                    break
+                at.append((i, m))
+        at.sort()
         found: dict[str, int] = {m: 0 for m in self.modalities}
-        for t in ids:
-            if t in placeholder_of:
-                found[placeholder_of[t]] += 1
+        for _, m in at:
+            found[m] += 1
         for m in self.modalities:
             given = len(per_modality.get(m, []))
             if found[m] != given:
@@ -155,17 +165,17 @@ class BaseMultiModalProcessor:
         out: list[int] = []
         items: list[MultiModalItem] = []
         seen = {m: 0 for m in self.modalities}
-        for t in ids:
-            m = placeholder_of.get(t)
-            if m is None:
-                out.append(t)
-                continue
+        prev = 0
+        for i, m in at:
+            out.extend(ids[prev:i])
+            prev = i + 1
             k = seen[m]
             seen[m] += 1
             p = per_modality[m][k]
             expansion = self.expand_placeholder(m, p)
             items.append(MultiModalItem(m, len(out), len(expansion), p.data, hashes[m][k]))
             out.extend(expansion)
+        out.extend(ids[prev:])
         return out, items
 
     def expand_placeholder(self, modality: str, item: ProcessedItem) -> list[int]:
