@@ -14,8 +14,8 @@ from PIL import Image
 
 from vlmserve.multimodal.image_utils import pil_bytes
 
-_PARALLEL_BYTES = 256 << 10  # buffers from this size on are hashed in parallel parts
-_PART_BYTES = 128 << 10
+_PARALLEL_BYTES = 1 << 20  # buffers from this size on are hashed in parallel parts
+_PART_BYTES = 256 << 10
 _WORKERS = min(8, len(os.sched_getaffinity(0)))
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
