@@ -15,33 +15,19 @@ import json
 import tempfile
 import time
 
-import torch
-
-from vlmserve import LLM, SamplingParams
-from vlmserve.benchmarks import throughput as tp
-from vlmserve.benchmarks.gpu_models import write_model_dir
+from gpu_step_trace import make_workload, workload_args  # noqa: E402  (scripts/ is on the path as a script)
 from vlmserve.testing.sync_watch import sync_sites
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--model-shape", default="llava-1.5-7b")
-    p.add_argument("--image-size", default="336x336")
-    p.add_argument("--input-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--num-prompts", type=int, default=300)
-    p.add_argument("--max-num-seqs", type=int, default=128)
+    workload_args(p, num_prompts=300)
     p.add_argument("--watch-syncs", type=int, default=1, help="0: time only (the watch costs host time)")
     p.add_argument("--out", default="async_trace.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        write_model_dir(d, args.model_shape)
-        prompts = tp.make_mm_prompts(d, args.num_prompts + 8, args.input_len, 0, args.image_size)
-        max_len = max(len(tp.prompt_ids(x)) for x in prompts) + args.output_len
-        llm = LLM(d, dtype="bfloat16", max_model_len=max_len, max_num_seqs=args.max_num_seqs, load_format="dummy")
+        llm, inputs, sp = make_workload(args, d)
         engine, runner = llm.llm_engine, llm.llm_engine.runner
-        inputs = [{"prompt": x["prompt"], "multi_modal_data": {"image": x["image"]}} for x in prompts]
-        llm.generate(inputs[:8], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
 
         launch, collect = runner.launch, runner.collect
         t = collections.Counter()
@@ -72,8 +58,7 @@ def main() -> int:
 
         runner.launch, runner.collect = timed_launch, timed_collect
         t0 = time.perf_counter()
-        llm.generate(inputs[8:], SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
-                     use_tqdm=False)
+        llm.generate(inputs, sp, use_tqdm=False)
         elapsed = time.perf_counter() - t0
     res = {"model_shape": args.model_shape, "image_size": args.image_size, "num_prompts": args.num_prompts,
            "async_scheduling": engine.async_scheduling, "watch_syncs": bool(args.watch_syncs),

@@ -54,33 +54,43 @@ def weight_split(model) -> tuple[int, int, int]:
     return lm_bytes, lm_params, vision
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
+def workload_args(p: argparse.ArgumentParser, num_prompts: int) -> None:
+    """The options of the `bench throughput` workload (shared with gpu_async_trace.py)."""
     p.add_argument("--model-shape", default="llava-1.5-7b")
     p.add_argument("--image-size", default="336x336")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--num-prompts", type=int, default=500)
+    p.add_argument("--num-prompts", type=int, default=num_prompts)
     p.add_argument("--max-num-seqs", type=int, default=128)
+
+
+def make_workload(args, model_dir: str, **llm_kwargs):
+    """A random-weight model of args.model_shape in model_dir, its engine and the requests, warmed
+    up on the first 8: -> (llm, the other requests, their sampling params)."""
+    write_model_dir(model_dir, args.model_shape)
+    prompts = tp.make_mm_prompts(model_dir, args.num_prompts + 8, args.input_len, 0, args.image_size)
+    max_len = max(len(tp.prompt_ids(x)) for x in prompts) + args.output_len
+    llm = LLM(model_dir, dtype="bfloat16", max_model_len=max_len, max_num_seqs=args.max_num_seqs,
+              load_format="dummy", **llm_kwargs)
+    inputs = [{"prompt": x["prompt"], "multi_modal_data": {"image": x["image"]}} for x in prompts]
+    llm.generate(inputs[:8], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    return llm, inputs[8:], SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    workload_args(p, num_prompts=500)
     p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--profile-prefill-step", type=int, default=12, help="profile the prefill step of this index")
-    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default="step_trace.json")
     args = p.parse_args()
     bw = copy_bandwidth()
     with tempfile.TemporaryDirectory() as d:
-        write_model_dir(d, args.model_shape)
-        prompts = tp.make_mm_prompts(d, args.num_prompts + 8, args.input_len, 0, args.image_size)
-        max_len = max(len(tp.prompt_ids(x)) for x in prompts) + args.output_len
         # steps one at a time (no async scheduling), so that each step's wall time is its own
-        llm = LLM(d, dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.max_num_seqs, load_format="dummy",
-                  async_scheduling=False)
-        engine, runner = llm.llm_engine, llm.llm_engine.runner
+        llm, inputs, sp = make_workload(args, d, async_scheduling=False)
+        runner = llm.llm_engine.runner
         lm_bytes, lm_params, vision_params = weight_split(runner.model)
         kv_per_token = runner.kv_bytes_per_block() / runner.block_size
-        inputs = [{"prompt": x["prompt"], "multi_modal_data": {"image": x["image"]}} for x in prompts]
-        sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-        llm.generate(inputs[:8], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
 
         steps: list[dict] = []
         launch = runner.launch
@@ -121,7 +131,7 @@ def main() -> int:
 
         runner.launch = traced
         t0 = time.perf_counter()
-        llm.generate(inputs[8:], sp, use_tqdm=False)
+        llm.generate(inputs, sp, use_tqdm=False)
         elapsed = time.perf_counter() - t0
         runner.launch = launch
 

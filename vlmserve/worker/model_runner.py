@@ -162,15 +162,6 @@ class ModelRunner:
             self.kv_caches.append(cache)
 
     # ---- one step ------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput, stop_ids: dict[int, list[int]],
-                while_gpu_busy=None) -> list[SeqStepResult]:
-        """Run the step and wait for its results; `while_gpu_busy()`, if given, is called once the
-        step is queued on the device, before anything waits for it."""
-        step = self.launch(sched, stop_ids)
-        if while_gpu_busy is not None:
-            while_gpu_busy()
-        return self.collect(step)
-
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, stop_ids: dict[int, list[int]],
                prev: LaunchedStep | None = None) -> LaunchedStep:
@@ -358,7 +349,7 @@ class ModelRunner:
 
     def _replay_prefill_graph(self, host, T: int, seq_len: int, table, pos_host, items, multirow: bool):
         """One sequence's prefill chunk through a CUDA graph of its token-count bucket (host:
-        the step's pinned inputs, laid out as in execute); None: run it eagerly."""
+        the step's pinned inputs, laid out as in launch); None: run it eagerly."""
         if self.prefill_graphs is None:
             from vlmserve.worker.prefill_graphs import PrefillGraphs
 

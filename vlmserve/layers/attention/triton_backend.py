@@ -19,6 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from vlmserve.device_utils import to_device
 from vlmserve.kernels import triton_paged_attention as tpa
 from vlmserve.layers.attention.backends import TorchSDPABackend
 
@@ -66,9 +67,8 @@ class TritonPagedAttentionBackend:
             qsl = meta.query_start_loc
             if meta.query_start_loc_tensor is not None:
                 self._qsl = meta.query_start_loc_tensor
-            else:  # pinned: an asynchronous copy (from pageable memory it waits)
-                self._qsl = torch.tensor(qsl, dtype=torch.int32, pin_memory=meta.slot_mapping.is_cuda).to(
-                    meta.slot_mapping.device, non_blocking=True)
+            else:
+                self._qsl = to_device(qsl, meta.slot_mapping.device, torch.int32)
             B = meta.num_seqs
             # The prefill sequences from _fresh_from on start at their first token (nothing cached
             # before them): FlashAttention takes those, the Triton kernel the ones before.
