@@ -9,7 +9,9 @@ weights made on the GPU, one request with one image at batch 1:
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import tempfile
 import time
@@ -79,9 +81,7 @@ def warm_ttft(llm, engine, inputs, params) -> dict:
     """TTFT with the GPU busy right before each request (~50 ms of matmuls, then a sync), as under
     load, against an idle GPU whose clocks must first ramp up; and where the time goes: from the
     call to the first engine step (tokenizing, preprocessing, queueing), the step itself."""
-    if not CUDA:
-        return {}
-    a = torch.randn(BURN_N, BURN_N, device=DEV, dtype=torch.bfloat16)
+    a = torch.randn(BURN_N, BURN_N, device=DEV, dtype=torch.bfloat16) if CUDA else None
     runner = engine.runner
     launch = runner.launch
     marks: list[float] = []
@@ -89,31 +89,57 @@ def warm_ttft(llm, engine, inputs, params) -> dict:
     def traced(*args, **kw):  # the step from its launch to its results on the host
         marks.append(time.perf_counter())
         out = launch(*args, **kw)
+        marks.append(time.perf_counter())  # the host has queued the step
         if out.done is not None:
             out.done.synchronize()
         marks.append(time.perf_counter())
         return out
 
+    def burn():  # ~50 ms of matmuls, then a sync: the clocks are up, the queue is empty
+        if a is None:
+            return
+        t_end = time.perf_counter() + 0.05
+        while time.perf_counter() < t_end:
+            for _ in range(20):
+                a @ a
+            sync()
+
     runner.launch = traced
-    ttft, before, step = [], [], []
+    ttft, before, queue, wait, after = [], [], [], [], []
     try:
         for x in inputs:
             x = {**x, "multi_modal_data": {"image": x["multi_modal_data"]["image"].transpose(0)}}  # a new image
-            t_end = time.perf_counter() + 0.05
-            while time.perf_counter() < t_end:
-                for _ in range(20):
-                    a @ a
-                sync()
+            burn()
             marks.clear()
             t0 = time.perf_counter()
             llm.generate(x, params, use_tqdm=False)
-            ttft.append(1e3 * (time.perf_counter() - t0))
+            t1 = time.perf_counter()
+            ttft.append(1e3 * (t1 - t0))
             before.append(1e3 * (marks[0] - t0))
-            step.append(1e3 * (marks[1] - marks[0]))
+            queue.append(1e3 * (marks[1] - marks[0]))
+            wait.append(1e3 * (marks[2] - marks[1]))
+            after.append(1e3 * (t1 - marks[2]))
+        # the host's functions over the same requests again, under cProfile (which slows the host)
+        prof = cProfile.Profile()
+        for x in inputs:
+            x = {**x, "multi_modal_data": {"image": x["multi_modal_data"]["image"].transpose(1)}}
+            burn()
+            prof.enable()
+            llm.generate(x, params, use_tqdm=False)
+            prof.disable()
     finally:
         runner.launch = launch
+    stats = pstats.Stats(prof)
+    rows = [{"function": f"{f[0].split('/')[-1]}:{f[1]}:{f[2]}", "calls": v[1],
+             "tottime_ms_per_request": 1e3 * v[2] / len(inputs), "cumtime_ms_per_request": 1e3 * v[3] / len(inputs)}
+            for f, v in stats.stats.items()]
     return {"ttft_warm_ms": statistics.median(ttft), "ttft_warm_all_ms": ttft,
-            "ttft_warm_before_step_ms": statistics.median(before), "ttft_warm_step_ms": statistics.median(step)}
+            "ttft_warm_before_step_ms": statistics.median(before), "ttft_warm_step_ms":
+            statistics.median([q + w for q, w in zip(queue, wait)]),
+            "ttft_warm_step_queue_ms": statistics.median(queue), "ttft_warm_step_wait_ms": statistics.median(wait),
+            "ttft_warm_after_step_ms": statistics.median(after),
+            "ttft_host_top_cumtime": sorted(rows, key=lambda r: -r["cumtime_ms_per_request"])[:40],
+            "ttft_host_top_tottime": sorted(rows, key=lambda r: -r["tottime_ms_per_request"])[:25]}
 
 
 def main() -> int:
@@ -188,11 +214,16 @@ def main() -> int:
         res["cuda_graphs"] = engine.runner.decode_graphs is not None
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
-    print(json.dumps({k: v for k, v in res.items() if not k.endswith("top_kernels")}, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if "_top_" not in k}, indent=1))
     for key in ("ttft_top_kernels", "decode_top_kernels"):
         print(key)
         for r in res[key]:
             print(f"  {r['ms_per_step']:7.3f} ms/step  x{r['calls_per_step']:6.1f}  {r['kernel']}")
+    for key in ("ttft_host_top_cumtime", "ttft_host_top_tottime"):
+        print(key, "(ms per request, under cProfile)")
+        for r in res.get(key, []):
+            print(f"  cum {r['cumtime_ms_per_request']:7.3f}  own {r['tottime_ms_per_request']:7.3f}  "
+                  f"x{r['calls']:<5} {r['function']}")
     return 0
 
 

@@ -3,51 +3,23 @@ object carries them, so caches can recognise an image seen before."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from blake3 import blake3
 from PIL import Image
 
-from vlmserve.multimodal.image_utils import pil_bytes
-
-_PARALLEL_BYTES = 1 << 20  # buffers from this size on are hashed in parallel parts
-_PART_BYTES = 256 << 10
-_WORKERS = min(8, len(os.sched_getaffinity(0)))
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="vlmserve-hash")
-        return _pool
+from vlmserve.multimodal.image_utils import pil_pixels
 
 
 def _update_bytes(h, data) -> None:
-    """A large buffer (a 1024x1024 image: 3 MB, ~3 ms of sha256 on one core) goes in as the digests
-    of its parts, hashed in parallel threads (hashlib releases the GIL): a tree hash, as stable as
-    the plain one."""
-    view = memoryview(data).cast("B")
-    n = len(view)
-    if n < _PARALLEL_BYTES or _WORKERS < 2:
-        h.update(view)
-        return
-    parts = [view[i:i + _PART_BYTES] for i in range(0, n, _PART_BYTES)]
-    h.update(f"parts:{len(parts)}:{n}".encode())
-    for digest in _hash_pool().map(lambda p: hashlib.sha256(p).digest(), parts):
-        h.update(digest)
+    h.update(memoryview(data).cast("B"))
 
 
 def _update(h, obj) -> None:
     if isinstance(obj, Image.Image):
         h.update(f"pil:{obj.mode}:{obj.size}".encode())
-        _update_bytes(h, pil_bytes(obj))
+        _update_bytes(h, pil_pixels(obj))
     elif isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"tensor:{t.dtype}:{tuple(t.shape)}".encode())
@@ -75,7 +47,11 @@ def _update(h, obj) -> None:
 
 
 def hash_item(obj, **extra) -> str:
-    h = hashlib.sha256()
+    """blake3 over the item's type tags and raw bytes: a cryptographic hash (a client can't make
+    another's image collide in the caches) that is fast, and spreads a large buffer over threads
+    itself: a 1024x1024 image (3 MB) takes 0.34 ms on the 2-core CI machine, against 2.6 ms of
+    sha256 on one core (BENCHMARKS.md)."""
+    h = blake3(max_threads=blake3.AUTO)
     _update(h, obj)
     if extra:
         _update(h, extra)
