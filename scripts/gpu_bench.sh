@@ -23,15 +23,16 @@
 #                  latency likewise, then gpu_check.py
 #   latency_ab     bench latency now and with $BEFORE, alternating (AB_ROUNDS, LAT_ITERS)
 #   OUT=/tmp/out COMMIT=<hash> bash scripts/gpu_bench.sh [parts...]
-# Sizes: LLAVA_N (500 requests), LLAVA_HFB (HF batch sizes, 96), QWEN_N (200), QWEN_HFB (32),
-# SEQS (max_num_seqs, 128). Each step runs under its own time limit (seconds, T_* below).
+# Sizes: LLAVA_N (500 requests), LLAVA_HFB (HF batch sizes, 192,256), QWEN_N (128), QWEN_HFB (64,96),
+# SEQS (max_num_seqs, 256: the engine's default; the H200's KV cache holds that many of these requests).
+# Each step runs under its own time limit (seconds, T_* below).
 set -o pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_bench}
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
-LLAVA_N=${LLAVA_N:-500}; LLAVA_HFB=${LLAVA_HFB:-96}; QWEN_N=${QWEN_N:-200}; QWEN_HFB=${QWEN_HFB:-32}
-SEQS=${SEQS:-128}
+LLAVA_N=${LLAVA_N:-500}; LLAVA_HFB=${LLAVA_HFB:-192,256}; QWEN_N=${QWEN_N:-128}; QWEN_HFB=${QWEN_HFB:-64,96}
+SEQS=${SEQS:-256}
 PARTS=${*:-check llava qwen}
 BENCH="python -m vlmserve.entrypoints.cli bench"
 

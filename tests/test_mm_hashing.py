@@ -1,4 +1,4 @@
-"""Content hashes of multimodal items (blake3, threaded for large buffers), and PIL pixels read
+"""Content hashes of multimodal items (blake3, threaded for the largest buffers), and PIL pixels read
 once per request for processing and hashing: stable hashes that tell content apart, and the
 pixel reader gives tobytes()' bytes for every mode."""
 import pytest
@@ -12,7 +12,7 @@ from vlmserve.multimodal.image_utils import pil_pixels, read_pil_pixels, shared_
 
 def test_large_buffers_hash_by_content():
     rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)  # 3 MB: hashed by several threads
+    a = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)  # 3 MB
     assert hash_item(a) == hash_item(a.copy())
     assert hash_item(torch.from_numpy(a)) == hash_item(torch.from_numpy(a.copy()))
     for where in (0, a.size // 2, a.size - 1):  # a change in any part changes the hash
@@ -20,6 +20,11 @@ def test_large_buffers_hash_by_content():
         b.reshape(-1)[where] ^= 1
         assert hash_item(b) != hash_item(a)
     assert hash_item(a[:, :, ::-1]) != hash_item(a)  # a strided view hashes its own content
+    big = rng.integers(0, 256, (3, 1024, 1024, 3), dtype=np.uint8)  # 9 MB: by blake3's threads
+    assert hash_item(big) == hash_item(big.copy())
+    big2 = big.copy()
+    big2[2, 1023, 1023, 2] ^= 1
+    assert hash_item(big2) != hash_item(big)
     small = rng.standard_normal((4, 7)).astype(np.float32)
     assert hash_item(small) == hash_item(small.copy()) != hash_item(small + 1)
 

@@ -12,8 +12,19 @@ from PIL import Image
 from vlmserve.multimodal.image_utils import pil_pixels
 
 
+# Buffers from this size on (videos, huge images) are hashed by blake3's thread pool on their
+# own, and go in as that digest: waking the pool cost ~0.5 ms per call on a 16-core GPU host, more
+# than one thread takes for a 3 MB image.
+_THREADED_BYTES = 8 << 20
+
+
 def _update_bytes(h, data) -> None:
-    h.update(memoryview(data).cast("B"))
+    view = memoryview(data).cast("B")
+    if len(view) >= _THREADED_BYTES:
+        h.update(f"threaded:{len(view)}:".encode())
+        h.update(blake3(view, max_threads=blake3.AUTO).digest())
+    else:
+        h.update(view)
 
 
 def _update(h, obj) -> None:
@@ -48,10 +59,9 @@ def _update(h, obj) -> None:
 
 def hash_item(obj, **extra) -> str:
     """blake3 over the item's type tags and raw bytes: a cryptographic hash (a client can't make
-    another's image collide in the caches) that is fast, and spreads a large buffer over threads
-    itself: a 1024x1024 image (3 MB) takes 0.34 ms on the 2-core CI machine, against 2.6 ms of
-    sha256 on one core (BENCHMARKS.md)."""
-    h = blake3(max_threads=blake3.AUTO)
+    another's image collide in the caches), and fast: a 1024x1024 image (3 MB) takes 0.6 ms on one
+    core of the 2-core CI machine, against 2.6 ms of sha256."""
+    h = blake3()
     _update(h, obj)
     if extra:
         _update(h, extra)
