@@ -2,7 +2,7 @@
 - prefill attention without cached context: the Triton paged kernel against torch's FlashAttention
   varlen op (and cuDNN's, where this torch has it), LLaVA- and Qwen2-VL-shaped;
 - vision-tower attention over packed images (non-causal): SDPA per length (now) against the
-  varlen ops;
+  varlen ops and the opt-in Triton kernel that does not pad head_dim 80 (tile sizes swept);
 - single-stream decode attention: KV splits, tile sizes and warps, each in a CUDA graph;
 - decode GEMVs of a 7B model, 32 layers back to back in one CUDA graph: cuBLAS against cuBLASLt;
 - Qwen2-VL preprocessing of a 1024x1024 image: the CPU fast path against the same ops on the GPU,
@@ -22,6 +22,7 @@ import torch
 import triton
 
 from vlmserve.kernels import triton_paged_attention as tpa
+from vlmserve.kernels import triton_vision_attention as tva
 from vlmserve.layers.vision_attention import varlen_attention
 
 DEV = "cuda"
@@ -143,7 +144,8 @@ def dense_sdpa(what, shape, flops, ref, q, k, v, scale):
 
 def vision_attention(nseq, L, h, d):
     T = nseq * L
-    q, k, v = (torch.randn(T, h, d, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    # strided views of one fused qkv projection, as the vision blocks make them
+    q, k, v = torch.randn(T, 3, h, d, device=DEV, dtype=torch.bfloat16).unbind(1)
     cu_list = list(range(0, T + 1, L))
     cu = torch.tensor(cu_list, device=DEV, dtype=torch.int32)
     scale = d ** -0.5
@@ -152,7 +154,23 @@ def vision_attention(nseq, L, h, d):
     ref = varlen_attention(q, k, v, cu_list, scale)
     ms = bench(lambda: varlen_attention(q, k, v, cu_list, scale))
     emit(what="vision_attention", impl="sdpa_by_length", shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9)
-    varlen_ops("vision_attention", shape, flops, ref, (q, k, v, cu, L, False, scale))
+    varlen_ops("vision_attention", shape, flops, ref, (q.contiguous(), k.contiguous(), v.contiguous(), cu, L,
+                                                       False, scale))
+    if tva.split_head_dim(d) is None:
+        return
+    # the Triton kernel without head_dim padding (kernels/triton_vision_attention.py), over tile sizes
+    for bm, bn, warps, stages in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2),
+                                  (64, 128, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2)):
+        run = lambda: tva.vision_attention(q, k, v, cu, L, scale, block_m=bm, block_n=bn,  # noqa: E731
+                                           num_warps=warps, num_stages=stages)
+        try:
+            err = rel_err(run(), ref)
+            ms = bench(run)
+            emit(what="vision_attention", impl=f"triton_split bm={bm} bn={bn} warps={warps} stages={stages}",
+                 shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9, rel_err=err)
+        except Exception as e:  # noqa: BLE001
+            emit(what="vision_attention", impl=f"triton_split bm={bm} bn={bn} warps={warps} stages={stages}",
+                 shape=shape, error=f"{type(e).__name__}: {str(e)[:200]}")
 
 
 def decode_attention_b1():

@@ -55,6 +55,13 @@ model_run() {  # model_run TAG SHAPE IMAGE N HFB
         --out "$OUT/${tag}_profile.json"
 }
 
+# Python packages the GPU image lacks (blake3) go with the tree as wheels in .device_wheels/ (an
+# ignored folder: name it in the device tool's `carry`), fetched here with
+#   pip download blake3 --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_17_x86_64 -d .device_wheels
+if ! python -c "import blake3" 2>/dev/null; then
+    python -m pip install -q --no-deps .device_wheels/*.whl || { echo "blake3 is missing: carry .device_wheels" | tee -a "$LOG"; exit 3; }
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$LOG"
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
 echo "commit ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} (+ the tree as copied)" | tee -a "$LOG"

@@ -157,6 +157,35 @@ def check_fused(rows, dtype, T, hidden, inter, hq, hkv, d):
                      "frac_differing_from_torch_same_dtype": float((got != same_ops).float().mean())})
 
 
+def check_vision_attention(rows, dtype, lengths, h, d, time_it=True):
+    """The opt-in Triton vision attention (head_dim split into powers of two) against its float32
+    torch reference, on q, k, v views of one fused qkv, and timed beside torch's SDPA path."""
+    from vlmserve.kernels import triton_vision_attention as tva
+    from vlmserve.layers.vision_attention import varlen_attention
+
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    q, k, v = torch.randn(cu[-1], 3, h, d, device=DEV, dtype=dtype).unbind(1)
+    scale = d ** -0.5
+    cu_t = torch.tensor(cu, device=DEV, dtype=torch.int32)
+    run = lambda: tva.vision_attention(q, k, v, cu_t, max(lengths), scale)  # noqa: E731
+    row = {"kernel": "vision_attn", "dtype": str(dtype),
+           "shape": f"lens={lengths[:3]}{'...' if len(lengths) > 3 else ''} x{len(lengths)} H={h} D={d}"}
+    try:  # a kernel not yet compiled on a GPU: a failure is a BAD row, not the end of the other checks
+        err = rel_err(run(), tva.reference_vision_attention(q, k, v, cu, scale))
+    except Exception as e:  # noqa: BLE001
+        rows.append({**row, "rel_err": float("nan"), "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        return
+    row.update(rel_err=err, ok=err < TOL[dtype])
+    if time_it:
+        ms = triton.testing.do_bench(run, return_mode="median")
+        ms_ref = triton.testing.do_bench(lambda: varlen_attention(q, k, v, cu, scale), return_mode="median")
+        flops = 4 * sum(n * n for n in lengths) * h * d
+        row.update(us=1e3 * ms, torch_us=1e3 * ms_ref, tflops=flops / ms / 1e9)
+    rows.append(row)
+
+
 def check_gemv(rows, dtype, M, K, N):
     """The opt-in split-K GEMV (VLMSERVE_TRITON_GEMV=1) against its reference, timed beside cuBLAS:
     weight bytes read per microsecond is what single-stream decode is bound by."""
@@ -306,6 +335,9 @@ def main() -> int:
     check_decode(rows, torch.bfloat16, 256, 32, 32, 128, 736)
     check_prefill(rows, torch.bfloat16, 32, 32, 128, [(0, 608)] * 13)
     check_prefill(rows, torch.bfloat16, 16, 16, 64, [(0, 577)] * 16)
+    check_vision_attention(rows, torch.bfloat16, [5476], 16, 80)  # one 1024x1024 image, Qwen2-VL's ViT
+    check_vision_attention(rows, torch.bfloat16, [577] * 8, 16, 64)  # eight CLIP ViT-L/14-336 images
+    check_vision_attention(rows, torch.float32, [100, 37, 256, 1], 4, 80, time_it=False)
     check_fused(rows, torch.bfloat16, 1, 4096, 11008, 32, 32, 128)
     check_fused(rows, torch.bfloat16, 8192, 4096, 11008, 32, 32, 128)
     check_fused(rows, torch.float32, 64, 4096, 11008, 32, 8, 128)
@@ -321,7 +353,7 @@ def main() -> int:
     for r in rows:
         extra = " ".join(f"{k}={r[k]:.1f}" for k in ("us", "torch_us", "gbps", "tflops") if k in r)
         print(f"{'OK ' if r['ok'] else 'BAD'} {r['kernel']:13s} {r['dtype']:15s} err={r['rel_err']:.2e} "
-              f"{extra}  {r['shape']}")
+              f"{extra}  {r['shape']}{'  ' + r['error'] if 'error' in r else ''}")
     print("ceilings:", {k: round(v, 2) for k, v in ceil.items()})
     return 0 if all(r["ok"] for r in rows) else 1
 

@@ -1,12 +1,13 @@
 """Bidirectional attention over packed variable-length segments (the images, frames or windows of
-a vision encoder's batch), without padding. Vision towers call `varlen_attention`; it is the one
-place a fused varlen GPU kernel would plug in."""
+a vision encoder's batch), without padding. Vision towers call `varlen_attention`: torch's SDPA by
+segment length, or (opt-in) one Triton kernel for all segments."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from vlmserve.device_utils import to_device
+from vlmserve.kernels import triton_vision_attention as tva
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
@@ -18,6 +19,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     mostly share a length), so the loop runs over distinct lengths, not segments."""
     if cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens {cu_seqlens[:3]}...{cu_seqlens[-1:]} do not cover {q.shape[0]} tokens")
+    if tva.enabled() and tva.usable(q):  # opt-in: head sizes like 80 without padding (kernels/triton_vision_attention.py)
+        max_len = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+        return tva.vision_attention(q, k, v, to_device(cu_seqlens, q.device, torch.int32), max_len, scale)
     by_length: dict[int, list[int]] = {}
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         if end > start:

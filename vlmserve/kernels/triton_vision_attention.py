@@ -1,0 +1,132 @@
+"""Bidirectional attention over the packed segments of a vision encoder's batch, in Triton, for
+head sizes that are not a power of two. Qwen2-VL's ViT has head_dim 80: the H200 profiles in
+BENCHMARKS.md show cuDNN's SDPA kernel for it tiled for head_dim 128, so 3/8 of its tensor-core work
+is padding (~15 ms of a 1024x1024 image's ~57 ms time to first token). Here a head of D = DA + DB
+(80 = 64 + 16, both powers of two) takes two dots for QK^T and two for PV, with no padding.
+
+Opt-in (`VLMSERVE_TRITON_VISION_ATTENTION=1`) until measured faster than cuDNN on a GPU
+(`scripts/gpu_alternatives.py --parts vision`); `reference_vision_attention` is the torch
+computation it is tested against (on the CPU through Triton's interpreter)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+
+def split_head_dim(d: int) -> tuple[int, int] | None:
+    """(DA, DB) with DA the largest power of two <= d and DB = d - DA a power of two of at least 16
+    (the least K of a tensor-core dot) or 0; None where d does not split so."""
+    if d < 16:
+        return None
+    da = 1 << (d.bit_length() - 1)
+    db = d - da
+    if db == 0 or (db >= 16 and db & (db - 1) == 0):
+        return da, db
+    return None
+
+
+def enabled() -> bool:
+    return triton is not None and os.environ.get("VLMSERVE_TRITON_VISION_ATTENTION") == "1"
+
+
+def usable(q: torch.Tensor) -> bool:
+    return (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and q.dim() == 3 \
+        and q.stride(-1) == 1 and split_head_dim(q.shape[-1]) is not None
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
+    def _vision_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale,
+                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                 stride_ot, stride_oh,
+                                 DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+        tile = tl.program_id(0)
+        h = tl.program_id(1)
+        seg = tl.program_id(2)
+        start = tl.load(cu_ptr + seg)
+        length = tl.load(cu_ptr + seg + 1) - start
+        if tile * BLOCK_M < length:
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            rm = rows < length
+            da = tl.arange(0, DA)
+            q_rows = q_ptr + (start + rows)[:, None] * stride_qt + h * stride_qh
+            qa = tl.load(q_rows + da[None, :], mask=rm[:, None], other=0.0)
+            m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+            l = tl.zeros([BLOCK_M], tl.float32)
+            acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
+            if DB > 0:
+                db = DA + tl.arange(0, DB)
+                qb = tl.load(q_rows + db[None, :], mask=rm[:, None], other=0.0)
+                acc_b = tl.zeros([BLOCK_M, DB], tl.float32)
+            for n0 in range(0, length, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                cm = cols < length
+                k_cols = k_ptr + (start + cols)[None, :] * stride_kt + h * stride_kh
+                v_rows = v_ptr + (start + cols)[:, None] * stride_vt + h * stride_vh
+                s = tl.dot(qa, tl.load(k_cols + da[:, None], mask=cm[None, :], other=0.0), input_precision=PREC)
+                if DB > 0:
+                    s += tl.dot(qb, tl.load(k_cols + db[:, None], mask=cm[None, :], other=0.0),
+                                input_precision=PREC)
+                s = tl.where(cm[None, :], s * qk_scale, -1.0e30)  # log2 units: exp2 below
+                m_new = tl.maximum(m, tl.max(s, 1))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                p = p.to(v_ptr.dtype.element_ty)
+                acc_a = acc_a * alpha[:, None] + tl.dot(
+                    p, tl.load(v_rows + da[None, :], mask=cm[:, None], other=0.0), input_precision=PREC)
+                if DB > 0:
+                    acc_b = acc_b * alpha[:, None] + tl.dot(
+                        p, tl.load(v_rows + db[None, :], mask=cm[:, None], other=0.0), input_precision=PREC)
+                m = m_new
+            o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh
+            tl.store(o_rows + da[None, :], (acc_a / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
+            if DB > 0:
+                tl.store(o_rows + db[None, :], (acc_b / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
+
+
+def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_len: int, scale: float, block_m: int = 128, block_n: int = 64,
+                     num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+    """q, k, v: [N, H, D] (last dim contiguous; rows may be strided, as views of a fused qkv);
+    cu_seqlens: [S + 1] int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1];
+    max_len: the longest segment (sizes the launch grid). -> [N, H, D], each token attending to its
+    own segment only."""
+    N, H, D = q.shape
+    split = split_head_dim(D)
+    if split is None:
+        raise ValueError(f"head_dim {D} does not split into powers of two of at least 16")
+    out = torch.empty((N, H, D), dtype=q.dtype, device=q.device)
+    S = cu_seqlens.shape[0] - 1
+    if N == 0 or S == 0:
+        return out
+    grid = (triton.cdiv(max_len, block_m), H, S)
+    _vision_attention_kernel[grid](
+        q, k, v, out, cu_seqlens, float(scale) * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def reference_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                               scale: float) -> torch.Tensor:
+    """The kernel's computation in torch, one segment at a time, in float32."""
+    out = torch.empty_like(q)
+    for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if b > a:
+            qs, ks, vs = (x[a:b].float().transpose(0, 1) for x in (q, k, v))
+            att = torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1)
+            out[a:b] = (att @ vs).transpose(0, 1).to(q.dtype)
+    return out
