@@ -13,6 +13,9 @@
 #                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
 #   {llava,qwen}_sync  latency and throughput (vlmserve only) with async scheduling off (VLMSERVE_ASYNC_SCHEDULING=0)
 #   {llava,qwen}_vlm   throughput, vlmserve only (A/B of SEQS or env settings)
+#   {llava,qwen}_prefetch  latency with the encoder prefetch on (VLMSERVE_ENCODER_PREFETCH=1)
+# The figures of BENCHMARKS.md's table in one call (~6.5 min on an H200):
+#   llava_latency qwen_latency llava_throughput qwen_throughput check gpu_tests
 #   preprocess     scripts/gpu_preprocess_profile.py, LLaVA and Qwen2-VL images
 #   async_test     tests/test_async_scheduling.py alone
 #   {llava,qwen}_async scripts/gpu_async_trace.py: the host's launch and wait times, syncs in launches (ASYNC_N)
@@ -77,7 +80,7 @@ for part in $PARTS; do
         gpu_tests)  # the tests that need a GPU (FlashAttention prefill, GPU preprocessing, CUDA graphs)
             step gpu_tests "${T_TESTS:-300}" python -m pytest -q -p no:cacheprovider tests/test_flash_prefill.py \
                 tests/test_device_pixels.py tests/test_prefill_graphs.py tests/test_encoder_graphs.py \
-                tests/test_async_scheduling.py ;;
+                tests/test_async_scheduling.py tests/test_encoder_prefetch.py ;;
         check_sweep)  # the kernel checks, plus tile-size sweeps of the decode attention and GEMV kernels
             step gpu_check "${T_CHECK:-240}" python scripts/gpu_check.py --sweep --out "$OUT/gpu_check.json" ;;
         llava_latency|qwen_latency|llava_throughput|qwen_throughput|llava_profile|qwen_profile|llava_trace|qwen_trace)
@@ -96,6 +99,12 @@ for part in $PARTS; do
                 trace) step "$part" "${T_TRACE:-120}" python scripts/gpu_step_trace.py --model-shape "$shape" \
                     --image-size "$image" --num-prompts "$n" --max-num-seqs "$SEQS" --out "$OUT/$part.json" ;;
             esac ;;
+        llava_prefetch|qwen_prefetch)  # bench latency with the encoder prefetch (VLMSERVE_ENCODER_PREFETCH=1)
+            tag=${part%%_*}
+            if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
+            step "${tag}_latency_prefetch" "${T_LAT:-110}" env VLMSERVE_ENCODER_PREFETCH=1 $BENCH latency \
+                --random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image \
+                --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_prefetch.json" ;;
         llava_latency_gemv)  # single-stream decode with the split-K Triton GEMV (VLMSERVE_TRITON_GEMV=1)
             m="--random-model --model-shape llava-1.5-7b --input-len 32 --output-len 128 --source-image-size 336x336"
             step "$part" "${T_LAT:-110}" env VLMSERVE_TRITON_GEMV=1 $BENCH latency $m --backends vlmserve \

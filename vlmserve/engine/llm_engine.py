@@ -138,6 +138,10 @@ class LLMEngine:
         self.stats = EngineStats()
         self.async_scheduling = async_scheduling_enabled(scheduler_config, device)
         self._in_flight: tuple | None = None  # (SchedulerOutput, LaunchedStep) launched, not yet read
+        # An idle engine encodes the next request's media before scheduling its step, so that the
+        # encoders run on the GPU while the host schedules and builds the step (time to first
+        # token). Opt-in (VLMSERVE_ENCODER_PREFETCH=1) until measured on a GPU.
+        self.prefetch_encoders = os.environ.get("VLMSERVE_ENCODER_PREFETCH") == "1"
         self._seq_ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------
@@ -227,6 +231,8 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and self._needs_results(self._in_flight[1]):
             outputs += self._finish_step(include_unfinished)
+        if self.prefetch_encoders and self._in_flight is None:
+            self._prefetch_encoders()
         sched = self.scheduler.schedule()
         st = self.stats
         st.num_preemptions = self.scheduler.num_preemptions
@@ -242,6 +248,16 @@ class LLMEngine:
         if launched is not None and not self.async_scheduling:
             outputs += self._finish_step(include_unfinished)
         return outputs
+
+    def _prefetch_encoders(self) -> None:
+        """With nothing running, the first waiting sequence is the next step's first: encode the
+        items its first chunk reaches past what the prefix cache holds."""
+        sch = self.scheduler
+        if sch.running or not sch.waiting or not sch.waiting[0].mm_items:
+            return
+        seq = sch.waiting[0]
+        self.runner.prefetch_encoders(seq, self.block_manager.num_cached_prefix_tokens(seq),
+                                      self.scheduler_config.max_num_batched_tokens)
 
     def _needs_results(self, step: LaunchedStep) -> bool:
         """Penalties read every earlier token of a sequence on the host: wait for them."""

@@ -87,6 +87,7 @@ class ModelRunner:
         self.position_rows = getattr(self.model, "position_rows", 1)  # 3 for M-RoPE models
         self.position_tables = [m for m in self.model.modules() if isinstance(m, MRotaryEmbedding)]
         self.encoder_cache = EncoderCache(max(16384, scheduler_config.max_num_batched_tokens))
+        self.num_prefetched_items = 0  # encoded by prefetch_encoders, ahead of their step
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -388,26 +389,47 @@ class ModelRunner:
         if not spans:
             return None
         cache = self.encoder_cache
-        keep = {mm.hash for _, mm, _, _ in spans}
-        missing: dict[str, dict] = {}
-        for _, mm, _, _ in spans:
+        self._encode_missing([mm for _, mm, _, _ in spans])
+        embeds = self.model.embed_input_ids(input_ids)
+        for dst, mm, lo, hi in spans:
+            embeds[dst:dst + hi - lo] = cache.get(mm.hash)[lo:hi].to(embeds.dtype)
+        return embeds
+
+
+    def _encode_missing(self, mms: list) -> int:
+        """Encode the items not in the encoder cache, all of a modality in one call, and cache their
+        embeddings (kept while the cache makes room). Returns how many went through an encoder."""
+        cache = self.encoder_cache
+        keep = {mm.hash for mm in mms}
+        missing: dict[str, object] = {}
+        for mm in mms:
             if mm.hash not in missing and cache.get(mm.hash) is None:
                 missing[mm.hash] = mm
         by_modality: dict[str, list] = {}
         for mm in missing.values():
             by_modality.setdefault(mm.modality, []).append(mm)
-        for modality, mms in by_modality.items():
-            data = [items_to_device(mm.data, self.device) for mm in mms]
-            for mm, emb in zip(mms, self.model.embed_multimodal(modality, data)):
+        for modality, group in by_modality.items():
+            data = [items_to_device(mm.data, self.device) for mm in group]
+            for mm, emb in zip(group, self.model.embed_multimodal(modality, data)):
                 if emb.shape[0] != mm.length:
                     raise RuntimeError(f"the encoder gave {emb.shape[0]} embeddings for a {modality} "
                                        f"with {mm.length} placeholder tokens")
                 cache.put(mm.hash, emb, keep)
                 cache.num_encoded_items += 1
-        embeds = self.model.embed_input_ids(input_ids)
-        for dst, mm, lo, hi in spans:
-            embeds[dst:dst + hi - lo] = cache.get(mm.hash)[lo:hi].to(embeds.dtype)
-        return embeds
+        return len(missing)
+
+    @torch.inference_mode()
+    def prefetch_encoders(self, seq: Sequence, first_token: int, budget: int) -> int:
+        """Encode the items of `seq` that its next chunk (budget tokens from first_token) will need,
+        before that step is scheduled and built: on a GPU the encoders run while the host does that
+        work, instead of after it. The step finds the embeddings in the encoder cache. Returns how
+        many items went through an encoder."""
+        if not self.is_multimodal:
+            return 0
+        end = first_token + budget
+        n = self._encode_missing([mm for mm in seq.mm_items if mm.end > first_token and mm.offset < end])
+        self.num_prefetched_items += n
+        return n
 
 
 def items_to_device(data: dict, device: torch.device) -> dict:

@@ -1,0 +1,108 @@
+"""Encoder prefetch (VLMSERVE_ENCODER_PREFETCH=1): an idle engine encodes the next request's media
+before scheduling its step. The outputs (tokens and logprobs) are the engine's without it, every
+image still goes through the encoder once, and only the items that the first chunk reaches past
+the prefix cache are prefetched."""
+import numpy as np
+from PIL import Image
+
+from vlmserve import LLM, SamplingParams
+from vlmserve.testing.checkpoints import make_qwen2_vl_checkpoint
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, ignore_eos=True)
+
+
+def image(seed, w=64, h=48):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def engine(llava_dir, monkeypatch, prefetch: bool, **kw):
+    monkeypatch.setenv("VLMSERVE_ENCODER_PREFETCH", "1" if prefetch else "0")
+    return LLM(llava_dir, dtype="float32", max_model_len=512, limit_mm_per_prompt={"image": 2}, **kw)
+
+
+def outputs(outs):
+    return [(o.outputs[0].token_ids, [sorted(lp.items()) for lp in o.outputs[0].logprobs]) for o in outs]
+
+
+def assert_close_outputs(a, b):
+    """Same tokens and top logprobs to 1e-4: a batch of images encoded in one call and one by one
+    differ in the last float bits."""
+    for (ids_a, lps_a), (ids_b, lps_b) in zip(outputs(a), outputs(b), strict=True):
+        assert ids_a == ids_b
+        for la, lb in zip(lps_a, lps_b, strict=True):
+            assert [t for t, _ in la] == [t for t, _ in lb]
+            np.testing.assert_allclose([x.logprob for _, x in la], [x.logprob for _, x in lb], atol=1e-4)
+
+
+def test_same_outputs_each_image_encoded_once(llava_dir, monkeypatch):
+    prompts = [
+        {"prompt": "<image> what is this", "multi_modal_data": {"image": image(1)}},
+        {"prompt": "two <image> and <image> here", "multi_modal_data": {"image": [image(2), image(3, 40, 70)]}},
+        {"prompt": "plain text only"},
+    ]
+    runs = {}
+    for prefetch in (False, True):
+        llm = engine(llava_dir, monkeypatch, prefetch)
+        got = [llm.generate(p, GREEDY, use_tqdm=False)[0] for p in prompts]  # one at a time: idle engine
+        got += llm.generate([{**prompts[0], "multi_modal_data": {"image": image(4)}},
+                             {**prompts[0], "multi_modal_data": {"image": image(5)}}], GREEDY, use_tqdm=False)
+        runner = llm.llm_engine.runner
+        runs[prefetch] = (got, runner.encoder_cache.num_encoded_items, runner.num_prefetched_items)
+    # one prompt at a time: the same computation, to the bit
+    assert outputs(runs[True][0][:3]) == outputs(runs[False][0][:3])
+    # the batch of two: with prefetch its images go through the encoder one by one, not together
+    assert_close_outputs(runs[True][0][3:], runs[False][0][3:])
+    assert runs[False][1] == runs[True][1] == 5  # five distinct images, each encoded once
+    assert runs[False][2] == 0
+    # the three lone image prompts' items (1 + 2), and the first of the batch of two: the second
+    # waits behind a running sequence, and is encoded in its step as before
+    assert runs[True][2] == 4
+
+
+def test_only_what_the_first_chunk_reaches(llava_dir, monkeypatch):
+    llm = engine(llava_dir, monkeypatch, True, max_num_batched_tokens=24)
+    runner = llm.llm_engine.runner
+    late = {"prompt": "word " * 30 + "<image>", "multi_modal_data": {"image": image(6)}}
+    out_late = llm.generate(late, GREEDY, use_tqdm=False)[0]
+    assert runner.num_prefetched_items == 0 and runner.encoder_cache.num_encoded_items == 1
+    early = {"prompt": "look <image> here", "multi_modal_data": {"image": image(7)}}
+    out_early = llm.generate(early, GREEDY, use_tqdm=False)[0]
+    assert runner.num_prefetched_items == 1 and runner.encoder_cache.num_encoded_items == 2
+
+    ref = engine(llava_dir, monkeypatch, False, max_num_batched_tokens=24)
+    assert outputs([out_late, out_early]) == outputs([ref.generate(p, GREEDY, use_tqdm=False)[0] for p in (late, early)])
+
+
+def test_no_prefetch_behind_a_prefix_cache_hit(llava_dir, monkeypatch):
+    llm = engine(llava_dir, monkeypatch, True)
+    runner = llm.llm_engine.runner
+    prompt = "<image> " + "the cat runs to the river " * 4
+    img = image(8)
+    first = llm.generate({"prompt": prompt, "multi_modal_data": {"image": img}}, GREEDY, use_tqdm=False)[0]
+    assert runner.num_prefetched_items == 1
+    runner.encoder_cache.entries.clear()  # the embeddings are gone; the KV cache still holds the prompt
+    again = llm.generate({"prompt": prompt, "multi_modal_data": {"image": img.copy()}}, GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens > 64  # the image's blocks came from the prefix cache
+    assert runner.num_prefetched_items == 1 and runner.encoder_cache.num_encoded_items == 1
+    assert outputs([again]) == outputs([first])
+    # looking ahead at the prefix cache does not count as a query in its hit rate
+    ref = engine(llava_dir, monkeypatch, False)
+    for im in (img, img.copy()):
+        ref.generate({"prompt": prompt, "multi_modal_data": {"image": im}}, GREEDY, use_tqdm=False)
+    bm, ref_bm = llm.llm_engine.block_manager, ref.llm_engine.block_manager
+    assert (bm.num_queried_tokens, bm.num_hit_tokens) == (ref_bm.num_queried_tokens, ref_bm.num_hit_tokens)
+
+
+def test_qwen2_vl_with_async_scheduling(tmp_path_factory, monkeypatch):
+    """M-RoPE and Qwen2-VL's own encoder, with the step launched before the last one's results."""
+    d = make_qwen2_vl_checkpoint(str(tmp_path_factory.mktemp("qwen2_vl_prefetch")))
+    prompts = [{"prompt": f"<|vision_start|><|image_pad|><|vision_end|>describe {i}",
+                "multi_modal_data": {"image": image(10 + i, 56 + 28 * i, 84)}} for i in range(3)]
+    runs = {}
+    for prefetch in (False, True):
+        monkeypatch.setenv("VLMSERVE_ENCODER_PREFETCH", "1" if prefetch else "0")
+        llm = LLM(d, dtype="float32", max_model_len=512, async_scheduling=True)
+        runs[prefetch] = [llm.generate(p, GREEDY, use_tqdm=False)[0] for p in prompts]
+        assert llm.llm_engine.runner.num_prefetched_items == (3 if prefetch else 0)
+        assert llm.llm_engine.runner.encoder_cache.num_encoded_items == 3
+    assert outputs(runs[True]) == outputs(runs[False])
