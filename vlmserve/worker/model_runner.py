@@ -395,7 +395,6 @@ class ModelRunner:
             embeds[dst:dst + hi - lo] = cache.get(mm.hash)[lo:hi].to(embeds.dtype)
         return embeds
 
-
     def _encode_missing(self, mms: list) -> int:
         """Encode the items not in the encoder cache, all of a modality in one call, and cache their
         embeddings (kept while the cache makes room). Returns how many went through an encoder."""
