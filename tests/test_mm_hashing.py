@@ -12,7 +12,7 @@ from vlmserve.multimodal.image_utils import pil_pixels, read_pil_pixels, shared_
 
 def test_large_buffers_hash_by_content():
     rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)  # 3 MB
+    a = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)  # 3 MB: by blake3's threads
     assert hash_item(a) == hash_item(a.copy())
     assert hash_item(torch.from_numpy(a)) == hash_item(torch.from_numpy(a.copy()))
     for where in (0, a.size // 2, a.size - 1):  # a change in any part changes the hash

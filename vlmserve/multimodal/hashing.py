@@ -12,10 +12,10 @@ from PIL import Image
 from vlmserve.multimodal.image_utils import pil_pixels
 
 
-# Buffers from this size on (videos, huge images) are hashed by blake3's thread pool on their
-# own, and go in as that digest: waking the pool cost ~0.5 ms per call on a 16-core GPU host, more
-# than one thread takes for a 3 MB image.
-_THREADED_BYTES = 8 << 20
+# Buffers from this size on (large images, videos) are hashed by blake3's thread pool on their
+# own, and go in as that digest. On a 16-core GPU host (BENCHMARKS.md, calls 5 and 7) the pool took
+# ~0.55 ms per buffer, 338 KB or 3 MB alike (waking it), and one thread 0.84 ms for 3 MB.
+_THREADED_BYTES = 2 << 20
 
 
 def _update_bytes(h, data) -> None:
