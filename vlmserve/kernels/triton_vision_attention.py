@@ -55,7 +55,7 @@ if triton is not None:
         h = tl.program_id(1)
         seg = tl.program_id(2)
         start = tl.load(cu_ptr + seg).to(tl.int64)  # row offsets in 64 bits: long videos pass 2^31 elements
-        length = (tl.load(cu_ptr + seg + 1) - tl.load(cu_ptr + seg)).to(tl.int32)
+        length = (tl.load(cu_ptr + seg + 1) - start).to(tl.int32)
         if tile * BLOCK_M < length:
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
             rm = rows < length

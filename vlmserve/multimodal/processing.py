@@ -18,7 +18,7 @@ from PIL import Image
 
 from vlmserve.config import ModelConfig, text_config
 from vlmserve.multimodal.hashing import hash_item
-from vlmserve.multimodal.image_utils import shared_pil_pixels
+from vlmserve.multimodal.image_utils import shared_pil_bytes
 from vlmserve.multimodal.inputs import MultiModalItem
 
 
@@ -107,7 +107,7 @@ class BaseMultiModalProcessor:
     # ---- the whole request ---------------------------------------------------------------
     def apply(self, prompt_token_ids: list[int], mm_data: dict, limits: dict[str, int],
               request_kwargs: dict | None = None) -> tuple[list[int], list[MultiModalItem]]:
-        with shared_pil_pixels():  # processing and hashing read each PIL image's pixels once
+        with shared_pil_bytes():  # processing and hashing read each PIL image's pixels once
             return self._apply(prompt_token_ids, mm_data, limits, request_kwargs)
 
     def _apply(self, prompt_token_ids: list[int], mm_data: dict, limits: dict[str, int],
