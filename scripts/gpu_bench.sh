@@ -14,6 +14,8 @@
 #   {llava,qwen}_sync  latency and throughput (vlmserve only) with async scheduling off (VLMSERVE_ASYNC_SCHEDULING=0)
 #   {llava,qwen}_vlm   throughput, vlmserve only (A/B of SEQS or env settings)
 #   {llava,qwen}_prefetch  latency with the encoder prefetch on (VLMSERVE_ENCODER_PREFETCH=1)
+#   {llava,qwen}_vattn     latency and throughput (vlmserve only) with the Triton vision attention
+#                          (VLMSERVE_TRITON_VISION_ATTENTION=1)
 # The figures of BENCHMARKS.md's table in one call (~6.5 min on an H200):
 #   llava_latency qwen_latency llava_throughput qwen_throughput check gpu_tests
 #   preprocess     scripts/gpu_preprocess_profile.py, LLaVA and Qwen2-VL images
@@ -105,6 +107,15 @@ for part in $PARTS; do
             step "${tag}_latency_prefetch" "${T_LAT:-110}" env VLMSERVE_ENCODER_PREFETCH=1 $BENCH latency \
                 --random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image \
                 --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_prefetch.json" ;;
+        llava_vattn|qwen_vattn)  # latency and throughput (vlmserve only) with the Triton vision attention
+            tag=${part%%_*}
+            if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; n=$LLAVA_N
+            else shape=qwen2-vl-7b; image=1024x1024; n=$QWEN_N; fi
+            m="--random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image"
+            step "${tag}_latency_vattn" "${T_LAT:-110}" env VLMSERVE_TRITON_VISION_ATTENTION=1 $BENCH latency $m \
+                --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_vattn.json"
+            step "${tag}_throughput_vattn" "${T_TPUT:-240}" env VLMSERVE_TRITON_VISION_ATTENTION=1 $BENCH throughput $m \
+                --num-prompts "$n" --backends vlmserve --max-num-seqs "$SEQS" --output-json "$OUT/${tag}_throughput_vattn.json" ;;
         llava_latency_gemv)  # single-stream decode with the split-K Triton GEMV (VLMSERVE_TRITON_GEMV=1)
             m="--random-model --model-shape llava-1.5-7b --input-len 32 --output-len 128 --source-image-size 336x336"
             step "$part" "${T_LAT:-110}" env VLMSERVE_TRITON_GEMV=1 $BENCH latency $m --backends vlmserve \
