@@ -124,6 +124,7 @@ class LLMEngine:
                 f"fewer than max_model_len={model_config.max_model_len}: lower max_model_len or give "
                 "the cache more blocks")
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.warm_up_kernels()
         self.num_kv_blocks = num_blocks
         logger.info("loaded %s (%s, %s) on %s in %.1fs; KV cache: %d blocks of %d tokens",
                     model_config.model, model_config.architecture, model_config.dtype, device,

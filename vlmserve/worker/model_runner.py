@@ -162,6 +162,14 @@ class ModelRunner:
             a.kv_cache = cache
             self.kv_caches.append(cache)
 
+    @torch.inference_mode()
+    def warm_up_kernels(self) -> None:
+        """Compile the attention backend's kernel variants before the first request (CUDA)."""
+        warm_up = getattr(self.attn_backend, "warm_up", None)
+        if warm_up is not None and self.kv_caches:
+            warm_up(self.attn_layers)
+            torch.cuda.synchronize(self.device)
+
     # ---- one step ------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, stop_ids: dict[int, list[int]],

@@ -58,6 +58,32 @@ class TritonPagedAttentionBackend:
         self._paged_max_len = self._prefill_max_len = 0
         self.num_flash_prefill_steps = 0
 
+    def warm_up(self, layers) -> None:
+        """Compile now every decode-kernel variant a step can pick, one per KV split count (1-16:
+        decode_num_splits chooses by batch and context length), and the prefill kernel over cached
+        context, for each kind of attention layer. Otherwise the first mixed step of a new batch
+        size, or the first chunk after a cached one, compiles a kernel in the middle of a run: a
+        Triton compile took ~0.5 s on the H200 (BENCHMARKS.md). Triton's cache on disk makes this
+        quick from the second start on."""
+        seen = set()
+        for layer in layers:
+            if layer.kv_cache is None:
+                continue
+            k_cache, v_cache = layer.kv_cache[0], layer.kv_cache[1]
+            key = (layer.num_heads, layer.head_dim, k_cache.shape[1:], k_cache.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+            q = torch.zeros((1, layer.num_heads, layer.head_dim), dtype=k_cache.dtype, device=k_cache.device)
+            tables = torch.zeros((1, 1), dtype=torch.long, device=k_cache.device)  # block 0, slot 0: read only
+            seq_lens = torch.ones(1, dtype=torch.long, device=k_cache.device)
+            for splits in (1, 2, 4, 8, 16):
+                tpa.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, layer.scale,
+                                           layer.sliding_window, num_splits=splits)
+            qsl = torch.tensor([0, 1], dtype=torch.int32, device=k_cache.device)
+            tpa.paged_prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, layer.scale,
+                                        layer.sliding_window, max_query_len=1)
+
     def _step_info(self, meta) -> None:
         if meta is self._meta:
             return
