@@ -33,3 +33,35 @@ def test_graphs_equal_eager_on_gpu():
     for out, ref in kept:
         torch.testing.assert_close(out, ref)
     assert len(graphs.graphs) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.inference_mode()
+def test_capture_while_a_media_thread_pins_memory():
+    """The prompt pipeline's media threads stage images in pinned memory while the engine thread
+    may be capturing a graph: neither may fail (the default, global capture mode failed both)."""
+    import threading
+
+    from vlmserve.multimodal.device_pixels import DevicePixels
+
+    enc = _encoder("cuda")
+    errors = []
+
+    def stage():
+        try:  # a fresh size: the host allocator must allocate, not reuse
+            DevicePixels.staged(torch.zeros(1 << 22, dtype=torch.uint8) + 1, lambda t: t, "cuda")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    def encode(x):
+        if torch.cuda.is_current_stream_capturing():
+            t = threading.Thread(target=stage)
+            t.start()
+            t.join()
+        return enc(x)
+
+    graphs = EncoderGraphs(encode, torch.device("cuda"))
+    x = torch.randn(3, 3, 4, 4, device="cuda")
+    torch.testing.assert_close(graphs(x), enc(x))
+    assert not errors and graphs.enabled and len(graphs.graphs) == 1
+    torch.testing.assert_close(graphs(x * 2), enc(x * 2))  # the graph replays

@@ -24,6 +24,13 @@ def batch_buckets(max_batch: int) -> list[int]:
     return out + [max_batch]
 
 
+def graph_capture(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream):
+    """torch.cuda.graph in thread-local error mode. The prompt pipeline's media threads allocate
+    pinned memory while the engine thread may be capturing; the default (global) mode forbids that
+    from any thread, and on the H200 it failed both the capture and that thread's request."""
+    return torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local")
+
+
 class DecodeGraphs:
     def __init__(self, model, device: torch.device, max_batch: int, max_model_len: int, block_size: int,
                  positions_leading_shape: tuple[int, ...] = ()):
@@ -62,7 +69,7 @@ class DecodeGraphs:
                 args = (self.input_ids[:bs], self.positions[..., :bs], meta)
                 self.model(*args)  # warm-up: kernel compilation and allocations happen outside the graph
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                with graph_capture(graph, self.pool, stream):
                     out = self.model(*args)
                 if self.pool is None:
                     self.pool = graph.pool()

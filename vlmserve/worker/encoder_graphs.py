@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from vlmserve.worker.cuda_graphs import graph_capture
+
 logger = logging.getLogger(__name__)
 
 COUNT_BUCKETS = (1, 2, 4, 8)
@@ -60,7 +62,7 @@ class EncoderGraphs:
             with torch.cuda.stream(stream):
                 self.encode(static_in)  # warm-up: kernel selection and allocations outside the graph
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                with graph_capture(graph, self.pool, stream):
                     static_out = self.encode(static_in)
         except Exception as e:  # an encoder that syncs with the host, say: stay eager from now on
             logger.warning("CUDA graph capture of the encoder failed (%s); encoding eagerly", e)

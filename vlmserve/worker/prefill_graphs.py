@@ -22,6 +22,7 @@ import logging
 import torch
 
 from vlmserve.layers.attention import AttentionMetadata
+from vlmserve.worker.cuda_graphs import graph_capture
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class PrefillGraphs:
         with torch.cuda.stream(stream):
             self._forward(bs, fresh)  # warm-up: kernel compilation and allocations happen outside the graph
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            with graph_capture(graph, self.pool, stream):
                 out = self._forward(bs, fresh)
         if self.pool is None:
             self.pool = graph.pool()
