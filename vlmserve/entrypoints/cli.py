@@ -44,8 +44,9 @@ def _add_serve_parser(subparsers) -> None:
     try:
         from vlmserve.entrypoints.openai import api_server
     except ImportError as e:  # the server's packages are missing: the benchmarks still run
-        p = subparsers.add_parser("serve", help=f"unavailable here ({e})")
-        p.set_defaults(func=lambda args: sys.exit(f"vlmserve serve needs the server's packages: {e}"))
+        why = str(e)  # `e` itself is unbound once the except block ends
+        p = subparsers.add_parser("serve", help=f"unavailable here ({why})")
+        p.set_defaults(func=lambda args: sys.exit(f"vlmserve serve needs the server's packages: {why}"))
         return
 
     p = subparsers.add_parser("serve", help="start the OpenAI-compatible server",
