@@ -53,15 +53,16 @@ def paged_cache(lens, block_size, hkv, d, dtype, num_blocks):
     return k, v, tables
 
 
-def check_decode(rows, dtype, B, hq, hkv, d, max_len, window=None, time_it=True):
-    lens = torch.randint(1, max_len + 1, (B,)).tolist()
+def check_decode(rows, dtype, B, hq, hkv, d, max_len, window=None, time_it=True, splits=None, min_len=1):
+    lens = torch.randint(min_len, max_len + 1, (B,)).tolist()
     lens[0] = max_len
     bs = 16
     k, v, tables = paged_cache(lens, bs, hkv, d, dtype, sum(-(-L // bs) for L in lens) + 4)
     q = torch.randn(B, hq, d, device=DEV, dtype=dtype)
     seq_lens = torch.tensor(lens, device=DEV)
     scale = d ** -0.5
-    splits = tpa.decode_num_splits(B, hkv, max_len, torch.cuda.get_device_properties(0).multi_processor_count)
+    if splits is None:
+        splits = tpa.decode_num_splits(B, hkv, max_len, torch.cuda.get_device_properties(0).multi_processor_count)
     out = torch.full_like(q, float("nan"))
     tpa.paged_decode_attention(q, k, v, tables, seq_lens, scale, window, num_splits=splits, out=out)
     ref = tpa.reference_paged_decode_attention(q, k, v, tables, seq_lens, scale, window)
@@ -322,9 +323,20 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--sweep", action="store_true", help="also time tile sizes of the decode and GEMV kernels")
+    p.add_argument("--splits", action="store_true", help="only time the decode kernel's KV split counts at the "
+                   "throughput runs' full batches (Qwen2-VL-7B: 128 x ~1470 tokens, GQA 28/4; LLaVA: 256 x ~670, MHA)")
     args = p.parse_args()
     torch.manual_seed(0)
     rows: list[dict] = []
+    if args.splits:
+        for s in (1, 2, 4, 8):
+            check_decode(rows, torch.bfloat16, 128, 28, 4, 128, 1528, splits=s, min_len=1400)
+        for s in (1, 2, 4):
+            check_decode(rows, torch.bfloat16, 256, 32, 32, 128, 735, splits=s, min_len=608)
+        for r in rows:
+            print(f"{'OK ' if r['ok'] else 'BAD'} {r['kernel']:8s} err={r['rel_err']:.2e} us={r['us']:.1f} "
+                  f"gbps={r['gbps']:.1f}  {r['shape']}")
+        return 0
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = dtype == torch.bfloat16
         check_decode(rows, dtype, 1, 32, 32, 128, 700, time_it=t)
