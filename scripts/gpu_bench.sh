@@ -60,6 +60,17 @@ model_run() {  # model_run TAG SHAPE IMAGE N HFB
         --out "$OUT/${tag}_profile.json"
 }
 
+env_ab() {  # env_ab TAG SUFFIX VAR=VALUE: latency and throughput (vlmserve only) of model TAG with a setting
+    local tag=$1 suffix=$2 setting=$3 shape image n
+    if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; n=$LLAVA_N
+    else shape=qwen2-vl-7b; image=1024x1024; n=$QWEN_N; fi
+    local m="--random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image"
+    step "${tag}_latency_$suffix" "${T_LAT:-110}" env "$setting" $BENCH latency $m \
+        --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_$suffix.json"
+    step "${tag}_throughput_$suffix" "${T_TPUT:-240}" env "$setting" $BENCH throughput $m \
+        --num-prompts "$n" --backends vlmserve --max-num-seqs "$SEQS" --output-json "$OUT/${tag}_throughput_$suffix.json"
+}
+
 # Python packages the GPU image lacks (blake3) go with the tree as wheels in .device_wheels/ (an
 # ignored folder: name it in the device tool's `carry`), fetched here with
 #   pip download blake3 --no-deps --only-binary=:all: --python-version 3.12 \
@@ -108,27 +119,13 @@ for part in $PARTS; do
                 --random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image \
                 --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_prefetch.json" ;;
         llava_vattn|qwen_vattn)  # latency and throughput (vlmserve only) with the Triton vision attention
-            tag=${part%%_*}
-            if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; n=$LLAVA_N
-            else shape=qwen2-vl-7b; image=1024x1024; n=$QWEN_N; fi
-            m="--random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image"
-            step "${tag}_latency_vattn" "${T_LAT:-110}" env VLMSERVE_TRITON_VISION_ATTENTION=1 $BENCH latency $m \
-                --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_vattn.json"
-            step "${tag}_throughput_vattn" "${T_TPUT:-240}" env VLMSERVE_TRITON_VISION_ATTENTION=1 $BENCH throughput $m \
-                --num-prompts "$n" --backends vlmserve --max-num-seqs "$SEQS" --output-json "$OUT/${tag}_throughput_vattn.json" ;;
+            env_ab "${part%%_*}" vattn VLMSERVE_TRITON_VISION_ATTENTION=1 ;;
         llava_latency_gemv)  # single-stream decode with the split-K Triton GEMV (VLMSERVE_TRITON_GEMV=1)
             m="--random-model --model-shape llava-1.5-7b --input-len 32 --output-len 128 --source-image-size 336x336"
             step "$part" "${T_LAT:-110}" env VLMSERVE_TRITON_GEMV=1 $BENCH latency $m --backends vlmserve \
                 --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/$part.json" ;;
         llava_sync|qwen_sync)  # A/B: latency and throughput (vlmserve only) with async scheduling off
-            tag=${part%%_*}
-            if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; n=$LLAVA_N
-            else shape=qwen2-vl-7b; image=1024x1024; n=$QWEN_N; fi
-            m="--random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image"
-            step "${tag}_latency_sync" "${T_LAT:-110}" env VLMSERVE_ASYNC_SCHEDULING=0 $BENCH latency $m \
-                --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_sync.json"
-            step "${tag}_throughput_sync" "${T_TPUT:-240}" env VLMSERVE_ASYNC_SCHEDULING=0 $BENCH throughput $m \
-                --num-prompts "$n" --backends vlmserve --max-num-seqs "$SEQS" --output-json "$OUT/${tag}_throughput_sync.json" ;;
+            env_ab "${part%%_*}" sync VLMSERVE_ASYNC_SCHEDULING=0 ;;
         llava_async|qwen_async)  # scripts/gpu_async_trace.py: launch/collect times and the syncs in launches
             tag=${part%%_*}
             if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; n=${ASYNC_N:-300}
