@@ -3,6 +3,8 @@
   varlen op (and cuDNN's, where this torch has it), LLaVA- and Qwen2-VL-shaped;
 - vision-tower attention over packed images (non-causal): SDPA per length (now) against the
   varlen ops and the opt-in Triton kernel that does not pad head_dim 80 (tile sizes swept);
+- the first SDPA call at a new shape against the next one, per backend (`--parts sdpa_first`; not
+  in the default parts);
 - single-stream decode attention: KV splits, tile sizes and warps, each in a CUDA graph;
 - decode GEMVs of a 7B model, 32 layers back to back in one CUDA graph: cuBLAS against cuBLASLt;
 - Qwen2-VL preprocessing of a 1024x1024 image: the CPU fast path against the same ops on the GPU,
@@ -174,6 +176,44 @@ def vision_attention(nseq, L, h, d):
                  shape=shape, error=f"{type(e).__name__}: {str(e)[:200]}")
 
 
+def sdpa_first_calls():
+    """The first call of SDPA at a shape it has not seen, against the next call, per backend: cuDNN's
+    backend builds an execution plan per shape. The vision towers run SDPA over [images, tokens, heads,
+    head_dim], so every new image count in a throughput run is a new shape (the H200 step traces show
+    one-off steps 0.3-0.4 s too long, with no Triton compile in them). Each row: first and second call
+    of one backend at one shape, synchronized, in ms."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    # CLIP-L/14-336 at image counts a run meets; Qwen2-VL's ViT at one 1024x1024 image; a lone LLaVA prompt
+    shapes = [(n, 16, 577, 64, False) for n in (3, 5, 13, 26, 27)] + [(1, 16, 5476, 80, False),
+                                                                        (1, 32, 640, 128, True)]
+    for name, backend in backends.items():
+        try:  # the backend's one-time setup (handles, libraries) on a shape of its own, not in the rows
+            with sdpa_kernel([backend]):
+                x = torch.randn(1, 4, 64, 64, device=DEV, dtype=torch.bfloat16)
+                torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        except Exception:  # noqa: BLE001 (the rows below say why)
+            pass
+        for b, h, L, d, causal in shapes:
+            q, k, v = (torch.randn(b, h, L, d, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+            times = []
+            try:
+                with sdpa_kernel([backend]):
+                    for _ in range(2):
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                        torch.cuda.synchronize()
+                        times.append(1e3 * (time.perf_counter() - t))
+                emit(what="sdpa_first_call", impl=name, shape=f"B={b} H={h} L={L} D={d} causal={causal}",
+                     first_ms=times[0], second_ms=times[1])
+            except Exception as e:  # noqa: BLE001
+                emit(what="sdpa_first_call", impl=name, shape=f"B={b} H={h} L={L} D={d} causal={causal}",
+                     error=f"{type(e).__name__}: {str(e)[:160]}")
+
+
 def decode_attention_b1():
     """Single-stream decode attention (LLaVA-1.5-7B: 32 KV heads, head_dim 128, 736 tokens of
     context), each configuration replayed in a CUDA graph (launch cost as in a decode graph)."""
@@ -298,6 +338,8 @@ def main() -> int:
             vision_attention(*shape)
     if "preprocess" in parts:
         qwen_preprocess()
+    if "sdpa_first" in parts:
+        sdpa_first_calls()
     if "decode1" in parts:
         decode_attention_b1()
     if "gemv" in parts:
