@@ -97,3 +97,27 @@ def test_store_kv_skips_negative_slots():
     tpa.reference_store_kv(k, v, kr, vr, slots)
     tpa.store_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, kr) and torch.equal(v_cache, vr)
+
+
+def test_backend_warm_up_runs_every_split_count_and_leaves_the_cache(monkeypatch):
+    """The CUDA backend's startup compile (TritonPagedAttentionBackend.warm_up): every decode split
+    count and the prefill kernel run, once per kind of layer, reading the cache without writing it."""
+    import types
+
+    from vlmserve.layers.attention.triton_backend import TritonPagedAttentionBackend
+
+    calls = []
+    decode, prefill = tpa.paged_decode_attention, tpa.paged_prefill_attention
+    monkeypatch.setattr(tpa, "paged_decode_attention",
+                        lambda *a, **k: calls.append(("decode", k["num_splits"])) or decode(*a, **k))
+    monkeypatch.setattr(tpa, "paged_prefill_attention",
+                        lambda *a, **k: calls.append(("prefill", None)) or prefill(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, 4, 16, 2, 64, generator=g)
+    kv[:, 0, 0] = float("nan")  # the slot the warm-up reads: never written
+    before = kv.clone()
+    layer = types.SimpleNamespace(kv_cache=kv, num_heads=4, head_dim=64, scale=0.125, sliding_window=None)
+    other = types.SimpleNamespace(kv_cache=None, num_heads=4, head_dim=64, scale=0.125, sliding_window=None)
+    TritonPagedAttentionBackend(torch.device("cpu")).warm_up([layer, layer, other])
+    assert calls == [("decode", s) for s in (1, 2, 4, 8, 16)] + [("prefill", None)]
+    torch.testing.assert_close(kv, before, equal_nan=True, atol=0, rtol=0)
