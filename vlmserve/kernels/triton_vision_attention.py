@@ -4,9 +4,10 @@ BENCHMARKS.md show cuDNN's SDPA kernel for it tiled for head_dim 128, so 3/8 of 
 is padding (~15 ms of a 1024x1024 image's ~57 ms time to first token). Here a head of D = DA + DB
 (80 = 64 + 16, both powers of two) takes two dots for QK^T and two for PV, with no padding.
 
-Opt-in (`VLMSERVE_TRITON_VISION_ATTENTION=1`) until measured faster than cuDNN on a GPU
-(`scripts/gpu_alternatives.py --parts vision`); `reference_vision_attention` is the torch
-computation it is tested against (on the CPU through Triton's interpreter)."""
+Opt-in (`VLMSERVE_TRITON_VISION_ATTENTION=1`): on the H200 its fastest tiles (the defaults below)
+still ran 7-10% slower than cuDNN's padded kernel at that shape (BENCHMARKS.md;
+`scripts/gpu_alternatives.py --parts vision` sweeps the tiles). `reference_vision_attention` is the
+torch computation it is tested against (on the CPU through Triton's interpreter)."""
 from __future__ import annotations
 
 import os
