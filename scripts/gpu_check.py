@@ -319,6 +319,13 @@ def back_to_back_ms(fn, reps: int) -> float:
     return start.elapsed_time(end) / reps
 
 
+def print_rows(rows) -> None:
+    for r in rows:
+        extra = " ".join(f"{k}={r[k]:.1f}" for k in ("us", "torch_us", "gbps", "tflops") if k in r)
+        print(f"{'OK ' if r['ok'] else 'BAD'} {r['kernel']:13s} {r['dtype']:15s} err={r['rel_err']:.2e} "
+              f"{extra}  {r['shape']}{'  ' + r['error'] if 'error' in r else ''}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu_check.json")
@@ -333,9 +340,7 @@ def main() -> int:
             check_decode(rows, torch.bfloat16, 128, 28, 4, 128, 1528, splits=s, min_len=1400)
         for s in (1, 2, 4):
             check_decode(rows, torch.bfloat16, 256, 32, 32, 128, 735, splits=s, min_len=608)
-        for r in rows:
-            print(f"{'OK ' if r['ok'] else 'BAD'} {r['kernel']:8s} err={r['rel_err']:.2e} us={r['us']:.1f} "
-                  f"gbps={r['gbps']:.1f}  {r['shape']}")
+        print_rows(rows)
         return 0
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = dtype == torch.bfloat16
@@ -362,10 +367,7 @@ def main() -> int:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "triton": triton.__version__, "rows": rows, "ceilings": ceil}, f, indent=2)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    for r in rows:
-        extra = " ".join(f"{k}={r[k]:.1f}" for k in ("us", "torch_us", "gbps", "tflops") if k in r)
-        print(f"{'OK ' if r['ok'] else 'BAD'} {r['kernel']:13s} {r['dtype']:15s} err={r['rel_err']:.2e} "
-              f"{extra}  {r['shape']}{'  ' + r['error'] if 'error' in r else ''}")
+    print_rows(rows)
     print("ceilings:", {k: round(v, 2) for k, v in ceil.items()})
     return 0 if all(r["ok"] for r in rows) else 1
 

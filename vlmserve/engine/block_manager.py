@@ -63,32 +63,30 @@ class BlockManager:
             seq.block_hashes.append(
                 hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs], seq.block_extra_keys(i, bs)))
 
-    def num_cached_prefix_tokens(self, seq: Sequence) -> int:
-        """How many leading tokens of `seq` the prefix cache holds now, as get_computed_blocks would
-        admit them, without counting the query in the hit statistics."""
-        if not self.enable_prefix_caching or seq.want_prompt_logprobs:
-            return 0
-        self._update_hashes(seq)
-        n = 0
-        for h in seq.block_hashes[:(seq.num_tokens - 1) // self.block_size]:
-            if h not in self.cached:
-                break
-            n += 1
-        return n * self.block_size
-
-    def get_computed_blocks(self, seq: Sequence) -> list[int]:
-        """Leading blocks of `seq` already in the cache. At least one token is always left to compute,
-        since the step that computes it also produces the logits for the next token."""
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks of `seq`'s leading full blocks, up to the first miss, leaving at least
+        one token to compute (the step that computes it also produces the next token's logits)."""
         if not self.enable_prefix_caching or seq.want_prompt_logprobs:
             return []
         self._update_hashes(seq)
-        max_blocks = (seq.num_tokens - 1) // self.block_size
         hits = []
-        for h in seq.block_hashes[:max_blocks]:
+        for h in seq.block_hashes[:(seq.num_tokens - 1) // self.block_size]:
             block_id = self.cached.get(h)
             if block_id is None:
                 break
             hits.append(block_id)
+        return hits
+
+    def num_cached_prefix_tokens(self, seq: Sequence) -> int:
+        """How many leading tokens of `seq` the prefix cache holds now, as get_computed_blocks would
+        admit them, without counting the query in the hit statistics."""
+        return len(self._cached_prefix(seq)) * self.block_size
+
+    def get_computed_blocks(self, seq: Sequence) -> list[int]:
+        """Leading blocks of `seq` already in the cache, counted in the hit statistics."""
+        if not self.enable_prefix_caching or seq.want_prompt_logprobs:
+            return []
+        hits = self._cached_prefix(seq)
         self.num_queried_tokens += seq.num_tokens
         self.num_hit_tokens += len(hits) * self.block_size
         return hits
