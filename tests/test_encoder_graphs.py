@@ -1,10 +1,11 @@
-"""EncoderGraphs: CPU inputs run eagerly; on a GPU, replays equal the eager encoder for counts in
-and past the buckets, and later calls do not change outputs already returned."""
+"""EncoderGraphs: CPU inputs run eagerly; counts split into bucket-sized pieces; on a GPU, replays
+equal the eager encoder for counts in and past the buckets, and later calls do not change outputs
+already returned."""
 import pytest
 import torch
 from torch import nn
 
-from vlmserve.worker.encoder_graphs import EncoderGraphs
+from vlmserve.worker.encoder_graphs import COUNT_BUCKETS, EncoderGraphs, split_count
 
 
 def _encoder(device):
@@ -17,6 +18,29 @@ def test_cpu_inputs_run_eagerly():
     graphs = EncoderGraphs(enc, torch.device("cpu"))
     x = torch.randn(3, 3, 4, 4)
     assert torch.equal(graphs(x), enc(x)) and not graphs.graphs
+
+
+def test_split_count_covers_every_count_with_buckets():
+    for n in range(1, 70):
+        pieces = split_count(n)
+        assert sum(pieces) == n and all(0 < k <= COUNT_BUCKETS[-1] for k in pieces), (n, pieces)
+        padded = sum(next(b for b in COUNT_BUCKETS if b >= k) for k in pieces)
+        assert padded - n <= max(7, n // 4), (n, pieces)
+    assert split_count(1) == [1] and split_count(7) == [7] and split_count(16) == [16]
+    assert split_count(26) == [16, 8, 2] and split_count(15) == [15] and split_count(9) == [8, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.inference_mode()
+def test_counts_past_the_buckets_replay_in_pieces():
+    enc = _encoder("cuda")
+    graphs = EncoderGraphs(enc, torch.device("cuda"))
+    for n in (26, 3, 40):
+        x = torch.randn(n, 3, 4, 4, device="cuda")
+        torch.testing.assert_close(graphs(x), enc(x))
+    assert graphs.num_replays == 3 + 1 + 3  # 16+8+2, 3 (in 4), 16+16+8
+    graphs.warm_up()  # every bucket of the one shape met
+    assert sorted(k[0] for k in graphs.graphs) == list(COUNT_BUCKETS)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

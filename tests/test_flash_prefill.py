@@ -39,13 +39,16 @@ def _prompts(seed, lengths):
     return [{"prompt_token_ids": rng.integers(5, 400, n).tolist()} for n in lengths]
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("num_decodes, chunks, fresh_from", [
     (2, [(0, 5), (0, 9)], 2),            # decodes, then two fresh prompts: all prefill to flash
     (1, [(40, 8), (0, 9), (0, 3)], 2),   # a chunk after cached context first: it to Triton, the rest to flash
     (0, [(0, 5), (12, 4)], 2),           # the last chunk has context: all to Triton
+    (0, [(0, 7)], 0),                    # a lone fresh prompt: dense SDPA in a graph's bucket only
+    (2, [(30, 4), (0, 6)], 3),           # one fresh chunk after others: likewise
     (3, [], 3),                          # decode only
 ])
-def test_which_sequences_take_flash(num_decodes, chunks, fresh_from):
+def test_which_sequences_take_flash(num_decodes, chunks, fresh_from, padded):
     backend = TritonPagedAttentionBackend(torch.device("cpu"))
     backend.flash = True
     qsl, seq_lens = list(range(num_decodes + 1)), [30] * num_decodes
@@ -55,7 +58,7 @@ def test_which_sequences_take_flash(num_decodes, chunks, fresh_from):
     T = qsl[-1]
     meta = AttentionMetadata(num_decodes=num_decodes, query_start_loc=qsl, seq_lens=seq_lens,
                              slot_mapping=torch.zeros(T, dtype=torch.long), block_tables=torch.zeros(len(seq_lens), 4),
-                             seq_lens_tensor=torch.tensor(seq_lens), block_size=16)
+                             seq_lens_tensor=torch.tensor(seq_lens), block_size=16, padded_to_bucket=padded)
     backend._step_info(meta)
     if not chunks:
         return
@@ -63,7 +66,8 @@ def test_which_sequences_take_flash(num_decodes, chunks, fresh_from):
     if fresh_from < len(seq_lens):
         assert backend._fresh_cu.tolist() == [q - qsl[fresh_from] for q in qsl[fresh_from:]]
         assert backend._fresh_max_len == max(n for ctx, n in chunks[fresh_from - num_decodes:])
-        assert backend._one_fresh == (fresh_from == len(seq_lens) - 1)  # one: the dense kernel
+        # one, in a graph's bucket: the dense kernel (eagerly, cuDNN's plan per length costs more)
+        assert backend._one_fresh == (padded and fresh_from == len(seq_lens) - 1)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel in its interpreter")
@@ -126,8 +130,8 @@ def test_flash_prefill_equals_triton_kernel_in_mixed_steps(model_dir):
 
 @gpu
 def test_lone_prompt_dense_attention_equals_triton_kernel(model_dir, monkeypatch):
-    """A lone fresh prompt takes dense SDPA, in a prefill graph (its bucket's padding rows after the
-    prompt) and eagerly: the same tokens and logprobs as the Triton kernel."""
+    """A lone fresh prompt takes dense SDPA in a prefill graph (its bucket's padding rows after the
+    prompt), the FlashAttention varlen op eagerly: the same tokens and logprobs as the Triton kernel."""
     graphs = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
     monkeypatch.setenv("VLMSERVE_PREFILL_GRAPH_TOKENS", "0")
     eager = LLM(model_dir, dtype="bfloat16", max_model_len=1024)

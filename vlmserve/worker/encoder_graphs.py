@@ -1,12 +1,17 @@
 """CUDA graphs of a vision encoder call: the CLIP tower of LLaVA runs ~370 small kernels for 0.6 ms
 of FLOPs per image, so eagerly it is bound by launches (11 ms on an H100).
 
-One graph per (image-count bucket, per-image input shape, dtype), captured at first use into one
-shared memory pool, at most `max_graphs` of them. A call of n images replays the smallest bucket
->= n (the images are independent in the tower, so the padded rows change nothing in the real ones).
-Calls of more images than the largest bucket, new shapes once the set is full, and everything after
-a failed capture run eagerly. The output is copied out of the graph's memory: the next replay of any
-graph in the pool may write over it."""
+One graph per (image-count bucket, per-image input shape, dtype), captured into one shared memory
+pool, at most `max_graphs` of them: at first use, or ahead of the first request by `warm_up` (every
+bucket of the shapes met so far, i.e. in the engine's memory profiling). A call of n images replays
+the pieces `split_count` gives, each the smallest bucket >= its images (the images are independent
+in the tower, so the padded rows change nothing in the real ones).
+
+Every count goes through graphs, because an eager call at a count not met before is slow once:
+cuDNN's attention builds an execution plan per shape, ~70 ms on an H200 (scripts/gpu_alternatives.py
+--parts sdpa_first), and a throughput run meets many counts past the buckets. New shapes once the
+set is full, and everything after a failed capture, run eagerly. The output is copied out of the
+graph's memory: the next replay of any graph in the pool may write over it."""
 from __future__ import annotations
 
 import logging
@@ -18,12 +23,28 @@ from vlmserve.worker.cuda_graphs import graph_capture
 
 logger = logging.getLogger(__name__)
 
-COUNT_BUCKETS = (1, 2, 4, 8)
+COUNT_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def split_count(n: int, buckets: tuple[int, ...] = COUNT_BUCKETS) -> list[int]:
+    """Images per replay for a call of n: the largest bucket while n exceeds it, then the rest in
+    one padded piece where that is cheap (a bucket of up to 8 images, whose time hardly grows with
+    its count, or padding of at most a quarter), else the largest bucket below it and so on."""
+    pieces = []
+    while n > 0:
+        up = next((b for b in buckets if b >= n), None)
+        if up is not None and (up <= 8 or 4 * (up - n) <= n):
+            pieces.append(n)
+            break
+        down = max(b for b in buckets if b <= n)
+        pieces.append(down)
+        n -= down
+    return pieces
 
 
 class EncoderGraphs:
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                 count_buckets: tuple[int, ...] = COUNT_BUCKETS, max_graphs: int = 8):
+                 count_buckets: tuple[int, ...] = COUNT_BUCKETS, max_graphs: int = 10):
         self.encode = encode
         self.device = device
         self.count_buckets = count_buckets
@@ -34,23 +55,46 @@ class EncoderGraphs:
         self.num_replays = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        bucket = next((b for b in self.count_buckets if b >= n), None)
-        if not self.enabled or bucket is None or not x.is_cuda:
+        if not self.enabled or not x.is_cuda:
             return self.encode(x)
-        key = (bucket, tuple(x.shape[1:]), x.dtype)
-        entry = self.graphs.get(key)
-        if entry is None:
-            if len(self.graphs) >= self.max_graphs:
-                return self.encode(x)
-            entry = self._capture(key)
+        entries = []
+        for k in split_count(x.shape[0], self.count_buckets):
+            entry = self._graph(next(b for b in self.count_buckets if b >= k), x)
             if entry is None:
                 return self.encode(x)
+            entries.append((k, entry))
+        if len(entries) == 1:
+            return self._replay(x, *entries[0])
+        out, start = None, 0
+        for k, entry in entries:
+            piece = self._replay(x[start:start + k], k, entry, copy=False)
+            if out is None:
+                out = torch.empty((x.shape[0], *piece.shape[1:]), dtype=piece.dtype, device=piece.device)
+            out[start:start + k].copy_(piece)
+            start += k
+        return out
+
+    def _replay(self, x, k, entry, copy: bool = True) -> torch.Tensor:
         graph, static_in, static_out = entry
-        static_in[:n].copy_(x)
+        static_in[:k].copy_(x)
         graph.replay()
         self.num_replays += 1
-        return static_out[:n].clone()
+        return static_out[:k].clone() if copy else static_out[:k]
+
+    def _graph(self, bucket: int, x: torch.Tensor):
+        key = (bucket, tuple(x.shape[1:]), x.dtype)
+        entry = self.graphs.get(key)
+        if entry is None and len(self.graphs) < self.max_graphs:
+            entry = self._capture(key)
+        return entry
+
+    def warm_up(self) -> None:
+        """Capture every bucket of the input shapes met so far, before requests arrive."""
+        for shape, dtype in {(k[1], k[2]) for k in self.graphs}:
+            for bucket in self.count_buckets:
+                if self.enabled and (bucket, shape, dtype) not in self.graphs \
+                        and len(self.graphs) < self.max_graphs:
+                    self._capture((bucket, shape, dtype))
 
     @torch.inference_mode()
     def _capture(self, key: tuple):

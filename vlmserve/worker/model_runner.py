@@ -164,10 +164,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up_kernels(self) -> None:
-        """Compile the attention backend's kernel variants before the first request (CUDA)."""
+        """Compile the attention backend's kernel variants, and capture the vision tower's graphs of
+        every image-count bucket, before the first request (CUDA)."""
         warm_up = getattr(self.attn_backend, "warm_up", None)
         if warm_up is not None and self.kv_caches:
             warm_up(self.attn_layers)
+            torch.cuda.synchronize(self.device)
+        encoder_warm_up = getattr(getattr(self.model, "image_encoder", None), "warm_up", None)
+        if encoder_warm_up is not None:
+            encoder_warm_up()
             torch.cuda.synchronize(self.device)
 
     # ---- one step ------------------------------------------------------------------------

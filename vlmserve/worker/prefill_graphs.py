@@ -61,7 +61,8 @@ class PrefillGraphs:
         return AttentionMetadata(
             num_decodes=0, query_start_loc=[0, bs], seq_lens=[bs], slot_mapping=self.slot_mapping[:bs],
             block_tables=self.block_tables, seq_lens_tensor=self.seq_lens, block_size=self.block_size,
-            query_start_loc_tensor=self.query_start_loc, prefill_without_context=fresh)
+            query_start_loc_tensor=self.query_start_loc, prefill_without_context=fresh,
+            padded_to_bucket=True)
 
     def _forward(self, bs: int, fresh: bool) -> torch.Tensor:
         embeds = self.embeds[:bs] if self.embeds is not None else None

@@ -27,6 +27,10 @@ class AttentionMetadata:
     # backend works it out from the host-side lengths. A CUDA graph sets it, so that a replay
     # takes the path its capture took.
     prefill_without_context: bool | None = None
+    # Whether the batch is padded to one of a few token-count buckets (a CUDA graph's). Kernels
+    # specialized per shape pay their setup once per bucket then, where eager steps meet a new
+    # shape at nearly every length: cuDNN's attention builds a plan per shape (~70 ms on an H200).
+    padded_to_bucket: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -5,9 +5,11 @@ the cached context (earlier chunks, prefix-cache hits) from the paged cache. Pre
 cached context (whole fresh prompts, the common case; those after the last chunk that has some)
 attend over the step's own k, v through torch's FlashAttention varlen op instead: 1.2-1.6x faster
 than the Triton kernel on an H100 at LLaVA- and Qwen2-VL-sized prompts, batched or alone (scripts/
-gpu_alternatives.py, BENCHMARKS.md). A step with one such chunk (a lone prompt: time to first token)
-takes torch's dense SDPA instead, which picks cuDNN's kernel on an H100: 1.8-1.9x faster again than
-the varlen op there. VLMSERVE_FLASH_PREFILL=0 keeps the Triton kernel for all.
+gpu_alternatives.py, BENCHMARKS.md). A step with one such chunk in a prefill graph (a lone prompt: time to
+first token) takes torch's dense SDPA instead, which picks cuDNN's kernel on an H100: 1.8-1.9x
+faster again than the varlen op there. Only in graphs: cuDNN builds an execution plan per shape
+(~70 ms on an H200, ~0.9 s for the first), once per bucket there, but at nearly every new length
+in eager steps. VLMSERVE_FLASH_PREFILL=0 keeps the Triton kernel for all.
 
 CUDA-graph safe for decode batches: nothing here reads a device tensor back to the host; the
 number of KV splits comes from the host-side `meta.seq_lens` (the graph runner passes the longest
@@ -116,7 +118,9 @@ class TritonPagedAttentionBackend:
                 p0 = qsl[fresh_from]
                 self._fresh_cu = self._qsl[fresh_from:] if p0 == 0 else self._qsl[fresh_from:] - p0
                 self._fresh_max_len = max(qsl[i + 1] - qsl[i] for i in range(fresh_from, B))
-                self._one_fresh = fresh_from == B - 1
+                # dense SDPA (cuDNN) in prefill graphs only: eagerly, its plan per new length costs
+                # ~70 ms, more than it saves (scripts/gpu_alternatives.py --parts sdpa_first)
+                self._one_fresh = fresh_from == B - 1 and meta.padded_to_bucket
                 if fresh_from > nd:
                     self._paged_max_len = max(qsl[i + 1] - qsl[i] for i in range(nd, fresh_from))
         self._meta = meta
