@@ -51,6 +51,9 @@ def _pair(monkeypatch, model_dir, **kw):
 def test_text_prefill_graphs_equal_eager(tmp_path, monkeypatch):
     d = make_text_checkpoint(str(tmp_path / "llama"), "llama")
     graphs, eager = _pair(monkeypatch, d, max_model_len=1024, max_num_batched_tokens=512)
+    # the fresh prompts' graphs are captured at startup, every bucket
+    captured = set(graphs.llm_engine.runner.prefill_graphs.graphs)
+    assert captured == {(bs, True) for bs in token_buckets(512)}
     rng = np.random.default_rng(0)
     base = rng.integers(5, 400, 150).tolist()
     prompts = [{"prompt_token_ids": rng.integers(5, 400, n).tolist()} for n in (3, 64, 65, 200)]
@@ -65,6 +68,8 @@ def test_text_prefill_graphs_equal_eager(tmp_path, monkeypatch):
     assert runner.prefill_graphs is not None and len(runner.prefill_graphs.graphs) >= 4
     assert eager.llm_engine.runner.prefill_graphs is None
     assert graphs.llm_engine.scheduler.num_cached_tokens > 0
+    # captured on first use: the 700-token prompt's second chunk (188 tokens), base + 3 after 144 cached
+    assert set(runner.prefill_graphs.graphs) - captured == {(192, False), (64, False)}
 
 
 @gpu

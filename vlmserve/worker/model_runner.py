@@ -165,7 +165,8 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up_kernels(self) -> None:
         """Compile the attention backend's kernel variants, and capture the vision tower's graphs of
-        every image-count bucket, before the first request (CUDA)."""
+        every image-count bucket and the prefill graphs of fresh prompts, before the first request
+        (CUDA)."""
         warm_up = getattr(self.attn_backend, "warm_up", None)
         if warm_up is not None and self.kv_caches:
             warm_up(self.attn_layers)
@@ -174,6 +175,10 @@ class ModelRunner:
         if encoder_warm_up is not None:
             encoder_warm_up()
             torch.cuda.synchronize(self.device)
+        if self.use_cuda_graphs and self.prefill_graph_tokens > 0 and self.kv_caches:
+            # a lone fresh prompt's graph: captured at first use, it cost the H200 ~0.4 s at the
+            # start of a throughput run (cuDNN's plan, the eager pass, the capture)
+            self._get_prefill_graphs().warm_up()
 
     # ---- one step ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -361,9 +366,7 @@ class ModelRunner:
                 return None
         return self.decode_graphs.run(vectors, tables, positions, max(seq_lens), fill_pending)
 
-    def _replay_prefill_graph(self, host, T: int, seq_len: int, table, pos_host, items, multirow: bool):
-        """One sequence's prefill chunk through a CUDA graph of its token-count bucket (host:
-        the step's pinned inputs, laid out as in launch); None: run it eagerly."""
+    def _get_prefill_graphs(self):
         if self.prefill_graphs is None:
             from vlmserve.worker.prefill_graphs import PrefillGraphs
 
@@ -371,8 +374,13 @@ class ModelRunner:
             self.prefill_graphs = PrefillGraphs(
                 self.model, self.device, self.prefill_graph_tokens, self.model_config.max_model_len,
                 self.block_size, hidden_size, self.model_config.dtype,
-                tuple(pos_host.shape[:-1]) if multirow else ())
-        graphs = self.prefill_graphs
+                (self.position_rows,) if self.position_rows > 1 else ())
+        return self.prefill_graphs
+
+    def _replay_prefill_graph(self, host, T: int, seq_len: int, table, pos_host, items, multirow: bool):
+        """One sequence's prefill chunk through a CUDA graph of its token-count bucket (host:
+        the step's pinned inputs, laid out as in launch); None: run it eagerly."""
+        graphs = self._get_prefill_graphs()
         if not graphs.enabled or graphs.bucket(T) is None:
             return None
         embeds = None

@@ -5,8 +5,8 @@ but the step took 28 ms). That is time to first token at low load.
 
 One graph per token-count bucket (multiples of 64 up to 512, of 128 up to `max_tokens`) and per
 kind of chunk (a whole fresh prompt, or a chunk after cached context: the attention backend may
-take different kernels for them), captured on first use into one shared memory pool, at most
-`max_graphs`. A step of T tokens replays the
+take different kernels for them), captured into one shared memory pool, at most `max_graphs`: those
+of fresh prompts at startup (`warm_up`), the others on first use. A step of T tokens replays the
 smallest bucket >= T: rows T.. get token 0, position 0 and slot -1 (the KV store skips them); the
 prefill kernel reads the real length from the device-side query offsets and skips their tiles.
 Each row of the other layers depends on its own input only, so padded rows change nothing in the
@@ -35,7 +35,7 @@ def token_buckets(max_tokens: int) -> list[int]:
 class PrefillGraphs:
     def __init__(self, model, device: torch.device, max_tokens: int, max_model_len: int, block_size: int,
                  hidden_size: int | None, dtype: torch.dtype, positions_leading_shape: tuple[int, ...] = (),
-                 max_graphs: int = 24):
+                 max_graphs: int = 48):
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -88,6 +88,19 @@ class PrefillGraphs:
         self.graphs[bs, fresh] = (graph, out)
         logger.info("captured a CUDA graph of prefill steps up to %d tokens%s (%d graphs)", bs,
                     " without cached context" if fresh else "", len(self.graphs))
+
+    def warm_up(self) -> None:
+        """Capture the graphs of fresh prompts (no cached context), every bucket, before requests
+        arrive; chunks after cached context keep capturing at first use."""
+        for bs in self.buckets:
+            if not self.enabled or len(self.graphs) >= self.max_graphs:
+                return
+            if (bs, True) not in self.graphs:
+                try:
+                    self._capture(bs, True)
+                except Exception as e:  # as in run: a forward that syncs with the host, say
+                    logger.warning("prefill CUDA graph capture failed (%s); prefill steps run eagerly", e)
+                    self.enabled = False
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, seq_len: int,
