@@ -166,6 +166,7 @@ def main() -> int:
         if prof is None:
             continue
         res[f"{name}_gpu_busy_ms"], res[f"{name}_top_kernels"] = kernel_table(prof, n, top=15)
+        res[f"{name}_top_cpu_ops"] = cpu_table(prof, n, top=15)
     if "prefill_wall" in prof_box:
         res["prefill_step_wall_ms"] = 1e3 * prof_box["prefill_wall"]
     res["triton_variants"] = compiled_variants()
@@ -176,13 +177,23 @@ def main() -> int:
                            for s, w in zip(steps, walls)]
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    print(json.dumps({k: v for k, v in res.items() if not k.endswith("top_kernels") and k != "step_records"},
+    print(json.dumps({k: v for k, v in res.items() if not k.endswith(("top_kernels", "top_cpu_ops")) and k != "step_records"},
                      indent=1))
-    for key in ("full_decode_top_kernels", "prefill_step_top_kernels"):
+    for key in ("full_decode_top_kernels", "prefill_step_top_kernels", "full_decode_top_cpu_ops",
+                "prefill_step_top_cpu_ops"):
         print(key)
         for r in res.get(key, []):
             print(f"  {r['ms_per_step']:7.3f} ms/step  x{r['calls_per_step']:6.1f}  {r['kernel']}")
     return 0
+
+
+def cpu_table(prof, steps: int, top: int = 15) -> list[dict]:
+    """The host's time per step by op (self time, ms): what a step spends outside the GPU's work
+    (plan building, compiles, allocations) shows here."""
+    rows = [{"kernel": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1e3 / steps}
+            for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU and e.self_cpu_time_total]
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows[:top]
 
 
 def compiled_variants() -> dict:
