@@ -130,3 +130,47 @@ def test_gpu_device_path_is_hf_on_the_gpu():
         image = noise(*size, seed=sum(size))
         ref = hf(images=[image], return_tensors="pt", device="cuda")["pixel_values"][0]
         assert torch.equal(fast.device_pixels(image, torch.device("cuda")).to("cuda"), ref.to("cuda"))
+
+
+def test_pinned_budget_counts_bytes_across_threads():
+    import threading
+
+    from vlmserve.multimodal.device_pixels import PinnedBudget
+
+    budget = PinnedBudget(1000)
+    taken = []
+
+    def worker():
+        for _ in range(100):
+            taken.append(budget.take(7))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(taken) == 1000 // 7 and budget.used == 7 * (1000 // 7)
+    assert not budget.take(7)
+    budget.give_back(7)
+    assert budget.take(7) and not budget.take(1000)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_staging_pins_within_the_budget_only(monkeypatch):
+    """Past the budget an image stays in pageable memory (and still reaches the device); a pinned
+    image gives its bytes back once it is gone."""
+    import gc
+
+    from vlmserve.multimodal import device_pixels as dp
+
+    monkeypatch.setattr(dp, "PINNED_BUDGET", dp.PinnedBudget(3 << 20))
+    images = [torch.full((1024, 1024, 3), i, dtype=torch.uint8) for i in range(2)]
+    first = DevicePixels.staged(images[0], lambda t: t, "cuda")
+    second = DevicePixels.staged(images[1], lambda t: t, "cuda")
+    assert first.image.is_pinned() and not second.image.is_pinned()
+    assert dp.PINNED_BUDGET.used == 3 << 20
+    assert torch.equal(second.to("cuda").cpu(), images[1]) and torch.equal(first.to("cuda").cpu(), images[0])
+    del first
+    gc.collect()
+    assert dp.PINNED_BUDGET.used == 0
+    assert DevicePixels.staged(images[1], lambda t: t, "cuda").image.is_pinned()

@@ -15,6 +15,8 @@ rounds differently from the CPU's uint8 kernels: values differ by one uint8 step
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -28,6 +30,36 @@ def device_preprocess_enabled(device: torch.device | str | None) -> bool:
     return os.environ.get("VLMSERVE_DEVICE_PREPROCESS", "1") != "0"
 
 
+class PinnedBudget:
+    """Bytes of staged images held in pinned memory at once. The prompt pipeline stages images well
+    ahead of their step (a throughput run: all of them), and each live pinned buffer is a fresh
+    cudaHostAlloc, which holds the driver's lock: on an H200 host, 86 of them (12.6 ms each for
+    Qwen2-VL's 1024x1024 images) made the engine thread's kernel launches take 0.5 ms and a step
+    0.24 s longer (scripts/gpu_step_trace.py --profile-prefill-step 0). Within the budget, freed
+    buffers come back through torch's pinned-memory cache instead; images past it stay in pageable
+    memory, which the runner's copy reads synchronously (~0.3 ms for 3 MB). It also bounds the
+    pinned memory a long queue of requests holds. VLMSERVE_PINNED_STAGING_MB sets it (64)."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit = limit_bytes
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                return False
+            self.used += nbytes
+            return True
+
+    def give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+
+
+PINNED_BUDGET = PinnedBudget(int(float(os.environ.get("VLMSERVE_PINNED_STAGING_MB", "64")) * (1 << 20)))
+
+
 class DevicePixels:
     def __init__(self, image: torch.Tensor, finish: Callable[[torch.Tensor], torch.Tensor]):
         """image: the uint8 image as the processor's `finish` takes it; finish(image on a device)
@@ -38,9 +70,17 @@ class DevicePixels:
     @classmethod
     def staged(cls, image: torch.Tensor, finish: Callable[[torch.Tensor], torch.Tensor],
                device: torch.device | str | None) -> DevicePixels:
-        """Pinned for a CUDA device (the runner's copy then does not wait), else as given."""
-        if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
-            pinned = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
+        """Pinned for a CUDA device within PINNED_BUDGET (the runner's copy then does not wait),
+        else as given."""
+        nbytes = image.numel() * image.element_size()
+        if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available() \
+                and PINNED_BUDGET.take(nbytes):
+            try:
+                pinned = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
+            except BaseException:
+                PINNED_BUDGET.give_back(nbytes)
+                raise
+            weakref.finalize(pinned, PINNED_BUDGET.give_back, nbytes)
             # one thread's memcpy: torch's copy_ wakes its intra-op thread pool for a buffer this
             # size, which took 5-10 ms per image on a 16-core GPU host (a media worker thread each)
             np.copyto(pinned.numpy(), image.numpy())
