@@ -28,6 +28,8 @@
 #                  latency likewise, then gpu_check.py
 #   latency_ab     bench latency now and with $BEFORE, alternating (AB_ROUNDS, LAT_ITERS)
 #   OUT=/tmp/out COMMIT=<hash> bash scripts/gpu_bench.sh [parts...]
+# (COMMIT: the hash written out here; the device copy's .git can be stale, so git rev-parse there may name an
+# older commit than the tree it runs)
 # Sizes: LLAVA_N (500 requests), LLAVA_HFB (HF batch sizes, 192,256), QWEN_N (128), QWEN_HFB (64,96),
 # SEQS (max_num_seqs, 256: the engine's default; the H200's KV cache holds that many of these requests).
 # Each step runs under its own time limit (seconds, T_* below).
