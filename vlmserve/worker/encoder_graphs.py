@@ -63,23 +63,16 @@ class EncoderGraphs:
             if entry is None:
                 return self.encode(x)
             entries.append((k, entry))
-        if len(entries) == 1:
-            return self._replay(x, *entries[0])
         out, start = None, 0
-        for k, entry in entries:
-            piece = self._replay(x[start:start + k], k, entry, copy=False)
+        for k, (graph, static_in, static_out) in entries:
+            static_in[:k].copy_(x[start:start + k])
+            graph.replay()
+            self.num_replays += 1
             if out is None:
-                out = torch.empty((x.shape[0], *piece.shape[1:]), dtype=piece.dtype, device=piece.device)
-            out[start:start + k].copy_(piece)
+                out = torch.empty((x.shape[0], *static_out.shape[1:]), dtype=static_out.dtype, device=x.device)
+            out[start:start + k].copy_(static_out[:k])  # before the next replay writes over the pool
             start += k
         return out
-
-    def _replay(self, x, k, entry, copy: bool = True) -> torch.Tensor:
-        graph, static_in, static_out = entry
-        static_in[:k].copy_(x)
-        graph.replay()
-        self.num_replays += 1
-        return static_out[:k].clone() if copy else static_out[:k]
 
     def _graph(self, bucket: int, x: torch.Tensor):
         key = (bucket, tuple(x.shape[1:]), x.dtype)

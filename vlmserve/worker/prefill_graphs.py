@@ -93,14 +93,20 @@ class PrefillGraphs:
         """Capture the graphs of fresh prompts (no cached context), every bucket, before requests
         arrive; chunks after cached context keep capturing at first use."""
         for bs in self.buckets:
-            if not self.enabled or len(self.graphs) >= self.max_graphs:
+            if (bs, True) not in self.graphs and not self._try_capture(bs, True):
                 return
-            if (bs, True) not in self.graphs:
-                try:
-                    self._capture(bs, True)
-                except Exception as e:  # as in run: a forward that syncs with the host, say
-                    logger.warning("prefill CUDA graph capture failed (%s); prefill steps run eagerly", e)
-                    self.enabled = False
+
+    def _try_capture(self, bs: int, fresh: bool) -> bool:
+        """Capture one graph if the set has room; a failed capture turns the graphs off."""
+        if not self.enabled or len(self.graphs) >= self.max_graphs:
+            return False
+        try:
+            self._capture(bs, fresh)
+        except Exception as e:  # a model whose forward syncs with the host, say
+            logger.warning("prefill CUDA graph capture failed (%s); prefill steps run eagerly", e)
+            self.enabled = False
+            return False
+        return True
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, seq_len: int,
@@ -114,15 +120,8 @@ class PrefillGraphs:
                 or table.shape[0] > self.block_tables.shape[1] or positions.shape[:-1] != self.positions.shape[:-1]:
             return None
         fresh = seq_len == T  # nothing cached before this chunk: the attention needs no cache reads
-        if (bs, fresh) not in self.graphs:
-            if len(self.graphs) >= self.max_graphs:
-                return None
-            try:
-                self._capture(bs, fresh)
-            except Exception as e:  # a model whose forward syncs with the host, say
-                logger.warning("prefill CUDA graph capture failed (%s); prefill steps run eagerly", e)
-                self.enabled = False
-                return None
+        if (bs, fresh) not in self.graphs and not self._try_capture(bs, fresh):
+            return None
         self.input_ids[:T].copy_(ids, non_blocking=True)
         self.slot_mapping[:T].copy_(slots, non_blocking=True)
         self.positions[..., :T].copy_(positions, non_blocking=True)
