@@ -3,6 +3,8 @@
   varlen op (and cuDNN's, where this torch has it), LLaVA- and Qwen2-VL-shaped;
 - vision-tower attention over packed images (non-causal): SDPA per length (now) against the
   varlen ops and the opt-in Triton kernel that does not pad head_dim 80 (tile sizes swept);
+- the ViT's head_dim 80 zero-padded to 96, 112 or 128 before SDPA, by backend and layout
+  (`--parts vision_pad`; not in the default parts);
 - the first SDPA call at a new shape against the next one, per backend (`--parts sdpa_first`; not
   in the default parts);
 - single-stream decode attention: KV splits, tile sizes and warps, each in a CUDA graph;
@@ -176,6 +178,44 @@ def vision_attention(nseq, L, h, d):
                  shape=shape, error=f"{type(e).__name__}: {str(e)[:200]}")
 
 
+def vision_head_dim_padding(nseq, L, h, d=80):
+    """The ViT's attention (head_dim 80) through SDPA by backend, as now and with q, k, v zero-padded
+    to a larger head_dim (exact: zero columns add nothing to q.k, and the padded output columns are
+    dropped), the padding timed with it; layouts as the towers make them ([B, L, H, D] viewed as
+    [B, H, L, D]) and contiguous [B, H, L, D]. TFLOP/s count head_dim 80."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = torch.randn(nseq, L, 3, h, d, device=DEV, dtype=torch.bfloat16).unbind(2)
+    scale = d ** -0.5
+    flops = 4 * nseq * L * L * h * d
+    shape = f"{nseq}x{L} H={h} D={d} bidirectional"
+    ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=scale)
+
+    def padded(dp, contiguous):
+        def fn():
+            xs = (F.pad(x, (0, dp - d)) if dp > d else x for x in (q, k, v))
+            xs = [x.transpose(1, 2) for x in xs]
+            if contiguous:
+                xs = [x.contiguous() for x in xs]
+            return F.scaled_dot_product_attention(*xs, scale=scale)[..., :d]
+        return fn
+
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        for dp in (80, 96, 112, 128):
+            for contiguous in (False, True):
+                fn = padded(dp, contiguous)
+                name = f"{backend.name.lower()} d={dp} {'bhld' if contiguous else 'blhd_view'}"
+                try:
+                    with sdpa_kernel([backend]):
+                        err = rel_err(fn(), ref)
+                        ms = bench(fn)
+                    emit(what="vision_head_dim", impl=name, shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9,
+                         rel_err=err)
+                except Exception as e:  # noqa: BLE001
+                    emit(what="vision_head_dim", impl=name, shape=shape, error=f"{type(e).__name__}: {str(e)[:160]}")
+
+
 def sdpa_first_calls():
     """The first call of SDPA at a shape it has not seen, against the next call, per backend: cuDNN's
     backend builds an execution plan per shape. The vision towers run SDPA over [images, tokens, heads,
@@ -336,6 +376,9 @@ def main() -> int:
     if "vision" in parts:
         for shape in ((1, 577, 16, 64), (8, 577, 16, 64), (1, 5476, 16, 80), (6, 5476, 16, 80)):
             vision_attention(*shape)
+    if "vision_pad" in parts:
+        for nseq in (1, 6, 11):
+            vision_head_dim_padding(nseq, 5476, 16)
     if "preprocess" in parts:
         qwen_preprocess()
     if "sdpa_first" in parts:

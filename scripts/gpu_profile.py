@@ -1,7 +1,8 @@
 """Where the time of one request goes on the GPU (issue 5): for a --model-shape model with random
 weights made on the GPU, one request with one image at batch 1:
 - TTFT split: CPU preprocessing (HF's processor and vlmserve's, as the engine runs it), the vision
-  tower, and the whole first token, with the GPU's busy time in it and its top kernels;
+  tower, and the whole first token, with the GPU's busy time in it, its top kernels and where the
+  GPU sits idle in it;
 - single-stream decode: wall time per step against the GPU's busy time per step (kernel time from
   the torch profiler), i.e. how much host work does not overlap, and the kernels that take it.
 
@@ -56,6 +57,39 @@ def kernel_table(prof, steps: int, top: int = 12) -> tuple[float, list[dict]]:
             rows.append({"kernel": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": t / 1e3 / steps})
     rows.sort(key=lambda r: -r["ms_per_step"])
     return sum(r["ms_per_step"] for r in rows), rows[:top]
+
+
+def gpu_timeline(prof, top: int = 8) -> dict:
+    """Where the GPU sits idle in one profiled request: from the first host event to the first
+    kernel, the largest gaps between kernels (with the kernels around them and the host ops that
+    span them), and from the last kernel to the last host event."""
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = sorted((e for e in prof.events() if e.device_type == cuda), key=lambda e: e.time_range.start)
+    host = [e for e in prof.events() if e.device_type != cuda]
+    if not kernels or not host:
+        return {}
+    gaps, end, prev = [], kernels[0].time_range.end, kernels[0]
+    for e in kernels[1:]:
+        if e.time_range.start > end:
+            gaps.append((e.time_range.start - end, end, prev, e))
+        if e.time_range.end > end:
+            end, prev = e.time_range.end, e
+    gaps.sort(key=lambda g: -g[0])
+
+    def spanning(t0, t1):  # the innermost host ops running through the whole gap
+        ops = [h for h in host if h.time_range.start <= t0 and h.time_range.end >= t1]
+        ops.sort(key=lambda h: h.time_range.end - h.time_range.start)
+        return [h.name[:60] for h in ops[:3]]
+
+    return {
+        "host_to_first_kernel_ms": (kernels[0].time_range.start - min(h.time_range.start for h in host)) / 1e3,
+        "last_kernel_to_host_end_ms": (max(h.time_range.end for h in host) - end) / 1e3,
+        "kernel_span_ms": (end - kernels[0].time_range.start) / 1e3,
+        "idle_in_span_ms": sum(g[0] for g in gaps) / 1e3,
+        "largest_gaps": [{"ms": g / 1e3, "at_ms": (t - kernels[0].time_range.start) / 1e3, "after": a.name[:60],
+                          "before": b.name[:60], "host_ops": spanning(t, t + g)}
+                         for g, t, a, b in gaps[:top]],
+    }
 
 
 def encoder_graph_check(model, graphs, pixels: torch.Tensor) -> dict:
@@ -192,6 +226,7 @@ def main() -> int:
             llm.generate(prompts_extra[0], one, use_tqdm=False)
             sync()
         res["ttft_gpu_busy_ms"], res["ttft_top_kernels"] = kernel_table(prof, 1)
+        res["ttft_gpu_timeline"] = gpu_timeline(prof)
 
         # -- single-stream decode: wall per step vs GPU busy per step
         n = args.decode_steps
@@ -214,7 +249,8 @@ def main() -> int:
         res["cuda_graphs"] = engine.runner.decode_graphs is not None
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
-    print(json.dumps({k: v for k, v in res.items() if "_top_" not in k}, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if "_top_" not in k and k != "ttft_gpu_timeline"}, indent=1))
+    print("ttft_gpu_timeline", json.dumps(res.get("ttft_gpu_timeline"), indent=1))
     for key in ("ttft_top_kernels", "decode_top_kernels"):
         print(key)
         for r in res[key]:
