@@ -158,6 +158,30 @@ def check_fused(rows, dtype, T, hidden, inter, hq, hkv, d):
                      "frac_differing_from_torch_same_dtype": float((got != same_ops).float().mean())})
 
 
+def check_layer_norm(rows, dtype, T, n):
+    """The vision towers' residual add + LayerNorm (one Triton kernel) against torch's add and
+    layer_norm in float32, timed beside torch's two ops in this dtype."""
+    from vlmserve.layers.layernorm import LayerNorm
+
+    norm = LayerNorm(n, eps=1e-6).to(DEV, dtype)
+    norm.weight.data.normal_(1.0, 0.1)
+    norm.bias.data.normal_(0.0, 0.1)
+    x, res = 2 + torch.randn(T, n, device=DEV, dtype=dtype), torch.randn(T, n, device=DEV, dtype=dtype)
+    got = tf.layer_norm(x, norm.weight, norm.bias, norm.eps, res)
+    ref = norm.float().forward_torch(x.float(), res.float())
+    norm.to(dtype)
+    err = max(rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
+    ms = triton.testing.do_bench(lambda: tf.layer_norm(x, norm.weight, norm.bias, norm.eps, res), return_mode="median")
+    ms_ref = triton.testing.do_bench(lambda: norm.forward_torch(x, res), return_mode="median")
+    ms_plain = triton.testing.do_bench(lambda: tf.layer_norm(x, norm.weight, norm.bias, norm.eps), return_mode="median")
+    ms_plain_ref = triton.testing.do_bench(lambda: norm.forward_torch(x), return_mode="median")
+    gb = T * n * x.element_size() / 1e9
+    rows.append({"kernel": "add+layernorm", "dtype": str(dtype), "shape": f"T={T} H={n}", "rel_err": err,
+                 "ok": err < TOL[dtype], "us": 1e3 * ms, "torch_us": 1e3 * ms_ref, "tbps": 4 * gb / ms,
+                 "layernorm_us": 1e3 * ms_plain, "torch_layernorm_us": 1e3 * ms_plain_ref,
+                 "layernorm_tbps": 2 * gb / ms_plain})
+
+
 def check_vision_attention(rows, dtype, lengths, h, d, time_it=True):
     """The opt-in Triton vision attention (head_dim split into powers of two) against its float32
     torch reference, on q, k, v views of one fused qkv, and timed beside torch's SDPA path."""
@@ -358,6 +382,9 @@ def main() -> int:
     check_fused(rows, torch.bfloat16, 1, 4096, 11008, 32, 32, 128)
     check_fused(rows, torch.bfloat16, 8192, 4096, 11008, 32, 32, 128)
     check_fused(rows, torch.float32, 64, 4096, 11008, 32, 8, 128)
+    check_layer_norm(rows, torch.bfloat16, 12 * 5476, 1280)  # a Qwen2-VL prefill step's 12 images
+    check_layer_norm(rows, torch.bfloat16, 27 * 577, 1024)  # LLaVA's CLIP tower, 27 images
+    check_layer_norm(rows, torch.float32, 100, 80)
     for M, K, N in ((1, 4096, 12288), (1, 4096, 22016), (1, 11008, 4096), (4, 4096, 22016), (8, 4096, 4096)):
         check_gemv(rows, torch.bfloat16, M, K, N)  # Llama-2-7B's qkv, gate_up, down, o at decode
     if "--sweep" in sys.argv:

@@ -1,4 +1,4 @@
-"""The fused Triton kernels (RMSNorm, rotary, SiLU-and-mul, QuickGELU) against the torch layers they replace,
+"""The fused Triton kernels (RMSNorm, LayerNorm, rotary, SiLU-and-mul, QuickGELU) against the torch layers they replace,
 on the CPU through Triton's interpreter, at float32 tolerance."""
 import importlib
 import os
@@ -15,7 +15,7 @@ if "vlmserve.kernels.triton_fused" in sys.modules:
     importlib.reload(sys.modules["vlmserve.kernels.triton_fused"])
 from vlmserve.kernels import triton_fused as tf  # noqa: E402
 from vlmserve.layers.activation import ActAndMul  # noqa: E402
-from vlmserve.layers.layernorm import RMSNorm  # noqa: E402
+from vlmserve.layers.layernorm import LayerNorm, RMSNorm  # noqa: E402
 from vlmserve.layers.rotary import RotaryEmbedding  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -29,6 +29,22 @@ def test_rms_norm(with_residual):
     x = torch.randn(5, 96, generator=g)
     res = torch.randn(5, 96, generator=g) if with_residual else None
     got, ref = tf.rms_norm(x, norm.weight, norm.eps, res), norm.forward_torch(x, res)
+    if with_residual:
+        torch.testing.assert_close(got[0], ref[0], **TOL)
+        torch.testing.assert_close(got[1], ref[1], **TOL)
+    else:
+        torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("n", [80, 96])  # 80: masked columns must not enter the mean or the variance
+def test_layer_norm(with_residual, n):
+    g = torch.Generator().manual_seed(n)
+    norm = LayerNorm(n, eps=1e-6)
+    norm.weight.data, norm.bias.data = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    x = 3 + 2 * torch.randn(2, 3, n, generator=g)  # rows far from zero mean, 3-D as the CLIP tower gives them
+    res = torch.randn(2, 3, n, generator=g) if with_residual else None
+    got, ref = tf.layer_norm(x, norm.weight, norm.bias, norm.eps, res), norm.forward_torch(x, res)
     if with_residual:
         torch.testing.assert_close(got[0], ref[0], **TOL)
         torch.testing.assert_close(got[1], ref[1], **TOL)

@@ -1,4 +1,4 @@
-"""Fused elementwise kernels for the GPU, in Triton: (residual add +) RMSNorm, rotary embedding
+"""Fused elementwise kernels for the GPU, in Triton: (residual add +) RMSNorm or LayerNorm, rotary embedding
 (neox layout) applied in place to q and k, SiLU-and-mul, and QuickGELU. Unfused, each is 3-10
 small kernels per layer, which costs more than the layer's matmuls in a small decode step. Their references are
 the torch layers they replace (layers/layernorm.py, layers/rotary.py, layers/activation.py), which
@@ -38,6 +38,24 @@ if triton is not None:
         h = h * tl.rsqrt(tl.sum(h * h, 0) / n + eps)
         w = tl.load(w_ptr + c, mask=cm, other=0.0)
         tl.store(out_ptr + row * stride_o + c, (w * h.to(x.dtype)).to(out_ptr.dtype.element_ty), mask=cm)
+
+    @triton.jit
+    def _layernorm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o,
+                          stride_ro, n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        # as torch's layer_norm: float32 statistics (biased variance), one rounding at the end
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK)
+        cm = c < n
+        x = tl.load(x_ptr + row * stride_x + c, mask=cm, other=0.0)
+        if HAS_RES:
+            x = x + tl.load(res_ptr + row * stride_r + c, mask=cm, other=0.0)  # rounded as torch's add
+            tl.store(res_out_ptr + row * stride_ro + c, x, mask=cm)
+        h = x.to(tl.float32)
+        d = tl.where(cm, h - tl.sum(h, 0) / n, 0.0)
+        y = d * tl.rsqrt(tl.sum(d * d, 0) / n + eps)
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + c, (y * w + b).to(out_ptr.dtype.element_ty), mask=cm)
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
@@ -94,6 +112,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rmsnorm_kernel[(T,)](x2, res, weight, out, res_out, x2.stride(0), res.stride(0), out.stride(0),
                               res_out.stride(0), n, float(eps), HAS_RES=residual is not None, BLOCK=_pow2(n),
                               num_warps=8 if n >= 4096 else 4)
+    out = out.view(x.shape)
+    return out if residual is None else (out, res_out.view(x.shape))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               residual: torch.Tensor | None = None):
+    """As layers.layernorm.LayerNorm over the last dim; with a residual, returns
+    (normed(x + residual), x + residual) from one pass instead of an add and a norm."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    T = x2.shape[0]
+    out = torch.empty_like(x2)
+    res_out = torch.empty_like(x2) if residual is not None else out
+    res = residual.reshape(-1, n) if residual is not None else x2
+    if T:
+        _layernorm_kernel[(T,)](x2, res, weight, bias, out, res_out, x2.stride(0), res.stride(0), out.stride(0),
+                                res_out.stride(0), n, float(eps), HAS_RES=residual is not None, BLOCK=_pow2(n),
+                                num_warps=8 if n >= 4096 else 4)
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
 

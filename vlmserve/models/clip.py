@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.layers.activation import get_act_fn
+from vlmserve.layers.layernorm import LayerNorm
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -58,14 +59,14 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = CLIPAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
     def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        h, x = self.layer_norm2(self.self_attn(self.layer_norm1(x)), x)  # the residual add inside the norm
+        return x + self.mlp(h)
 
 
 class CLIPEncoder(nn.Module):
@@ -88,7 +89,7 @@ class CLIPVisionModel(nn.Module):
             raise ValueError(f"vision_feature_layer {feature_layers} is out of range for {total} layers")
         self.num_layers = max(self.feature_layers)
         self.embeddings = CLIPVisionEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.encoder = CLIPEncoder(cfg, self.num_layers)
 
     def unused_weight_prefixes(self, prefix: str, total_layers: int) -> tuple[str, ...]:

@@ -97,9 +97,10 @@ class Qwen2_5_VisionTransformer(nn.Module):
         x = windowed(self.patch_embed(pixels))
         cos_sin = self.rotary(windowed(vision_positions(grids, self.merge).to(x.device)))
         cu_frames = frame_cu_seqlens(grids)  # windows never cross frames, so frames stay contiguous
+        residual = None
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos_sin, cu_frames if i in self.full_blocks else cu_windows)
-        merged = self.merger(x)
+            x, residual = blk(x, cos_sin, cu_frames if i in self.full_blocks else cu_windows, residual)
+        merged = self.merger(x + residual)
         return merged[torch.argsort(order)]
 
 

@@ -21,7 +21,7 @@ from vlmserve.config import ModelLoadError
 from vlmserve.device_utils import to_device
 from vlmserve.kernels.triton_fused import rotary_inplace
 from vlmserve.layers.activation import get_act_fn
-from vlmserve.layers.layernorm import fused_kernels_enabled
+from vlmserve.layers.layernorm import LayerNorm, fused_kernels_enabled
 from vlmserve.layers.vision_attention import varlen_attention
 from vlmserve.models.qwen2 import Qwen2ForCausalLM
 from vlmserve.models.qwen2_vl_image_processing import FastQwen2VLImageProcessor
@@ -443,9 +443,13 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads)
         self.mlp = mlp
 
-    def forward(self, x, cos_sin, cu_seqlens):
-        x = x + self.attn(self.norm1(x), cos_sin, cu_seqlens)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, cos_sin, cu_seqlens, residual=None):
+        """Pre-norm block whose residual adds go into the norms' kernels: takes the previous
+        block's (h, residual) (residual None: x is the input) and returns its own; the block's
+        output is h + residual."""
+        h, residual = (self.norm1(x), x) if residual is None else self.norm1(x, residual)
+        h, residual = self.norm2(self.attn(h, cos_sin, cu_seqlens), residual)
+        return self.mlp(h), residual
 
 
 class PatchMerger(nn.Module):
@@ -462,7 +466,7 @@ class PatchMerger(nn.Module):
 
 
 def _layer_norm(dim: int) -> nn.Module:
-    return nn.LayerNorm(dim, eps=1e-6)
+    return LayerNorm(dim, eps=1e-6)
 
 
 def _vision_rope_theta(vcfg) -> float:
@@ -492,9 +496,10 @@ class Qwen2VisionTransformer(nn.Module):
         x = self.patch_embed(pixels)
         cos_sin = self.rotary(to_device(vision_positions(grids, self.merge), x.device))
         cu = frame_cu_seqlens(grids)
+        residual = None
         for blk in self.blocks:
-            x = blk(x, cos_sin, cu)
-        return self.merger(x)
+            x, residual = blk(x, cos_sin, cu, residual)
+        return self.merger(x + residual)
 
 
 # ---- the model -------------------------------------------------------------------------------
