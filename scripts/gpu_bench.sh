@@ -27,6 +27,8 @@
 #                  with the tree in $BEFORE (a copy of the base commit's vlmserve/ and scripts/), bench
 #                  latency likewise, then gpu_check.py
 #   latency_ab     bench latency now and with $BEFORE, alternating (AB_ROUNDS, LAT_ITERS)
+#   (the $BEFORE runs start in $BEFORE: `python -m` puts the working directory first on sys.path, ahead
+#   of PYTHONPATH, so from here they would import this tree's vlmserve)
 #   OUT=/tmp/out COMMIT=<hash> bash scripts/gpu_bench.sh [parts...]
 # (COMMIT: the hash written out here; the device copy's .git can be stale, so git rev-parse there may name an
 # older commit than the tree it runs)
@@ -166,7 +168,7 @@ for part in $PARTS; do
             step before_profile "${T_PROF:-90}" env PYTHONPATH="$BEFORE" python "$BEFORE/scripts/gpu_profile.py" \
                 --model-shape llava-1.5-7b --image-size 336x336 --out "$OUT/before_profile.json"
             step after_latency "${T_LAT:-110}" $BENCH latency $m $lat --output-json "$OUT/after_latency.json"
-            step before_latency "${T_LAT:-110}" env PYTHONPATH="$BEFORE" $BENCH latency $m $lat \
+            step before_latency "${T_LAT:-110}" env -C "$BEFORE" PYTHONPATH="$BEFORE" $BENCH latency $m $lat \
                 --output-json "$OUT/before_latency.json"
             step gpu_check "${T_CHECK:-150}" python scripts/gpu_check.py --out "$OUT/gpu_check.json" ;;
         latency_ab)  # bench latency now and with the tree in $BEFORE, alternating, AB_ROUNDS rounds (the GPU's idle clocks make TTFT noisy)
@@ -174,7 +176,7 @@ for part in $PARTS; do
             lat="--backends vlmserve --num-iters ${LAT_ITERS:-5} --num-iters-warmup 1"
             for r in $(seq "${AB_ROUNDS:-2}"); do
                 step "after_latency$r" "${T_LAT:-110}" $BENCH latency $m $lat --output-json "$OUT/after_latency$r.json"
-                step "before_latency$r" "${T_LAT:-110}" env PYTHONPATH="$BEFORE" $BENCH latency $m $lat \
+                step "before_latency$r" "${T_LAT:-110}" env -C "$BEFORE" PYTHONPATH="$BEFORE" $BENCH latency $m $lat \
                     --output-json "$OUT/before_latency$r.json"
             done ;;
         llava_profile) step llava_profile "${T_PROF:-90}" python scripts/gpu_profile.py --model-shape llava-1.5-7b \
