@@ -11,6 +11,7 @@
 #   check_sweep    scripts/gpu_check.py with the tile-size sweeps (--sweep)
 #   {llava,qwen}_{latency,throughput,profile,trace}
 #                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
+#                  (TRACE_STEP=0: the trace profiles the first prefill step, host ops included)
 #   {llava,qwen}_sync  latency and throughput (vlmserve only) with async scheduling off (VLMSERVE_ASYNC_SCHEDULING=0)
 #   {llava,qwen}_vlm   throughput, vlmserve only (A/B of SEQS or env settings)
 #   {llava,qwen}_prefetch  latency with the encoder prefetch on (VLMSERVE_ENCODER_PREFETCH=1)
@@ -114,7 +115,8 @@ for part in $PARTS; do
                 profile) step "$part" "${T_PROF:-90}" python scripts/gpu_profile.py --model-shape "$shape" \
                     --image-size "$image" --out "$OUT/$part.json" ;;
                 trace) step "$part" "${T_TRACE:-120}" python scripts/gpu_step_trace.py --model-shape "$shape" \
-                    --image-size "$image" --num-prompts "$n" --max-num-seqs "$SEQS" --out "$OUT/$part.json" ;;
+                    --image-size "$image" --num-prompts "$n" --max-num-seqs "$SEQS" --out "$OUT/$part.json" \
+                    ${TRACE_STEP:+--profile-prefill-step "$TRACE_STEP"} ;;
             esac ;;
         llava_prefetch|qwen_prefetch)  # bench latency with the encoder prefetch (VLMSERVE_ENCODER_PREFETCH=1)
             tag=${part%%_*}
