@@ -52,6 +52,22 @@ def test_layer_norm(with_residual, n):
         torch.testing.assert_close(got, ref, **TOL)
 
 
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norms_of_views_without_unit_column_stride(kind):
+    g = torch.Generator().manual_seed(3)
+    x, res = torch.randn(24, 7, generator=g).t(), torch.randn(24, 7, generator=g).t()  # [7, 24], column stride 7
+    if kind == "layer":
+        norm = LayerNorm(24, eps=1e-5)
+        norm.bias.data = torch.randn(24, generator=g)
+        got = tf.layer_norm(x, norm.weight, norm.bias, norm.eps, res)
+    else:
+        norm = RMSNorm(24, 1e-5)
+        got = tf.rms_norm(x, norm.weight, norm.eps, res)
+    ref = norm.forward_torch(x, res)
+    torch.testing.assert_close(got[0], ref[0], **TOL)
+    torch.testing.assert_close(got[1], ref[1], **TOL)
+
+
 def test_rotary_in_place_on_strided_views():
     g = torch.Generator().manual_seed(1)
     rope = RotaryEmbedding(32, 64, {"rope_theta": 10000.0, "rope_type": "default"}, 64)

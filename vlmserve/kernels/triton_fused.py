@@ -101,13 +101,13 @@ if triton is not None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """As layers.layernorm.RMSNorm: x [T, H] (rows contiguous); with a residual, returns
+    """As layers.layernorm.RMSNorm: x [T, H]; with a residual, returns
     (normed(x + residual), x + residual)."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _unit_stride_rows(x.reshape(-1, x.shape[-1]))
     T, n = x2.shape
     out = torch.empty_like(x2)
     res_out = torch.empty_like(x2) if residual is not None else out
-    res = residual.reshape(-1, n) if residual is not None else x2
+    res = _unit_stride_rows(residual.reshape(-1, n)) if residual is not None else x2
     if T:
         _rmsnorm_kernel[(T,)](x2, res, weight, out, res_out, x2.stride(0), res.stride(0), out.stride(0),
                               res_out.stride(0), n, float(eps), HAS_RES=residual is not None, BLOCK=_pow2(n),
@@ -116,16 +116,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out if residual is None else (out, res_out.view(x.shape))
 
 
+def _unit_stride_rows(x2: torch.Tensor) -> torch.Tensor:
+    """The row kernels index columns with unit stride: a view without it is copied."""
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                residual: torch.Tensor | None = None):
     """As layers.layernorm.LayerNorm over the last dim; with a residual, returns
     (normed(x + residual), x + residual) from one pass instead of an add and a norm."""
     n = x.shape[-1]
-    x2 = x.reshape(-1, n)
+    x2 = _unit_stride_rows(x.reshape(-1, n))
     T = x2.shape[0]
     out = torch.empty_like(x2)
     res_out = torch.empty_like(x2) if residual is not None else out
-    res = residual.reshape(-1, n) if residual is not None else x2
+    res = _unit_stride_rows(residual.reshape(-1, n)) if residual is not None else x2
     if T:
         _layernorm_kernel[(T,)](x2, res, weight, bias, out, res_out, x2.stride(0), res.stride(0), out.stride(0),
                                 res_out.stride(0), n, float(eps), HAS_RES=residual is not None, BLOCK=_pow2(n),
