@@ -25,15 +25,22 @@ def _pow2(n: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
-                        n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        c = tl.arange(0, BLOCK)
-        cm = c < n
+    def _row_plus_residual(x_ptr, res_ptr, res_out_ptr, row, stride_x, stride_r, stride_ro, c, cm,
+                           HAS_RES: tl.constexpr):
+        # a row of x; with a residual, x + residual (rounded as torch's add), also stored to res_out
         x = tl.load(x_ptr + row * stride_x + c, mask=cm, other=0.0)
         if HAS_RES:
-            x = x + tl.load(res_ptr + row * stride_r + c, mask=cm, other=0.0)  # rounded as torch's add
+            x = x + tl.load(res_ptr + row * stride_r + c, mask=cm, other=0.0)
             tl.store(res_out_ptr + row * stride_ro + c, x, mask=cm)
+        return x
+
+    @triton.jit
+    def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
+                        n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK)
+        cm = c < n
+        x = _row_plus_residual(x_ptr, res_ptr, res_out_ptr, row, stride_x, stride_r, stride_ro, c, cm, HAS_RES)
         h = x.to(tl.float32)
         h = h * tl.rsqrt(tl.sum(h * h, 0) / n + eps)
         w = tl.load(w_ptr + c, mask=cm, other=0.0)
@@ -46,10 +53,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         cm = c < n
-        x = tl.load(x_ptr + row * stride_x + c, mask=cm, other=0.0)
-        if HAS_RES:
-            x = x + tl.load(res_ptr + row * stride_r + c, mask=cm, other=0.0)  # rounded as torch's add
-            tl.store(res_out_ptr + row * stride_ro + c, x, mask=cm)
+        x = _row_plus_residual(x_ptr, res_ptr, res_out_ptr, row, stride_x, stride_r, stride_ro, c, cm, HAS_RES)
         h = x.to(tl.float32)
         d = tl.where(cm, h - tl.sum(h, 0) / n, 0.0)
         y = d * tl.rsqrt(tl.sum(d * d, 0) / n + eps)
@@ -101,30 +105,20 @@ if triton is not None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """As layers.layernorm.RMSNorm: x [T, H]; with a residual, returns
+    """As layers.layernorm.RMSNorm: x [..., H]; with a residual, returns
     (normed(x + residual), x + residual)."""
-    x2 = _unit_stride_rows(x.reshape(-1, x.shape[-1]))
-    T, n = x2.shape
-    out = torch.empty_like(x2)
-    res_out = torch.empty_like(x2) if residual is not None else out
-    res = _unit_stride_rows(residual.reshape(-1, n)) if residual is not None else x2
-    if T:
-        _rmsnorm_kernel[(T,)](x2, res, weight, out, res_out, x2.stride(0), res.stride(0), out.stride(0),
-                              res_out.stride(0), n, float(eps), HAS_RES=residual is not None, BLOCK=_pow2(n),
-                              num_warps=8 if n >= 4096 else 4)
-    out = out.view(x.shape)
-    return out if residual is None else (out, res_out.view(x.shape))
-
-
-def _unit_stride_rows(x2: torch.Tensor) -> torch.Tensor:
-    """The row kernels index columns with unit stride: a view without it is copied."""
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+    return _norm_rows(_rmsnorm_kernel, x, (weight,), eps, residual)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                residual: torch.Tensor | None = None):
     """As layers.layernorm.LayerNorm over the last dim; with a residual, returns
     (normed(x + residual), x + residual) from one pass instead of an add and a norm."""
+    return _norm_rows(_layernorm_kernel, x, (weight, bias), eps, residual)
+
+
+def _norm_rows(kernel, x: torch.Tensor, params: tuple, eps: float, residual: torch.Tensor | None):
+    """One program per row of x [..., n] through a norm kernel above (params: its weight, bias)."""
     n = x.shape[-1]
     x2 = _unit_stride_rows(x.reshape(-1, n))
     T = x2.shape[0]
@@ -132,11 +126,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     res_out = torch.empty_like(x2) if residual is not None else out
     res = _unit_stride_rows(residual.reshape(-1, n)) if residual is not None else x2
     if T:
-        _layernorm_kernel[(T,)](x2, res, weight, bias, out, res_out, x2.stride(0), res.stride(0), out.stride(0),
-                                res_out.stride(0), n, float(eps), HAS_RES=residual is not None, BLOCK=_pow2(n),
-                                num_warps=8 if n >= 4096 else 4)
+        kernel[(T,)](x2, res, *params, out, res_out, x2.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
+                     n, float(eps), HAS_RES=residual is not None, BLOCK=_pow2(n), num_warps=8 if n >= 4096 else 4)
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
+
+
+def _unit_stride_rows(x2: torch.Tensor) -> torch.Tensor:
+    """The row kernels index columns with unit stride: a view without it is copied."""
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def rotary_inplace(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
