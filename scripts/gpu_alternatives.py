@@ -165,7 +165,8 @@ def vision_attention(nseq, L, h, d):
     # the Triton kernel without head_dim padding (kernels/triton_vision_attention.py), over tile sizes
     for bm, bn, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 4),
                                   (64, 32, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3),
-                                  (128, 32, 4, 3), (64, 64, 4, 2)):
+                                  (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
+                                  (128, 64, 8, 4), (128, 128, 8, 4)):
         run = lambda: tva.vision_attention(q, k, v, cu, L, scale, block_m=bm, block_n=bn,  # noqa: E731
                                            num_warps=warps, num_stages=stages)
         try:

@@ -46,6 +46,36 @@ def usable(q: torch.Tensor) -> bool:
 
 if triton is not None:
 
+    @triton.jit
+    def _kv_tile(qa, qb, k_ptr, v_ptr, start, n0, length, h, stride_kt, stride_kh, stride_vt, stride_vh,
+                 qk_scale, m, l, acc_a, acc_b, DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TAIL: tl.constexpr, PREC: tl.constexpr):
+        """Keys and values n0 .. n0 + BLOCK_N into the running softmax (m, l, in log2 units) and the
+        output accumulators: FlashAttention's online softmax. The loads carry no mask: column indices
+        are clamped to the segment, so every address is inside it, including any load the compiler's
+        pipelining issues ahead for a tile past the loop's end. Only the segment's last, partial tile
+        (TAIL) masks its scores."""
+        cols = n0 + tl.arange(0, BLOCK_N)
+        tok = start + tl.minimum(cols, length - 1)
+        da = tl.arange(0, DA)
+        k_rows = k_ptr + tok[:, None] * stride_kt + h * stride_kh
+        v_rows = v_ptr + tok[:, None] * stride_vt + h * stride_vh
+        s = tl.dot(qa, tl.trans(tl.load(k_rows + da[None, :])), input_precision=PREC)
+        if DB > 0:
+            db = DA + tl.arange(0, DB)
+            s = tl.dot(qb, tl.trans(tl.load(k_rows + db[None, :])), s, input_precision=PREC)
+        if TAIL:
+            s = tl.where((cols < length)[None, :], s, -float("inf"))
+        m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        p = p.to(v_ptr.dtype.element_ty)
+        acc_a = tl.dot(p, tl.load(v_rows + da[None, :]), acc_a * alpha[:, None], input_precision=PREC)
+        if DB > 0:
+            acc_b = tl.dot(p, tl.load(v_rows + db[None, :]), acc_b * alpha[:, None], input_precision=PREC)
+        return m_new, l, acc_a, acc_b
+
     @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
     def _vision_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale,
                                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -61,36 +91,26 @@ if triton is not None:
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
             rm = rows < length
             da = tl.arange(0, DA)
-            q_rows = q_ptr + (start + rows)[:, None] * stride_qt + h * stride_qh
-            qa = tl.load(q_rows + da[None, :], mask=rm[:, None], other=0.0)
-            m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+            db = DA + tl.arange(0, DB if DB > 0 else 16)  # DB == 0: placeholders, never read
+            q_rows = q_ptr + (start + tl.minimum(rows, length - 1))[:, None] * stride_qt + h * stride_qh
+            qa = tl.load(q_rows + da[None, :])
+            if DB > 0:
+                qb = tl.load(q_rows + db[None, :])
+            else:
+                qb = tl.zeros([BLOCK_M, 16], qa.dtype)
+            m = tl.full([BLOCK_M], -float("inf"), tl.float32)
             l = tl.zeros([BLOCK_M], tl.float32)
             acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
-            if DB > 0:
-                db = DA + tl.arange(0, DB)
-                qb = tl.load(q_rows + db[None, :], mask=rm[:, None], other=0.0)
-                acc_b = tl.zeros([BLOCK_M, DB], tl.float32)
-            for n0 in range(0, length, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                cm = cols < length
-                k_cols = k_ptr + (start + cols)[None, :] * stride_kt + h * stride_kh
-                v_rows = v_ptr + (start + cols)[:, None] * stride_vt + h * stride_vh
-                s = tl.dot(qa, tl.load(k_cols + da[:, None], mask=cm[None, :], other=0.0), input_precision=PREC)
-                if DB > 0:
-                    s += tl.dot(qb, tl.load(k_cols + db[:, None], mask=cm[None, :], other=0.0),
-                                input_precision=PREC)
-                s = tl.where(cm[None, :], s * qk_scale, -1.0e30)  # log2 units: exp2 below
-                m_new = tl.maximum(m, tl.max(s, 1))
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                p = p.to(v_ptr.dtype.element_ty)
-                acc_a = acc_a * alpha[:, None] + tl.dot(
-                    p, tl.load(v_rows + da[None, :], mask=cm[:, None], other=0.0), input_precision=PREC)
-                if DB > 0:
-                    acc_b = acc_b * alpha[:, None] + tl.dot(
-                        p, tl.load(v_rows + db[None, :], mask=cm[:, None], other=0.0), input_precision=PREC)
-                m = m_new
+            acc_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], tl.float32)
+            full = length - length % BLOCK_N
+            for n0 in range(0, full, BLOCK_N):
+                m, l, acc_a, acc_b = _kv_tile(qa, qb, k_ptr, v_ptr, start, n0, length, h, stride_kt, stride_kh,
+                                              stride_vt, stride_vh, qk_scale, m, l, acc_a, acc_b,
+                                              DA, DB, BLOCK_N, False, PREC)
+            if full < length:
+                m, l, acc_a, acc_b = _kv_tile(qa, qb, k_ptr, v_ptr, start, full, length, h, stride_kt, stride_kh,
+                                              stride_vt, stride_vh, qk_scale, m, l, acc_a, acc_b,
+                                              DA, DB, BLOCK_N, True, PREC)
             o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh
             tl.store(o_rows + da[None, :], (acc_a / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
             if DB > 0:
