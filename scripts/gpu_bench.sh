@@ -8,6 +8,7 @@
 #   alternatives   scripts/gpu_alternatives.py: the alternatives to the attention kernels, the GEMVs and the
 #                  CPU preprocessing, measured beside them
 #   gpu_tests      the pytest files with GPU-only tests
+#   vision_sweep   scripts/gpu_vision_attention_sweep.py: the Triton vision attention's variants and tiles
 #   check_sweep    scripts/gpu_check.py with the tile-size sweeps (--sweep)
 #   {llava,qwen}_{latency,throughput,profile,trace}
 #                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
@@ -99,6 +100,9 @@ for part in $PARTS; do
             step gpu_tests "${T_TESTS:-300}" python -m pytest -q -p no:cacheprovider tests/test_flash_prefill.py \
                 tests/test_device_pixels.py tests/test_prefill_graphs.py tests/test_encoder_graphs.py \
                 tests/test_async_scheduling.py tests/test_encoder_prefetch.py tests/test_kernel_warmup.py ;;
+        vision_sweep)  # the Triton vision attention's variants and tiles, each in its own process
+            step vision_sweep "${T_VSWEEP:-400}" python scripts/gpu_vision_attention_sweep.py \
+                --out "$OUT/vision_sweep.json" ;;
         check_sweep)  # the kernel checks, plus tile-size sweeps of the decode attention and GEMV kernels
             step gpu_check "${T_CHECK:-240}" python scripts/gpu_check.py --sweep --out "$OUT/gpu_check.json" ;;
         llava_latency|qwen_latency|llava_throughput|qwen_throughput|llava_profile|qwen_profile|llava_trace|qwen_trace)

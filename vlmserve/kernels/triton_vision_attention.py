@@ -47,33 +47,54 @@ def usable(q: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _load(ptrs, mask, MASKED: tl.constexpr):
+        if MASKED:
+            return tl.load(ptrs, mask=mask, other=0.0)
+        return tl.load(ptrs)
+
+    @triton.jit
     def _kv_tile(qa, qb, k_ptr, v_ptr, start, n0, length, h, stride_kt, stride_kh, stride_vt, stride_vh,
                  qk_scale, m, l, acc_a, acc_b, DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TAIL: tl.constexpr, PREC: tl.constexpr):
+                 TAIL: tl.constexpr, MASK_LOADS: tl.constexpr, K_T: tl.constexpr, PREC: tl.constexpr):
         """Keys and values n0 .. n0 + BLOCK_N into the running softmax (m, l, in log2 units) and the
-        output accumulators: FlashAttention's online softmax. The loads carry no mask: column indices
-        are clamped to the segment, so every address is inside it, including any load the compiler's
-        pipelining issues ahead for a tile past the loop's end. Only the segment's last, partial tile
-        (TAIL) masks its scores."""
+        output accumulators: FlashAttention's online softmax. Only the segment's last, partial tile
+        (TAIL) masks its scores. MASK_LOADS: loads masked past the segment's end; else column indices
+        are clamped to the segment, so every address is inside it. K_T: keys loaded as [D, BLOCK_N]
+        by their addresses; else as [BLOCK_N, D] and transposed."""
         cols = n0 + tl.arange(0, BLOCK_N)
-        tok = start + tl.minimum(cols, length - 1)
+        cm = cols < length
+        if MASK_LOADS:
+            tok = start + cols
+        else:
+            tok = start + tl.minimum(cols, length - 1)
         da = tl.arange(0, DA)
-        k_rows = k_ptr + tok[:, None] * stride_kt + h * stride_kh
-        v_rows = v_ptr + tok[:, None] * stride_vt + h * stride_vh
-        s = tl.dot(qa, tl.trans(tl.load(k_rows + da[None, :])), input_precision=PREC)
+        db = DA + tl.arange(0, DB if DB > 0 else 16)  # DB == 0: never read
+        if K_T:
+            k_cols = k_ptr + tok[None, :] * stride_kt + h * stride_kh
+            ka = _load(k_cols + da[:, None], cm[None, :], MASK_LOADS)
+        else:
+            k_rows = k_ptr + tok[:, None] * stride_kt + h * stride_kh
+            ka = tl.trans(_load(k_rows + da[None, :], cm[:, None], MASK_LOADS))
+        s = tl.dot(qa, ka, input_precision=PREC)
         if DB > 0:
-            db = DA + tl.arange(0, DB)
-            s = tl.dot(qb, tl.trans(tl.load(k_rows + db[None, :])), s, input_precision=PREC)
+            if K_T:
+                kb = _load(k_cols + db[:, None], cm[None, :], MASK_LOADS)
+            else:
+                kb = tl.trans(_load(k_rows + db[None, :], cm[:, None], MASK_LOADS))
+            s = tl.dot(qb, kb, s, input_precision=PREC)
         if TAIL:
-            s = tl.where((cols < length)[None, :], s, -float("inf"))
+            s = tl.where(cm[None, :], s, -float("inf"))
         m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
         p = p.to(v_ptr.dtype.element_ty)
-        acc_a = tl.dot(p, tl.load(v_rows + da[None, :]), acc_a * alpha[:, None], input_precision=PREC)
+        v_rows = v_ptr + tok[:, None] * stride_vt + h * stride_vh
+        va = _load(v_rows + da[None, :], cm[:, None], MASK_LOADS)
+        acc_a = tl.dot(p, va, acc_a * alpha[:, None], input_precision=PREC)
         if DB > 0:
-            acc_b = tl.dot(p, tl.load(v_rows + db[None, :]), acc_b * alpha[:, None], input_precision=PREC)
+            vb = _load(v_rows + db[None, :], cm[:, None], MASK_LOADS)
+            acc_b = tl.dot(p, vb, acc_b * alpha[:, None], input_precision=PREC)
         return m_new, l, acc_a, acc_b
 
     @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
@@ -81,7 +102,8 @@ if triton is not None:
                                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                  stride_ot, stride_oh,
                                  DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, MASK_LOADS: tl.constexpr, K_T: tl.constexpr,
+                                 PREC: tl.constexpr):
         tile = tl.program_id(0)
         h = tl.program_id(1)
         seg = tl.program_id(2)
@@ -106,11 +128,11 @@ if triton is not None:
             for n0 in range(0, full, BLOCK_N):
                 m, l, acc_a, acc_b = _kv_tile(qa, qb, k_ptr, v_ptr, start, n0, length, h, stride_kt, stride_kh,
                                               stride_vt, stride_vh, qk_scale, m, l, acc_a, acc_b,
-                                              DA, DB, BLOCK_N, False, PREC)
+                                              DA, DB, BLOCK_N, False, MASK_LOADS, K_T, PREC)
             if full < length:
                 m, l, acc_a, acc_b = _kv_tile(qa, qb, k_ptr, v_ptr, start, full, length, h, stride_kt, stride_kh,
                                               stride_vt, stride_vh, qk_scale, m, l, acc_a, acc_b,
-                                              DA, DB, BLOCK_N, True, PREC)
+                                              DA, DB, BLOCK_N, True, MASK_LOADS, K_T, PREC)
             o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh
             tl.store(o_rows + da[None, :], (acc_a / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
             if DB > 0:
@@ -119,7 +141,8 @@ if triton is not None:
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_len: int, scale: float, block_m: int = 64, block_n: int = 64,
-                     num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                     num_warps: int = 4, num_stages: int = 3, mask_loads: bool = True,
+                     k_t: bool = True) -> torch.Tensor:
     """q, k, v: [N, H, D] (last dim contiguous; rows may be strided, as views of a fused qkv);
     cu_seqlens: [S + 1] int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1];
     max_len: the longest segment (sizes the launch grid). -> [N, H, D], each token attending to its
@@ -136,7 +159,7 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _vision_attention_kernel[grid](
         q, k, v, out, cu_seqlens, float(scale) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n, MASK_LOADS=mask_loads, K_T=k_t,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     return out
 

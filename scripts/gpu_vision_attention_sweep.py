@@ -1,0 +1,75 @@
+"""The Triton vision attention (kernels/triton_vision_attention.py) over its variants and tile
+sizes, each configuration in its own process: a configuration that faults (an illegal address
+leaves the CUDA context unusable) costs only its own rows. Each row: the kernel's relative error
+against SDPA's result (what the towers run now) and both times, at Qwen2-VL's 1024x1024 images
+(5476 tokens, 16 heads, head_dim 80; 1 and 6 images) and CLIP's 336x336 (577 tokens, head_dim 64).
+
+    python scripts/gpu_vision_attention_sweep.py --out /tmp/vision_sweep.json"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+
+SHAPES = ((1, 5476, 16, 80), (6, 5476, 16, 80), (8, 577, 16, 64))
+TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3))
+
+
+def one(config: str) -> None:
+    import torch
+    import triton
+
+    from vlmserve.kernels import triton_vision_attention as tva
+    from vlmserve.layers.vision_attention import varlen_attention
+
+    bm, bn, warps, stages, mask_loads, k_t = (int(x) for x in config.split(","))
+    for nseq, L, h, d in SHAPES:
+        q, k, v = torch.randn(nseq * L, 3, h, d, device="cuda", dtype=torch.bfloat16).unbind(1)
+        cu_list = list(range(0, nseq * L + 1, L))
+        cu = torch.tensor(cu_list, device="cuda", dtype=torch.int32)
+        scale = d ** -0.5
+        ref = varlen_attention(q, k, v, cu_list, scale)
+        run = lambda: tva.vision_attention(q, k, v, cu, L, scale, block_m=bm, block_n=bn, num_warps=warps,  # noqa: E731
+                                           num_stages=stages, mask_loads=bool(mask_loads), k_t=bool(k_t))
+        got = run().double()
+        err = float((got - ref.double()).norm() / ref.double().norm())
+        ms = triton.testing.do_bench(run, return_mode="median")
+        ms_sdpa = triton.testing.do_bench(lambda: varlen_attention(q, k, v, cu_list, scale), return_mode="median")
+        flops = 4 * nseq * L * L * h * d
+        print(json.dumps({"config": config, "shape": f"{nseq}x{L} H={h} D={d}", "rel_err": err, "us": 1e3 * ms,
+                          "sdpa_us": 1e3 * ms_sdpa, "tflops": flops / ms / 1e9}), flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="vision_sweep.json")
+    p.add_argument("--one", help="bm,bn,warps,stages,mask_loads,k_t: run one configuration here")
+    args = p.parse_args()
+    if args.one:
+        one(args.one)
+        return 0
+    rows = []
+    for (bm, bn, warps, stages), mask_loads, k_t in itertools.product(TILES, (1, 0), (1, 0)):
+        config = f"{bm},{bn},{warps},{stages},{mask_loads},{k_t}"
+        try:
+            r = subprocess.run([sys.executable, __file__, "--one", config], capture_output=True, text=True, timeout=120)
+            out, code, tail = r.stdout, r.returncode, r.stderr[-300:]
+        except subprocess.TimeoutExpired as e:
+            out, code, tail = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout", ""
+        got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        rows += got
+        for row in got:
+            print(json.dumps(row), flush=True)
+        if len(got) < len(SHAPES):
+            row = {"config": config, "error": f"exit {code}: {tail}"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
