@@ -55,7 +55,8 @@ if triton is not None:
     @triton.jit
     def _kv_tile(qa, qb, k_ptr, v_ptr, start, n0, length, h, stride_kt, stride_kh, stride_vt, stride_vh,
                  qk_scale, m, l, acc_a, acc_b, DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TAIL: tl.constexpr, MASK_LOADS: tl.constexpr, K_T: tl.constexpr, PREC: tl.constexpr):
+                 TAIL: tl.constexpr, MASK_LOADS: tl.constexpr, K_T: tl.constexpr, S_CHAIN: tl.constexpr,
+                 PV_CHAIN: tl.constexpr, PREC: tl.constexpr):
         """Keys and values n0 .. n0 + BLOCK_N into the running softmax (m, l, in log2 units) and the
         output accumulators: FlashAttention's online softmax. Only the segment's last, partial tile
         (TAIL) masks its scores. MASK_LOADS: loads masked past the segment's end; else column indices
@@ -81,7 +82,10 @@ if triton is not None:
                 kb = _load(k_cols + db[:, None], cm[None, :], MASK_LOADS)
             else:
                 kb = tl.trans(_load(k_rows + db[None, :], cm[:, None], MASK_LOADS))
-            s = tl.dot(qb, kb, s, input_precision=PREC)
+            if S_CHAIN:
+                s = tl.dot(qb, kb, s, input_precision=PREC)
+            else:
+                s += tl.dot(qb, kb, input_precision=PREC)
         if TAIL:
             s = tl.where(cm[None, :], s, -float("inf"))
         m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
@@ -91,10 +95,16 @@ if triton is not None:
         p = p.to(v_ptr.dtype.element_ty)
         v_rows = v_ptr + tok[:, None] * stride_vt + h * stride_vh
         va = _load(v_rows + da[None, :], cm[:, None], MASK_LOADS)
-        acc_a = tl.dot(p, va, acc_a * alpha[:, None], input_precision=PREC)
+        if PV_CHAIN:
+            acc_a = tl.dot(p, va, acc_a * alpha[:, None], input_precision=PREC)
+        else:
+            acc_a = acc_a * alpha[:, None] + tl.dot(p, va, input_precision=PREC)
         if DB > 0:
             vb = _load(v_rows + db[None, :], cm[:, None], MASK_LOADS)
-            acc_b = tl.dot(p, vb, acc_b * alpha[:, None], input_precision=PREC)
+            if PV_CHAIN:
+                acc_b = tl.dot(p, vb, acc_b * alpha[:, None], input_precision=PREC)
+            else:
+                acc_b = acc_b * alpha[:, None] + tl.dot(p, vb, input_precision=PREC)
         return m_new, l, acc_a, acc_b
 
     @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
@@ -103,7 +113,7 @@ if triton is not None:
                                  stride_ot, stride_oh,
                                  DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, MASK_LOADS: tl.constexpr, K_T: tl.constexpr,
-                                 PREC: tl.constexpr):
+                                 S_CHAIN: tl.constexpr, PV_CHAIN: tl.constexpr, PREC: tl.constexpr):
         tile = tl.program_id(0)
         h = tl.program_id(1)
         seg = tl.program_id(2)
@@ -128,11 +138,11 @@ if triton is not None:
             for n0 in range(0, full, BLOCK_N):
                 m, l, acc_a, acc_b = _kv_tile(qa, qb, k_ptr, v_ptr, start, n0, length, h, stride_kt, stride_kh,
                                               stride_vt, stride_vh, qk_scale, m, l, acc_a, acc_b,
-                                              DA, DB, BLOCK_N, False, MASK_LOADS, K_T, PREC)
+                                              DA, DB, BLOCK_N, False, MASK_LOADS, K_T, S_CHAIN, PV_CHAIN, PREC)
             if full < length:
                 m, l, acc_a, acc_b = _kv_tile(qa, qb, k_ptr, v_ptr, start, full, length, h, stride_kt, stride_kh,
                                               stride_vt, stride_vh, qk_scale, m, l, acc_a, acc_b,
-                                              DA, DB, BLOCK_N, True, MASK_LOADS, K_T, PREC)
+                                              DA, DB, BLOCK_N, True, MASK_LOADS, K_T, S_CHAIN, PV_CHAIN, PREC)
             o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh
             tl.store(o_rows + da[None, :], (acc_a / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
             if DB > 0:
@@ -142,7 +152,7 @@ if triton is not None:
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_len: int, scale: float, block_m: int = 64, block_n: int = 64,
                      num_warps: int = 4, num_stages: int = 3, mask_loads: bool = True,
-                     k_t: bool = True) -> torch.Tensor:
+                     k_t: bool = True, s_chain: bool = True, pv_chain: bool = True) -> torch.Tensor:
     """q, k, v: [N, H, D] (last dim contiguous; rows may be strided, as views of a fused qkv);
     cu_seqlens: [S + 1] int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1];
     max_len: the longest segment (sizes the launch grid). -> [N, H, D], each token attending to its
@@ -160,6 +170,7 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q, k, v, out, cu_seqlens, float(scale) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n, MASK_LOADS=mask_loads, K_T=k_t,
+        S_CHAIN=s_chain, PV_CHAIN=pv_chain,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     return out
 
