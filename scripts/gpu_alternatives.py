@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -155,8 +157,9 @@ def vision_attention(nseq, L, h, d):
     scale = d ** -0.5
     flops = 4 * nseq * L * L * h * d
     shape = f"{nseq}x{L} H={h} D={d} bidirectional"
-    ref = varlen_attention(q, k, v, cu_list, scale)
-    ms = bench(lambda: varlen_attention(q, k, v, cu_list, scale))
+    with mock.patch.dict(os.environ, VLMSERVE_TRITON_VISION_ATTENTION="0"):  # the SDPA path
+        ref = varlen_attention(q, k, v, cu_list, scale)
+        ms = bench(lambda: varlen_attention(q, k, v, cu_list, scale))
     emit(what="vision_attention", impl="sdpa_by_length", shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9)
     varlen_ops("vision_attention", shape, flops, ref, (q.contiguous(), k.contiguous(), v.contiguous(), cu, L,
                                                        False, scale))

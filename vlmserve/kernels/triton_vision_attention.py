@@ -1,12 +1,12 @@
 """Bidirectional attention over the packed segments of a vision encoder's batch, in Triton, for
-head sizes that are not a power of two. Qwen2-VL's ViT has head_dim 80: the H200 profiles in
-BENCHMARKS.md show cuDNN's SDPA kernel for it tiled for head_dim 128, so 3/8 of its tensor-core work
-is padding (~15 ms of a 1024x1024 image's ~57 ms time to first token). Here a head of D = DA + DB
-(80 = 64 + 16, both powers of two) takes two dots for QK^T and two for PV, with no padding.
+head sizes that are not a power of two. Qwen2-VL's ViT has head_dim 80: cuDNN's SDPA kernel for it
+is tiled for head_dim 128 (the H200 profiles in BENCHMARKS.md), so 3/8 of its tensor-core work is
+padding. Here a head of D = DA + DB (80 = 64 + 16, both powers of two) takes two dots for QK^T and
+two for PV, with no padding, and no execution plan to build per batch shape as cuDNN does.
 
-Opt-in (`VLMSERVE_TRITON_VISION_ATTENTION=1`): on the H200 its fastest tiles (the defaults below)
-still ran 7-10% slower than cuDNN's padded kernel at that shape (BENCHMARKS.md;
-`scripts/gpu_alternatives.py --parts vision` sweeps the tiles). `reference_vision_attention` is the
+On by default for head sizes that split so with DB > 0 (80, 96, 48, ...), where the H200 measured it
+faster than cuDNN; `VLMSERVE_TRITON_VISION_ATTENTION=0` turns it off, `=1` also takes it for powers
+of two. `scripts/gpu_vision_attention_sweep.py` times its tiles; `reference_vision_attention` is the
 torch computation it is tested against (on the CPU through Triton's interpreter)."""
 from __future__ import annotations
 
@@ -35,8 +35,15 @@ def split_head_dim(d: int) -> tuple[int, int] | None:
     return None
 
 
-def enabled() -> bool:
-    return triton is not None and os.environ.get("VLMSERVE_TRITON_VISION_ATTENTION") == "1"
+def enabled(head_dim: int) -> bool:
+    """Whether vision attention at this head size takes the kernel (see the module's docstring)."""
+    if triton is None:
+        return False
+    setting = os.environ.get("VLMSERVE_TRITON_VISION_ATTENTION")
+    if setting in ("0", "1"):
+        return setting == "1"
+    split = split_head_dim(head_dim)
+    return split is not None and split[1] > 0
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -46,74 +53,17 @@ def usable(q: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    @triton.jit
-    def _load(ptrs, mask, MASKED: tl.constexpr):
-        if MASKED:
-            return tl.load(ptrs, mask=mask, other=0.0)
-        return tl.load(ptrs)
-
-    @triton.jit
-    def _kv_tile(qa, qb, k_ptr, v_ptr, start, n0, length, h, stride_kt, stride_kh, stride_vt, stride_vh,
-                 qk_scale, m, l, acc_a, acc_b, DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TAIL: tl.constexpr, MASK_LOADS: tl.constexpr, K_T: tl.constexpr, S_CHAIN: tl.constexpr,
-                 PV_CHAIN: tl.constexpr, PREC: tl.constexpr):
-        """Keys and values n0 .. n0 + BLOCK_N into the running softmax (m, l, in log2 units) and the
-        output accumulators: FlashAttention's online softmax. Only the segment's last, partial tile
-        (TAIL) masks its scores. MASK_LOADS: loads masked past the segment's end; else column indices
-        are clamped to the segment, so every address is inside it. K_T: keys loaded as [D, BLOCK_N]
-        by their addresses; else as [BLOCK_N, D] and transposed."""
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cm = cols < length
-        if MASK_LOADS:
-            tok = start + cols
-        else:
-            tok = start + tl.minimum(cols, length - 1)
-        da = tl.arange(0, DA)
-        db = DA + tl.arange(0, DB if DB > 0 else 16)  # DB == 0: never read
-        if K_T:
-            k_cols = k_ptr + tok[None, :] * stride_kt + h * stride_kh
-            ka = _load(k_cols + da[:, None], cm[None, :], MASK_LOADS)
-        else:
-            k_rows = k_ptr + tok[:, None] * stride_kt + h * stride_kh
-            ka = tl.trans(_load(k_rows + da[None, :], cm[:, None], MASK_LOADS))
-        s = tl.dot(qa, ka, input_precision=PREC)
-        if DB > 0:
-            if K_T:
-                kb = _load(k_cols + db[:, None], cm[None, :], MASK_LOADS)
-            else:
-                kb = tl.trans(_load(k_rows + db[None, :], cm[:, None], MASK_LOADS))
-            if S_CHAIN:
-                s = tl.dot(qb, kb, s, input_precision=PREC)
-            else:
-                s += tl.dot(qb, kb, input_precision=PREC)
-        if TAIL:
-            s = tl.where(cm[None, :], s, -float("inf"))
-        m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        p = p.to(v_ptr.dtype.element_ty)
-        v_rows = v_ptr + tok[:, None] * stride_vt + h * stride_vh
-        va = _load(v_rows + da[None, :], cm[:, None], MASK_LOADS)
-        if PV_CHAIN:
-            acc_a = tl.dot(p, va, acc_a * alpha[:, None], input_precision=PREC)
-        else:
-            acc_a = acc_a * alpha[:, None] + tl.dot(p, va, input_precision=PREC)
-        if DB > 0:
-            vb = _load(v_rows + db[None, :], cm[:, None], MASK_LOADS)
-            if PV_CHAIN:
-                acc_b = tl.dot(p, vb, acc_b * alpha[:, None], input_precision=PREC)
-            else:
-                acc_b = acc_b * alpha[:, None] + tl.dot(p, vb, input_precision=PREC)
-        return m_new, l, acc_a, acc_b
-
     @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
     def _vision_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale,
                                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                  stride_ot, stride_oh,
                                  DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, MASK_LOADS: tl.constexpr, K_T: tl.constexpr,
-                                 S_CHAIN: tl.constexpr, PV_CHAIN: tl.constexpr, PREC: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+        """FlashAttention's online softmax (in log2 units) over one segment, for BLOCK_M of its rows.
+        The loads carry no masks: row and column indices are clamped to the segment, so every address
+        is inside it; scores past the segment's end are masked instead. (On the H200, a loop over the
+        full tiles with the last tile masked after it gave 3-7% error at head_dim 80, in every form
+        tried: see BENCHMARKS.md.)"""
         tile = tl.program_id(0)
         h = tl.program_id(1)
         seg = tl.program_id(2)
@@ -121,28 +71,35 @@ if triton is not None:
         length = (tl.load(cu_ptr + seg + 1) - start).to(tl.int32)
         if tile * BLOCK_M < length:
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            rm = rows < length
             da = tl.arange(0, DA)
             db = DA + tl.arange(0, DB if DB > 0 else 16)  # DB == 0: placeholders, never read
             q_rows = q_ptr + (start + tl.minimum(rows, length - 1))[:, None] * stride_qt + h * stride_qh
             qa = tl.load(q_rows + da[None, :])
             if DB > 0:
                 qb = tl.load(q_rows + db[None, :])
-            else:
-                qb = tl.zeros([BLOCK_M, 16], qa.dtype)
-            m = tl.full([BLOCK_M], -float("inf"), tl.float32)
+            m = tl.full([BLOCK_M], -1.0e30, tl.float32)
             l = tl.zeros([BLOCK_M], tl.float32)
             acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
             acc_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], tl.float32)
-            full = length - length % BLOCK_N
-            for n0 in range(0, full, BLOCK_N):
-                m, l, acc_a, acc_b = _kv_tile(qa, qb, k_ptr, v_ptr, start, n0, length, h, stride_kt, stride_kh,
-                                              stride_vt, stride_vh, qk_scale, m, l, acc_a, acc_b,
-                                              DA, DB, BLOCK_N, False, MASK_LOADS, K_T, S_CHAIN, PV_CHAIN, PREC)
-            if full < length:
-                m, l, acc_a, acc_b = _kv_tile(qa, qb, k_ptr, v_ptr, start, full, length, h, stride_kt, stride_kh,
-                                              stride_vt, stride_vh, qk_scale, m, l, acc_a, acc_b,
-                                              DA, DB, BLOCK_N, True, MASK_LOADS, K_T, S_CHAIN, PV_CHAIN, PREC)
+            for n0 in range(0, length, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                tok = start + tl.minimum(cols, length - 1)
+                k_rows = k_ptr + tok[:, None] * stride_kt + h * stride_kh
+                v_rows = v_ptr + tok[:, None] * stride_vt + h * stride_vh
+                s = tl.dot(qa, tl.trans(tl.load(k_rows + da[None, :])), input_precision=PREC)
+                if DB > 0:
+                    s = tl.dot(qb, tl.trans(tl.load(k_rows + db[None, :])), s, input_precision=PREC)
+                s = tl.where((cols < length)[None, :], s * qk_scale, -1.0e30)
+                m_new = tl.maximum(m, tl.max(s, 1))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                p = p.to(v_ptr.dtype.element_ty)
+                acc_a = tl.dot(p, tl.load(v_rows + da[None, :]), acc_a * alpha[:, None], input_precision=PREC)
+                if DB > 0:
+                    acc_b = tl.dot(p, tl.load(v_rows + db[None, :]), acc_b * alpha[:, None], input_precision=PREC)
+                m = m_new
+            rm = rows < length
             o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh
             tl.store(o_rows + da[None, :], (acc_a / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
             if DB > 0:
@@ -150,9 +107,8 @@ if triton is not None:
 
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_len: int, scale: float, block_m: int = 64, block_n: int = 64,
-                     num_warps: int = 4, num_stages: int = 3, mask_loads: bool = True,
-                     k_t: bool = True, s_chain: bool = True, pv_chain: bool = True) -> torch.Tensor:
+                     max_len: int, scale: float, block_m: int = 128, block_n: int = 64,
+                     num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """q, k, v: [N, H, D] (last dim contiguous; rows may be strided, as views of a fused qkv);
     cu_seqlens: [S + 1] int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1];
     max_len: the longest segment (sizes the launch grid). -> [N, H, D], each token attending to its
@@ -169,8 +125,7 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _vision_attention_kernel[grid](
         q, k, v, out, cu_seqlens, float(scale) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n, MASK_LOADS=mask_loads, K_T=k_t,
-        S_CHAIN=s_chain, PV_CHAIN=pv_chain,
+        DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n, 
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     return out
 
