@@ -64,27 +64,29 @@ def mrope_positions(prompt_len: int, spans: list[tuple[int, int, tuple[int, int,
     largest position the item used (as the Qwen models were trained; transformers 5's
     `get_rope_index` advances by max(h, w) instead, the same unless a video's time span exceeds its
     height and width in tokens). Token p >= prompt_len decodes at position p + delta."""
-    rows, cursor, prev_end = [], 0, 0
+    # numpy, written in place: the torch version's ~20 small ops took ~0.25 ms of the request's host
+    # work before its first step
+    positions = np.empty((3, max([prompt_len] + [o + n for o, n, _, _ in spans])), dtype=np.int64)
+    cursor, prev_end = 0, 0
     for offset, length, (t, h, w), interval in spans:
         if offset < prev_end:
             raise ValueError("multimodal items overlap in the prompt")
         if t * h * w != length:
             raise ValueError(f"an item of grid {t}x{h}x{w} has {length} placeholder tokens")
         if offset > prev_end:
-            rows.append(torch.arange(offset - prev_end).expand(3, -1) + cursor)
+            positions[:, prev_end:offset] = np.arange(cursor, cursor + offset - prev_end)
             cursor += offset - prev_end
-        tt = (torch.arange(t, dtype=torch.float64) * interval).long().view(t, 1, 1).expand(t, h, w)
-        hh = torch.arange(h).view(1, h, 1).expand(t, h, w)
-        ww = torch.arange(w).view(1, 1, w).expand(t, h, w)
-        block = torch.stack([tt, hh, ww]).reshape(3, -1) + cursor
-        rows.append(block)
-        cursor = int(block.max()) + 1
+        block = positions[:, offset:offset + length].reshape(3, t, h, w)
+        tt = (np.arange(t, dtype=np.float64) * interval).astype(np.int64)  # truncated, as torch's .long()
+        block[0] = tt.reshape(t, 1, 1) + cursor
+        block[1] = np.arange(cursor, cursor + h).reshape(1, h, 1)
+        block[2] = np.arange(cursor, cursor + w).reshape(1, 1, w)
+        cursor += max(int(tt.max()), h - 1, w - 1) + 1  # one past the block's largest
         prev_end = offset + length
     if prompt_len > prev_end:
-        rows.append(torch.arange(prompt_len - prev_end).expand(3, -1) + cursor)
+        positions[:, prev_end:] = np.arange(cursor, cursor + prompt_len - prev_end)
         cursor += prompt_len - prev_end
-    positions = torch.cat(rows, dim=1) if rows else torch.zeros(3, 0, dtype=torch.long)
-    return positions.contiguous(), cursor - prompt_len
+    return torch.from_numpy(positions), cursor - prompt_len
 
 
 # ---- the processor ---------------------------------------------------------------------------

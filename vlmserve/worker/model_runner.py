@@ -189,9 +189,14 @@ class ModelRunner:
         prev's tokens on the device."""
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
         bs = self.block_size
+        # decodes (first in items) append to these lists; prefill chunks add numpy pieces after them,
+        # so that a long prompt's positions and slots never become Python ints
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        chunk_ids: list[list[int]] = []
+        chunk_positions: list[np.ndarray] = []
+        chunk_slots: list[np.ndarray] = []
         qsl = [0]
         seq_lens = []
         sample_rows: list[int] = []  # index into items
@@ -217,10 +222,10 @@ class ModelRunner:
                 positions.append(c)
                 slots.append(table[c // bs] * bs + c % bs)
             else:  # a prefill chunk: its slots in one vectorized expression, not a loop per token
-                input_ids.extend(seq.token_ids[c:c + n])
-                positions.extend(range(c, c + n))
-                pos = np.arange(c, c + n)
-                slots.extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())
+                chunk_ids.append(seq.token_ids[c:c + n])
+                pos = np.arange(c, c + n, dtype=np.int64)
+                chunk_positions.append(pos)
+                chunk_slots.append(np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs)
             if seq.want_prompt_logprobs:
                 first = max(c, len(seq.prompt_logprobs) - 1)
                 last = min(c + n - 1, seq.num_prompt_tokens - 2)
@@ -234,7 +239,7 @@ class ModelRunner:
 
         dev = self.device
         on_gpu = dev.type == "cuda"
-        T, B = len(input_ids), len(items)
+        T, B = qsl[-1], len(items)
         max_blocks = max(len(it.seq.block_table) for it in items)
         # Every int input of the step in one host tensor, pinned on CUDA, and one asynchronous copy:
         # a torch.tensor(..., device=cuda) per input waits for its copy, five times a step.
@@ -242,16 +247,23 @@ class ModelRunner:
         # then the pending inputs' flat positions [P] and rows in prev.tokens [P]; for a decode-only
         # step (T == B) its head is the rows of the decode graphs' static inputs.
         multirow = self.position_rows > 1
-        flat = input_ids + slots + seq_lens
-        if not multirow:
-            flat += positions
+        positions = np.concatenate([np.array(positions, dtype=np.int64), *chunk_positions])
+        for ids in chunk_ids:
+            input_ids += ids
+        tables_pending: list[int] = []
         for it in items:
             table = it.seq.block_table
-            flat += table
-            flat += [0] * (max_blocks - len(table))
-        flat += pending_at
-        flat += pending_rows
-        host = torch.from_numpy(np.array(flat, dtype=np.int64))  # ~4x faster than torch.tensor(list)
+            tables_pending += table
+            tables_pending += [0] * (max_blocks - len(table))
+        tables_pending += pending_at
+        tables_pending += pending_rows
+        # np.array(list): ~4x faster than torch.tensor(list)
+        pieces = [np.array(input_ids, dtype=np.int64), np.array(slots, dtype=np.int64), *chunk_slots,
+                  np.array(seq_lens, dtype=np.int64)]
+        if not multirow:
+            pieces.append(positions)
+        pieces.append(np.array(tables_pending, dtype=np.int64))
+        host = torch.from_numpy(np.concatenate(pieces))
         if on_gpu:
             host = host.pin_memory()
         num_vectors = 3 + (not multirow)
