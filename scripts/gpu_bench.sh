@@ -16,8 +16,8 @@
 #   {llava,qwen}_sync  latency and throughput (vlmserve only) with async scheduling off (VLMSERVE_ASYNC_SCHEDULING=0)
 #   {llava,qwen}_vlm   throughput, vlmserve only (A/B of SEQS or env settings)
 #   {llava,qwen}_prefetch  latency with the encoder prefetch on (VLMSERVE_ENCODER_PREFETCH=1)
-#   qwen_sdpa      latency and throughput (vlmserve only) with the ViT's attention through SDPA, not the
-#                  Triton kernel (VLMSERVE_TRITON_VISION_ATTENTION=0)
+#   {llava,qwen}_vattn     latency and throughput (vlmserve only) with the Triton vision attention
+#                          (VLMSERVE_TRITON_VISION_ATTENTION=1)
 # The figures of BENCHMARKS.md's table in one call (~6.5 min on an H200):
 #   llava_latency qwen_latency llava_throughput qwen_throughput check gpu_tests
 #   preprocess     scripts/gpu_preprocess_profile.py, LLaVA and Qwen2-VL images
@@ -128,8 +128,8 @@ for part in $PARTS; do
             step "${tag}_latency_prefetch" "${T_LAT:-110}" env VLMSERVE_ENCODER_PREFETCH=1 $BENCH latency \
                 --random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image \
                 --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_prefetch.json" ;;
-        qwen_sdpa)  # latency and throughput (vlmserve only) with the ViT's attention through SDPA
-            env_ab qwen sdpa VLMSERVE_TRITON_VISION_ATTENTION=0 ;;
+        llava_vattn|qwen_vattn)  # latency and throughput (vlmserve only) with the Triton vision attention
+            env_ab "${part%%_*}" vattn VLMSERVE_TRITON_VISION_ATTENTION=1 ;;
         llava_latency_gemv)  # single-stream decode with the split-K Triton GEMV (VLMSERVE_TRITON_GEMV=1)
             m="--random-model --model-shape llava-1.5-7b --input-len 32 --output-len 128 --source-image-size 336x336"
             step "$part" "${T_LAT:-110}" env VLMSERVE_TRITON_GEMV=1 $BENCH latency $m --backends vlmserve \

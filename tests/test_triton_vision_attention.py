@@ -1,7 +1,7 @@
 """The Triton vision-attention kernel (head sizes split into two powers of two, e.g. 80 = 64 + 16)
 against its torch reference and against torch's SDPA path, on the CPU through Triton's interpreter,
 at float32 tolerance: segments of many lengths (1, shorter than a tile, not a multiple of one),
-q, k, v as strided views of a fused qkv projection, and the switch in varlen_attention."""
+q, k, v as strided views of a fused qkv projection, and the opt-in switch in varlen_attention."""
 import importlib
 import os
 import sys
@@ -58,23 +58,19 @@ def test_kernel_matches_reference(d, lengths):
     torch.testing.assert_close(got2[cu[1]:], got[cu[1]:], atol=0, rtol=0)
 
 
-def test_switch_in_varlen_attention(monkeypatch):
+def test_opt_in_switch_in_varlen_attention(monkeypatch):
     cu = [0, 20, 45, 45, 90]  # an empty segment too
     q, k, v = _qkv(cu[-1], 2, 80, seed=7)
-    monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "0")
-    assert not tva.enabled(80)
+    assert not tva.enabled()
     sdpa = vision_attention.varlen_attention(q, k, v, cu, 80 ** -0.5)
-    monkeypatch.delenv("VLMSERVE_TRITON_VISION_ATTENTION")
-    assert tva.enabled(80) and tva.enabled(96) and tva.usable(q)  # on by default where cuDNN pads
-    assert not tva.enabled(64) and not tva.enabled(72)  # powers of two keep SDPA; 72 does not split
+    monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "1")
+    assert tva.enabled() and tva.usable(q)
     calls = []
     real = tva.vision_attention
     monkeypatch.setattr(tva, "vision_attention", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
     got = vision_attention.varlen_attention(q, k, v, cu, 80 ** -0.5)
     assert calls == [45]  # the longest segment sizes the grid
     torch.testing.assert_close(got, sdpa, **TOL)
-    monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "1")
-    assert tva.enabled(64)
 
 
 def test_rejects_head_dims_it_cannot_split():

@@ -4,10 +4,10 @@ is tiled for head_dim 128 (the H200 profiles in BENCHMARKS.md), so 3/8 of its te
 padding. Here a head of D = DA + DB (80 = 64 + 16, both powers of two) takes two dots for QK^T and
 two for PV, with no padding, and no execution plan to build per batch shape as cuDNN does.
 
-On by default for head sizes that split so with DB > 0 (80, 96, 48, ...), where the H200 measured it
-faster than cuDNN; `VLMSERVE_TRITON_VISION_ATTENTION=0` turns it off, `=1` also takes it for powers
-of two. `scripts/gpu_vision_attention_sweep.py` times its tiles; `reference_vision_attention` is the
-torch computation it is tested against (on the CPU through Triton's interpreter)."""
+Opt-in (`VLMSERVE_TRITON_VISION_ATTENTION=1`): on the H200 even its fastest tiles (the defaults
+below) run at cuDNN's padded speed or up to 7% slower at 1024x1024 images (BENCHMARKS.md;
+`scripts/gpu_vision_attention_sweep.py` times the tiles). `reference_vision_attention` is the torch
+computation it is tested against (on the CPU through Triton's interpreter)."""
 from __future__ import annotations
 
 import os
@@ -35,15 +35,8 @@ def split_head_dim(d: int) -> tuple[int, int] | None:
     return None
 
 
-def enabled(head_dim: int) -> bool:
-    """Whether vision attention at this head size takes the kernel (see the module's docstring)."""
-    if triton is None:
-        return False
-    setting = os.environ.get("VLMSERVE_TRITON_VISION_ATTENTION")
-    if setting in ("0", "1"):
-        return setting == "1"
-    split = split_head_dim(head_dim)
-    return split is not None and split[1] > 0
+def enabled() -> bool:
+    return triton is not None and os.environ.get("VLMSERVE_TRITON_VISION_ATTENTION") == "1"
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -108,7 +101,7 @@ if triton is not None:
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_len: int, scale: float, block_m: int = 128, block_n: int = 64,
-                     num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                     num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """q, k, v: [N, H, D] (last dim contiguous; rows may be strided, as views of a fused qkv);
     cu_seqlens: [S + 1] int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1];
     max_len: the longest segment (sizes the launch grid). -> [N, H, D], each token attending to its

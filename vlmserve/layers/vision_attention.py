@@ -1,6 +1,6 @@
 """Bidirectional attention over packed variable-length segments (the images, frames or windows of
-a vision encoder's batch), without padding. Vision towers call `varlen_attention`: one Triton kernel
-for all segments at head sizes like 80, which cuDNN pads to 128, else torch's SDPA by segment length."""
+a vision encoder's batch), without padding. Vision towers call `varlen_attention`: torch's SDPA by
+segment length, or (opt-in) one Triton kernel for all segments."""
 from __future__ import annotations
 
 import torch
@@ -19,7 +19,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     share a length), so the loop runs over distinct lengths and a few batches each, not segments."""
     if cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens {cu_seqlens[:3]}...{cu_seqlens[-1:]} do not cover {q.shape[0]} tokens")
-    if tva.enabled(q.shape[-1]) and tva.usable(q):  # head sizes like 80, without padding (kernels/triton_vision_attention.py)
+    if tva.enabled() and tva.usable(q):  # opt-in: head sizes like 80 without padding (kernels/triton_vision_attention.py)
         max_len = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
         return tva.vision_attention(q, k, v, to_device(cu_seqlens, q.device, torch.int32), max_len, scale)
     by_length: dict[int, list[int]] = {}
