@@ -29,6 +29,7 @@
 #                  with the tree in $BEFORE (a copy of the base commit's vlmserve/ and scripts/), bench
 #                  latency likewise, then gpu_check.py
 #   latency_ab     bench latency now and with $BEFORE, alternating (AB_ROUNDS, LAT_ITERS)
+#   before_latency bench latency of both models with $BEFORE (beside the latency parts of this tree)
 #   (the $BEFORE runs start in $BEFORE: `python -m` puts the working directory first on sys.path, ahead
 #   of PYTHONPATH, so from here they would import this tree's vlmserve)
 #   OUT=/tmp/out COMMIT=<hash> bash scripts/gpu_bench.sh [parts...]
@@ -184,6 +185,14 @@ for part in $PARTS; do
                 step "after_latency$r" "${T_LAT:-110}" $BENCH latency $m $lat --output-json "$OUT/after_latency$r.json"
                 step "before_latency$r" "${T_LAT:-110}" env -C "$BEFORE" PYTHONPATH="$BEFORE" $BENCH latency $m $lat \
                     --output-json "$OUT/before_latency$r.json"
+            done ;;
+        before_latency)  # bench latency of both models with the tree in $BEFORE (the table's latency parts are the after)
+            lat="--backends vlmserve --num-iters 5 --num-iters-warmup 1"
+            for tag in llava qwen; do
+                if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
+                step "before_${tag}_latency" "${T_LAT:-110}" env -C "$BEFORE" PYTHONPATH="$BEFORE" $BENCH latency \
+                    --random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image $lat \
+                    --output-json "$OUT/before_${tag}_latency.json"
             done ;;
         llava_profile) step llava_profile "${T_PROF:-90}" python scripts/gpu_profile.py --model-shape llava-1.5-7b \
                 --image-size 336x336 --out "$OUT/llava_profile.json" ;;

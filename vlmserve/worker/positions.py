@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 
-def multirow_positions(items, positions: list[int], query_start_loc: list[int], rows: int) -> torch.Tensor:
+def multirow_positions(items, positions, query_start_loc: list[int], rows: int) -> torch.Tensor:
     """[rows, T] positions of a flat batch. items: the step's ScheduledSeqs in batch order;
-    positions: the plain position of each token (its index in its sequence).
+    positions: the plain position of each token (its index in its sequence), a list or an array.
 
     A sequence without its own positions (text-only) takes its plain positions in every row. One
     with `mrope_positions` takes them for its prompt tokens (prefill chunks, prefix-cache hits and
