@@ -373,3 +373,24 @@ def test_errors_name_the_problem(llms):
     with pytest.raises(ValueError, match="video 0: unsupported type str"):
         llm.generate({"prompt": chat(VIDEO), "multi_modal_data": {"video": ["clip.mp4"]}}, use_tqdm=False)
     assert llm.generate(chat("still fine"), SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_vision_rotary_tables_cached_per_frame_size():
+    """The ViT's rotary tables come from a small cache per frame size: the same values as building
+    them from the patches' positions, for images and videos of mixed sizes, with at most 8 sizes kept."""
+    from types import SimpleNamespace
+
+    from vlmserve.models.qwen2_vl import Qwen2VisionTransformer, vision_positions
+
+    vcfg = SimpleNamespace(embed_dim=64, num_heads=4, spatial_merge_size=2, patch_size=14, temporal_patch_size=2,
+                           mlp_ratio=2, hidden_act="quick_gelu", depth=1, hidden_size=32)
+    tower = Qwen2VisionTransformer(vcfg)
+    cpu = torch.device("cpu")
+    for grids in ([(1, 74, 74)], [(1, 4, 6), (2, 4, 6), (1, 8, 2)], [(3, 2, 2)], [(1, 74, 74), (1, 4, 6)]):
+        want = tower.rotary(vision_positions(grids, 2))
+        got = tower.rotary_tables(grids, cpu)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(tower._frame_rotary) == 4
+    for h in range(2, 24, 2):
+        tower.rotary_tables([(1, h, 2)], cpu)
+    assert len(tower._frame_rotary) == 8 and (22, 2, "cpu") in tower._frame_rotary
