@@ -55,7 +55,8 @@ def paged_cache(lens, block_size, hkv, d, dtype, num_blocks):
     return k, v, tables
 
 
-def check_decode(rows, dtype, B, hq, hkv, d, max_len, window=None, time_it=True, splits=None, min_len=1):
+def check_decode(rows, dtype, B, hq, hkv, d, max_len, window=None, time_it=True, splits=None, min_len=1,
+                 block_n=64, num_warps=4):
     lens = torch.randint(min_len, max_len + 1, (B,)).tolist()
     lens[0] = max_len
     bs = 16
@@ -66,14 +67,15 @@ def check_decode(rows, dtype, B, hq, hkv, d, max_len, window=None, time_it=True,
     if splits is None:
         splits = tpa.decode_num_splits(B, hkv, max_len, torch.cuda.get_device_properties(0).multi_processor_count)
     out = torch.full_like(q, float("nan"))
-    tpa.paged_decode_attention(q, k, v, tables, seq_lens, scale, window, num_splits=splits, out=out)
+    tiles = dict(block_n=block_n, num_warps=num_warps)
+    tpa.paged_decode_attention(q, k, v, tables, seq_lens, scale, window, num_splits=splits, out=out, **tiles)
     ref = tpa.reference_paged_decode_attention(q, k, v, tables, seq_lens, scale, window)
     err = rel_err(out, ref)
     row = {"kernel": "decode", "dtype": str(dtype), "shape": f"B={B} Hq={hq} Hkv={hkv} D={d} len<={max_len} "
-           f"win={window} splits={splits}", "rel_err": err, "ok": err < TOL[dtype]}
+           f"win={window} splits={splits} block_n={block_n} warps={num_warps}", "rel_err": err, "ok": err < TOL[dtype]}
     if time_it:
         ms = triton.testing.do_bench(lambda: tpa.paged_decode_attention(
-            q, k, v, tables, seq_lens, scale, window, num_splits=splits, out=out), return_mode="median")
+            q, k, v, tables, seq_lens, scale, window, num_splits=splits, out=out, **tiles), return_mode="median")
         nbytes = 2 * sum(lens) * hkv * d * q.element_size()
         row.update(us=1e3 * ms, gbps=nbytes / ms / 1e6)
     rows.append(row)
@@ -358,13 +360,23 @@ def main() -> int:
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--sweep", action="store_true", help="also time tile sizes of the decode and GEMV kernels")
     p.add_argument("--splits", action="store_true", help="only time the decode kernel's KV split counts at the "
-                   "throughput runs' full batches (Qwen2-VL-7B: 128 x ~1470 tokens, GQA 28/4; LLaVA: 256 x ~670, MHA)")
+                   "throughput runs' full batches (Qwen2-VL-7B: 128 x ~1470 tokens, GQA 28/4; LLaVA: 256 x ~670, MHA), "
+                   "and for Qwen2-VL its tiles (tokens per tile, warps)")
     args = p.parse_args()
     torch.manual_seed(0)
     rows: list[dict] = []
     if args.splits:
         for s in (1, 2, 4, 8):
             check_decode(rows, torch.bfloat16, 128, 28, 4, 128, 1528, splits=s, min_len=1400)
+        for s in (1, 2, 4):
+            for block_n, warps in ((32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8), (256, 8)):
+                try:  # a tile that does not fit (shared memory) is a BAD row, not the end of the sweep
+                    check_decode(rows, torch.bfloat16, 128, 28, 4, 128, 1528, splits=s, min_len=1400,
+                                 block_n=block_n, num_warps=warps)
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"kernel": "decode", "dtype": "torch.bfloat16", "rel_err": float("nan"), "ok": False,
+                                 "shape": f"B=128 GQA 28/4 splits={s} block_n={block_n} warps={warps}",
+                                 "error": f"{type(e).__name__}: {str(e)[:120]}"})
         for s in (1, 2, 4):
             check_decode(rows, torch.bfloat16, 256, 32, 32, 128, 735, splits=s, min_len=608)
         print_rows(rows)
