@@ -189,12 +189,11 @@ class ModelRunner:
         prev's tokens on the device."""
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
         bs = self.block_size
-        # decodes (first in items) append to these lists; prefill chunks add numpy pieces after them,
-        # so that a long prompt's positions and slots never become Python ints
+        # decodes (first in items) append to these lists; prefill chunks add their positions and slots
+        # as numpy pieces after them, so that a long prompt's never become Python ints
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        chunk_ids: list[list[int]] = []
         chunk_positions: list[np.ndarray] = []
         chunk_slots: list[np.ndarray] = []
         qsl = [0]
@@ -222,7 +221,7 @@ class ModelRunner:
                 positions.append(c)
                 slots.append(table[c // bs] * bs + c % bs)
             else:  # a prefill chunk: its slots in one vectorized expression, not a loop per token
-                chunk_ids.append(seq.token_ids[c:c + n])
+                input_ids.extend(seq.token_ids[c:c + n])
                 pos = np.arange(c, c + n, dtype=np.int64)
                 chunk_positions.append(pos)
                 chunk_slots.append(np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs)
@@ -248,8 +247,6 @@ class ModelRunner:
         # step (T == B) its head is the rows of the decode graphs' static inputs.
         multirow = self.position_rows > 1
         positions = np.concatenate([np.array(positions, dtype=np.int64), *chunk_positions])
-        for ids in chunk_ids:
-            input_ids += ids
         tables_pending: list[int] = []
         for it in items:
             table = it.seq.block_table
