@@ -116,6 +116,7 @@ class FastCLIPImageProcessor:
         rgb = self._read_rgb(image)
         if rgb is None:
             return None
+        rgb = rgb[..., :3]  # without Pillow's padding byte, if any
         if self.backend == "torchvision":
             return self._torchvision(rgb)
         return self._pil(rgb)
@@ -153,12 +154,13 @@ class FastCLIPImageProcessor:
             return None
         with warnings.catch_warnings():  # PIL's buffer is read-only; the staging copy only reads it
             warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(rgb)
+            x = torch.from_numpy(rgb)  # with Pillow's padding byte, if any: staged whole, dropped there
         return DevicePixels.staged(x, functools.partial(self.finish_on_device, size=hw), device)
 
     def finish_on_device(self, rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """uint8 [H, W, 3] on any device -> pixel values [3, H', W'] there, as _torchvision gives."""
-        x = rgb.permute(2, 0, 1).contiguous()
+        """uint8 [H, W, 3 or 4] (RGB, then any padding byte) on any device -> pixel values [3, H', W']
+        there, as _torchvision gives."""
+        x = rgb[..., :3].permute(2, 0, 1).contiguous()
         if self.shortest_edge:
             x = self._tvF.resize(x, list(size), interpolation=self._interp, antialias=True)
         if self.crop:

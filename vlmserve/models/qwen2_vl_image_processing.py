@@ -81,7 +81,7 @@ class FastQwen2VLImageProcessor:
         h, w = self.resized_hw(height, width, min_pixels, max_pixels)
         with warnings.catch_warnings():  # PIL's buffer is read-only; nothing here writes to it
             warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(rgb).permute(2, 0, 1)  # channels-last view, no copy
+            x = torch.from_numpy(rgb[..., :3]).permute(2, 0, 1)  # channels-last view, no copy
         x = self._resize(x, [h, w], interpolation=self._interp, antialias=True)
         return self._normalize_into_patches(x), torch.tensor([[1, h // self.patch, w // self.patch]])
 
@@ -95,14 +95,15 @@ class FastQwen2VLImageProcessor:
         h, w = self.resized_hw(rgb.shape[0], rgb.shape[1], min_pixels, max_pixels)
         with warnings.catch_warnings():  # PIL's buffer is read-only; the staging copy only reads it
             warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(rgb)
+            x = torch.from_numpy(rgb)  # with Pillow's padding byte, if any: staged whole, dropped there
         return (DevicePixels.staged(x, functools.partial(self.finish_on_device, size=(h, w)), device),
                 torch.tensor([[1, h // self.patch, w // self.patch]]))
 
     def finish_on_device(self, rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """uint8 [H, W, 3] on any device -> the pixel values there: HF's resize, rescale and
-        normalize, and patch layout, as whole-image ops (on the CPU: __call__'s numbers)."""
-        x = self._resize(rgb.permute(2, 0, 1), list(size), interpolation=self._interp, antialias=True)
+        """uint8 [H, W, 3 or 4] (RGB, then any padding byte) on any device -> the pixel values there:
+        HF's resize, rescale and normalize, and patch layout, as whole-image ops (on the CPU:
+        __call__'s numbers)."""
+        x = self._resize(rgb[..., :3].permute(2, 0, 1), list(size), interpolation=self._interp, antialias=True)
         mean, std = self._norm.on(x.device)
         x = (x.to(torch.float32) - mean) / std
         p, m, t = self.patch, self.merge, self.temporal

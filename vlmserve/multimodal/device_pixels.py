@@ -70,22 +70,24 @@ class DevicePixels:
     @classmethod
     def staged(cls, image: torch.Tensor, finish: Callable[[torch.Tensor], torch.Tensor],
                device: torch.device | str | None) -> DevicePixels:
-        """Pinned for a CUDA device within PINNED_BUDGET (the runner's copy then does not wait),
-        else as given."""
+        """A copy of the image (which may be a view of the caller's memory, such as a PIL
+        image's), pinned for a CUDA device within PINNED_BUDGET (the runner's copy then does not
+        wait), else pageable."""
         nbytes = image.numel() * image.element_size()
         if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available() \
                 and PINNED_BUDGET.take(nbytes):
             try:
-                pinned = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
+                copy = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
             except BaseException:
                 PINNED_BUDGET.give_back(nbytes)
                 raise
-            weakref.finalize(pinned, PINNED_BUDGET.give_back, nbytes)
-            # one thread's memcpy: torch's copy_ wakes its intra-op thread pool for a buffer this
-            # size, which took 5-10 ms per image on a 16-core GPU host (a media worker thread each)
-            np.copyto(pinned.numpy(), image.numpy())
-            image = pinned
-        return cls(image, finish)
+            weakref.finalize(copy, PINNED_BUDGET.give_back, nbytes)
+        else:
+            copy = torch.empty(image.shape, dtype=image.dtype)
+        # one thread's memcpy: torch's copy_ wakes its intra-op thread pool for a buffer this
+        # size, which took 5-10 ms per image on a 16-core GPU host (a media worker thread each)
+        np.copyto(copy.numpy(), image.numpy())
+        return cls(copy, finish)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> torch.Tensor:
         return self.finish(self.image.to(device, non_blocking=non_blocking))

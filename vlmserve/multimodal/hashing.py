@@ -29,8 +29,9 @@ def _update_bytes(h, data) -> None:
 
 def _update(h, obj) -> None:
     if isinstance(obj, Image.Image):
-        h.update(f"pil:{obj.mode}:{obj.size}".encode())
-        _update_bytes(h, pil_bytes(obj))
+        data = pil_bytes(obj)  # 3 or 4 bytes per RGB pixel (see pil_bytes): the length says which
+        h.update(f"pil:{obj.mode}:{obj.size}:{memoryview(data).nbytes}".encode())
+        _update_bytes(h, data)
     elif isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"tensor:{t.dtype}:{tuple(t.shape)}".encode())
