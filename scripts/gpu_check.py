@@ -362,9 +362,23 @@ def main() -> int:
     p.add_argument("--splits", action="store_true", help="only time the decode kernel's KV split counts at the "
                    "throughput runs' full batches (Qwen2-VL-7B: 128 x ~1470 tokens, GQA 28/4; LLaVA: 256 x ~670, MHA), "
                    "and for Qwen2-VL its tiles (tokens per tile, warps)")
+    p.add_argument("--tiles", action="store_true", help="only time the decode kernel's tiles (tokens per tile, "
+                   "warps) at the batches single-stream decode and the throughput runs give, both models, with the "
+                   "split count decode_num_splits picks and with one split")
     args = p.parse_args()
     torch.manual_seed(0)
     rows: list[dict] = []
+    if args.tiles:
+        shapes = [(1, 28, 4, 1400, 1400), (16, 28, 4, 1528, 1400), (64, 28, 4, 1528, 1400), (128, 28, 4, 1528, 1400),
+                  (1, 32, 32, 700, 700), (64, 32, 32, 735, 608), (256, 32, 32, 735, 608)]
+        for B, hq, hkv, max_len, min_len in shapes:
+            auto = tpa.decode_num_splits(B, hkv, max_len, torch.cuda.get_device_properties(0).multi_processor_count)
+            for splits in sorted({auto, 1}):
+                for block_n, warps in ((64, 4), (64, 2), (32, 2), (128, 4), (32, 4)):
+                    check_decode(rows, torch.bfloat16, B, hq, hkv, 128, max_len, splits=splits, min_len=min_len,
+                                 block_n=block_n, num_warps=warps)
+        print_rows(rows)
+        return 0
     if args.splits:
         for s in (1, 2, 4, 8):
             check_decode(rows, torch.bfloat16, 128, 28, 4, 128, 1528, splits=s, min_len=1400)
