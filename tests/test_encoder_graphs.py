@@ -89,3 +89,73 @@ def test_capture_while_a_media_thread_pins_memory():
     torch.testing.assert_close(graphs(x), enc(x))
     assert not errors and graphs.enabled and len(graphs.graphs) == 1
     torch.testing.assert_close(graphs(x * 2), enc(x * 2))  # the graph replays
+
+
+# ---- GridEncoderGraphs: Qwen2-VL's ViT per call layout ----------------------------------------
+
+def _qwen_tower(device, dtype=torch.float32):
+    from transformers import Qwen2VLConfig
+
+    from vlmserve.models.qwen2_vl import Qwen2VisionTransformer
+
+    torch.manual_seed(0)
+    vcfg = Qwen2VLConfig(vision_config={"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2,
+                                        "hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2,
+                                        "temporal_patch_size": 2}).vision_config
+    tower = Qwen2VisionTransformer(vcfg).to(device=device, dtype=dtype).eval()
+    for p in tower.parameters():  # random, not the zeros or ones of fresh norms and biases
+        p.data.normal_(0, 0.05)
+    return tower
+
+
+def _pixels(grids, device, seed=0):
+    n = sum(t * h * w for t, h, w in grids)
+    return torch.randn(n, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def test_copies_host_data_only_for_scattered_equal_lengths():
+    from vlmserve.layers.vision_attention import copies_host_data
+
+    assert not copies_host_data([0, 16])
+    assert not copies_host_data([0, 16, 32, 48, 60])  # 16, 16, 16 back to back, then 12
+    assert not copies_host_data([0, 16, 28, 40])  # 16, then 12, 12
+    assert copies_host_data([0, 16, 28, 44])  # 16, 12, 16: the 16s are apart
+    assert not copies_host_data([0, 16, 16, 32])  # an empty segment between is no gap
+
+
+def test_grid_graphs_run_cpu_inputs_eagerly():
+    from vlmserve.worker.encoder_graphs import GridEncoderGraphs
+
+    tower = _qwen_tower("cpu")
+    graphs = GridEncoderGraphs(tower, torch.device("cpu"))
+    grids = [(1, 8, 12)]
+    x = _pixels(grids, "cpu")
+    with torch.inference_mode():
+        for _ in range(3):
+            assert torch.equal(graphs(x, grids), tower(x, grids))
+    assert not graphs.graphs and graphs.num_replays == 0
+    assert tower.graph_safe(grids) and tower.graph_safe([(1, 8, 12), (2, 4, 4)])
+    assert not tower.graph_safe([(1, 8, 12), (1, 4, 4), (1, 8, 12)])  # equal frames apart
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.inference_mode()
+def test_grid_graphs_equal_eager_on_gpu():
+    from vlmserve.worker.encoder_graphs import GridEncoderGraphs
+
+    tower = _qwen_tower("cuda", torch.bfloat16)
+    graphs = GridEncoderGraphs(tower, torch.device("cuda"), max_patches=2048, max_graphs=2)
+    one, two = [(1, 16, 20)], [(1, 8, 8), (1, 8, 8), (2, 4, 12)]
+    apart = [(1, 8, 8), (1, 4, 4), (1, 8, 8)]  # not graph safe: stays eager
+    big = [(1, 48, 48)]  # past max_patches
+    kept = []
+    for i, grids in enumerate([one, two, one, one, apart, two, apart, big, big, two, one]):
+        x = _pixels(grids, "cuda", seed=i).to(torch.bfloat16)
+        out = graphs(x, grids)
+        ref = tower(x, grids)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+        kept.append((out, ref))
+    for out, ref in kept:  # later replays wrote over the pool, not over outputs already returned
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    assert sorted(len(k[0]) for k in graphs.graphs) == [1, 3]  # one and two, each from its second call
+    assert graphs.num_replays == 3 + 2  # one: its 2nd, 3rd and 4th calls; two: its 2nd and 3rd

@@ -47,6 +47,21 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return torch.empty_like(q) if out is None else out  # None: no tokens at all
 
 
+def copies_host_data(cu_seqlens: list[int]) -> bool:
+    """Whether varlen_attention over these segments copies host data to the device (the Triton
+    kernel's offsets; row indices of equal-length segments that are not back to back), which a CUDA
+    graph would replay stale."""
+    if tva.enabled():
+        return True
+    last_end: dict[int, int] = {}
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if end > start:
+            if last_end.get(end - start, start) != start:
+                return True
+            last_end[end - start] = end
+    return False
+
+
 def power_of_two_counts(n: int, largest: int = 16) -> list[int]:
     """n segments of one length as batches of power-of-two counts, largest first (13 -> 8, 4, 1).
     cuDNN builds an execution plan for each batch shape it meets (~70 ms on an H200), so batches of

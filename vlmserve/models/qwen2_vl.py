@@ -23,7 +23,7 @@ from vlmserve.device_utils import to_device
 from vlmserve.kernels.triton_fused import rotary_inplace
 from vlmserve.layers.activation import get_act_fn
 from vlmserve.layers.layernorm import LayerNorm, fused_kernels_enabled
-from vlmserve.layers.vision_attention import varlen_attention
+from vlmserve.layers.vision_attention import copies_host_data, varlen_attention
 from vlmserve.models.qwen2 import Qwen2ForCausalLM
 from vlmserve.models.qwen2_vl_image_processing import FastQwen2VLImageProcessor
 from vlmserve.models.weight_utils import load_weights
@@ -515,9 +515,17 @@ class Qwen2VisionTransformer(nn.Module):
             sin += [hit[1]] * t
         return (cos[0], sin[0]) if len(cos) == 1 else (torch.cat(cos), torch.cat(sin))
 
-    def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    def graph_safe(self, grids: list[tuple[int, int, int]]) -> bool:
+        """Whether forward(pixels, grids, cos_sin) queues device work only (no host copies), so
+        that a CUDA graph of it replays right (worker/encoder_graphs.py)."""
+        return not copies_host_data(frame_cu_seqlens(grids))
+
+    def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]],
+                cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """cos_sin: rotary_tables(grids), where the caller holds them (CUDA graphs)."""
         x = self.patch_embed(pixels)
-        cos_sin = self.rotary_tables(grids, x.device)
+        if cos_sin is None:
+            cos_sin = self.rotary_tables(grids, x.device)
         cu = frame_cu_seqlens(grids)
         residual = None
         for blk in self.blocks:
@@ -537,6 +545,9 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         self.config = config
         tcfg = config.get_text_config()
         self.visual = self.vision_tower_cls(config.vision_config)
+        # CUDA graphs of the tower per call layout (worker/encoder_graphs.py), set by the runner on a
+        # GPU for towers that can be captured; False: this tower can't
+        self.vision_graphs = None if hasattr(self.visual, "graph_safe") else False
         self.language_model = Qwen2ForCausalLM(tcfg, max_model_len)
         # transformers 5 keeps the tying flag on the outer config (4.x configs are flat).
         if getattr(config, "tie_word_embeddings", False) and not self.language_model.tie_word_embeddings:
@@ -566,7 +577,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         if rows:
             grids = [tuple(int(x) for x in items[i][grid_key].reshape(-1).tolist()) for i in rows]
             pixels = torch.cat([items[i][pix_key] for i in rows])
-            merged = self.visual(pixels, grids)
+            merged = (self.vision_graphs or self.visual)(pixels, grids)
             m2 = self.visual.merge ** 2
             for i, emb in zip(rows, merged.split([t * h * w // m2 for t, h, w in grids])):
                 out[i] = emb

@@ -112,3 +112,95 @@ class EncoderGraphs:
         self.graphs[key] = (graph, static_in, static_out)
         logger.info("captured a CUDA graph of the encoder for %d x %s %s", bucket, shape, dtype)
         return self.graphs[key]
+
+
+class GridEncoderGraphs:
+    """CUDA graphs of a packed vision tower (Qwen2-VL's ViT: `tower(pixels, grids, cos_sin)`,
+    `tower.rotary_tables(grids, device)`, `tower.graph_safe(grids)`), one per call layout, i.e. the
+    (frames, rows, columns) grid of each item in the call.
+
+    Why: eagerly, a lone 1024x1024 image (5476 patches, 32 blocks) takes the host about as long to
+    queue as the GPU to run (~28 ms each on an H200 host: cuBLAS's and cuDNN's per-call host work,
+    Triton's launcher), so the GPU waits on launches through the tower in a request's time to first
+    token; smaller images wait more. Larger calls (a throughput step's dozen images) keep the GPU
+    ahead of the host and gain nothing, so only calls of at most `max_patches` patches are graphed.
+
+    Sizes vary in real traffic, and a capture costs an eager pass plus the capture itself, so a
+    layout is captured the second time it is met, never the first; at most `max_graphs` of them
+    (then eager). The graphs share one memory pool and one input buffer (they replay one at a
+    time, on the runner's stream); the output is copied out before the next replay. A layout whose
+    capture fails (a host sync or copy in the tower) stays eager. The rotary tables the tower takes
+    are made outside the capture and kept with its graph, so no cache eviction can free them."""
+
+    def __init__(self, tower, device: torch.device, max_patches: int = 8192, max_graphs: int = 8,
+                 max_remembered: int = 1024):
+        self.tower = tower
+        self.device = device
+        self.max_patches = max_patches
+        self.max_graphs = max_graphs
+        self.max_remembered = max_remembered
+        self.graphs: dict[tuple, tuple] = {}
+        self.seen: dict[tuple, int] = {}  # layouts met eagerly: how often
+        self.failed: set[tuple] = set()
+        self.inputs: dict[tuple, torch.Tensor] = {}  # (dtype, row width) -> the shared input buffer
+        self.pool = None
+        self.stream = None  # captures run on one side stream: its freed blocks are reused, not multiplied
+        self.num_replays = 0
+
+    def __call__(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        key = (tuple(grids), pixels.dtype, pixels.shape[1])
+        entry = self.graphs.get(key)
+        if entry is None:
+            if not self._wants_graph(key, pixels):
+                return self.tower(pixels, grids)
+            entry = self._capture(key, pixels)
+            if entry is None:
+                return self.tower(pixels, grids)
+        graph, static_in, static_out, _ = entry
+        static_in.copy_(pixels)
+        graph.replay()
+        self.num_replays += 1
+        return static_out.clone()  # before the next replay writes over the pool
+
+    def _wants_graph(self, key: tuple, pixels: torch.Tensor) -> bool:
+        if not pixels.is_cuda or pixels.shape[0] > self.max_patches or key in self.failed \
+                or len(self.graphs) >= self.max_graphs or not self.tower.graph_safe(list(key[0])):
+            return False
+        if len(self.seen) >= self.max_remembered:  # every size different (real traffic): start over
+            self.seen.clear()
+        self.seen[key] = self.seen.get(key, 0) + 1
+        return self.seen[key] >= 2
+
+    @torch.inference_mode()
+    def _capture(self, key: tuple, pixels: torch.Tensor):
+        grids, dtype, width = key
+        buf = self.inputs.get((dtype, width))
+        if buf is None:
+            buf = self.inputs[(dtype, width)] = torch.zeros((self.max_patches, width), dtype=dtype, device=self.device)
+        static_in = buf[:pixels.shape[0]]
+        static_in.copy_(pixels)
+        grids = list(grids)
+        cos_sin = self.tower.rotary_tables(grids, self.device)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        stream = self.stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream):
+                self.tower(static_in, grids, cos_sin)  # warm-up: kernel selection, cuDNN's plan
+                graph = torch.cuda.CUDAGraph()
+                with graph_capture(graph, self.pool, stream):
+                    static_out = self.tower(static_in, grids, cos_sin)
+        except Exception as e:  # noqa: BLE001 - a host sync or copy in the tower: this layout stays eager
+            logger.warning("CUDA graph capture of the vision tower failed for %s (%s); encoding it eagerly",
+                           grids, e)
+            self.failed.add(key)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            return None
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[key] = (graph, static_in, static_out, cos_sin)
+        self.seen.pop(key, None)
+        logger.info("captured a CUDA graph of the vision tower for grids %s", grids)
+        return self.graphs[key]

@@ -73,13 +73,16 @@ class ModelRunner:
                                         scheduler_config.max_num_batched_tokens)
         self.use_cuda_graphs = (device.type == "cuda" and self.attn_backend.name == "triton"
                                 and not model_config.enforce_eager)
-        # the vision tower replays CUDA graphs too (VLMSERVE_ENCODER_GRAPHS=0: eager, for A/B runs)
+        # the vision tower replays CUDA graphs too (VLMSERVE_ENCODER_GRAPHS=0: eager, for A/B runs):
+        # LLaVA's per image count, Qwen2-VL's per layout of a call's images (worker/encoder_graphs.py)
         if device.type == "cuda" and not model_config.enforce_eager \
-                and os.environ.get("VLMSERVE_ENCODER_GRAPHS", "1") != "0" \
-                and getattr(self.model, "image_encoder", False) is None:
-            from vlmserve.worker.encoder_graphs import EncoderGraphs
+                and os.environ.get("VLMSERVE_ENCODER_GRAPHS", "1") != "0":
+            from vlmserve.worker.encoder_graphs import EncoderGraphs, GridEncoderGraphs
 
-            self.model.image_encoder = EncoderGraphs(self.model.encode_images, device)
+            if getattr(self.model, "image_encoder", False) is None:
+                self.model.image_encoder = EncoderGraphs(self.model.encode_images, device)
+            if getattr(self.model, "vision_graphs", False) is None:
+                self.model.vision_graphs = GridEncoderGraphs(self.model.visual, device)
         self.sampler = Sampler(device, model_config.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = cache_config.block_size
