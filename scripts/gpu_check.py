@@ -56,7 +56,7 @@ def paged_cache(lens, block_size, hkv, d, dtype, num_blocks):
 
 
 def check_decode(rows, dtype, B, hq, hkv, d, max_len, window=None, time_it=True, splits=None, min_len=1,
-                 block_n=64, num_warps=4, in_graph=False):
+                 block_n=None, num_warps=None, in_graph=False):
     """in_graph: timed as CUDA-graph replays (as decode steps run), without the host's launch cost,
     which is the whole time of a small batch's kernel otherwise."""
     lens = torch.randint(min_len, max_len + 1, (B,)).tolist()
@@ -69,6 +69,8 @@ def check_decode(rows, dtype, B, hq, hkv, d, max_len, window=None, time_it=True,
     if splits is None:
         splits = tpa.decode_num_splits(B, hkv, max_len, torch.cuda.get_device_properties(0).multi_processor_count)
     out = torch.full_like(q, float("nan"))
+    default_n, default_warps = tpa.default_decode_tiles(k)
+    block_n, num_warps = block_n or default_n, num_warps or default_warps
     tiles = dict(block_n=block_n, num_warps=num_warps)
     tpa.paged_decode_attention(q, k, v, tables, seq_lens, scale, window, num_splits=splits, out=out, **tiles)
     ref = tpa.reference_paged_decode_attention(q, k, v, tables, seq_lens, scale, window)

@@ -200,23 +200,36 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Enough programs to fill the GPU four times over, at least 256 tokens per split, at most 16
-    splits. Four, not two: at Qwen2-VL-7B's full throughput batch (128 sequences x ~1470 tokens, 4 KV
-    heads: 512 programs) 2 splits read the cache 11% faster than 1 on the H200 (3.07 against 2.74
-    TB/s), 4 and 8 slower; at LLaVA's (256 x ~670, 32 heads) 1 split stays (`gpu_check.py --splits`)."""
-    want = -(-4 * num_sms // max(1, num_seqs * num_kv_heads))
+    """Enough programs to fill the GPU once, at least 256 tokens per split, at most 16 splits. On
+    the H200 with the default tiles (`gpu_check.py --tiles`, in CUDA graphs) that is the best or
+    within 5% of it at every batch measured: Qwen2-VL-7B (4 KV heads) at 1, 16, 64 and 128
+    sequences of ~1400-1530 tokens (128: 1 split 100 us, 2 splits 108), LLaVA (32 heads) at 1, 64
+    and 256. Filling it four times over, as before, split too often at middle batches (64: 4 splits
+    65 us against 54 with 1)."""
+    want = -(-num_sms // max(1, num_seqs * num_kv_heads))
     return max(1, min(16, _next_pow2(want), _next_pow2(-(-max_seq_len // 256))))
+
+
+def default_decode_tiles(cache: torch.Tensor) -> tuple[int, int]:
+    """(tokens per tile, warps): 128 and 4 for 16-bit caches, the fastest or within 4% of it at
+    every batch of the sweep above (Qwen2-VL at 128 sequences: 100 us against 116-132 with 64-token
+    tiles; LLaVA at 256: 656 against 677); 64 for float32, whose 128-token tiles, three stages
+    deep, would not fit in shared memory."""
+    return (128, 4) if cache.element_size() <= 2 else (64, 4)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float,
                            sliding_window: int | None = None, num_splits: int = 1,
-                           out: torch.Tensor | None = None, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+                           out: torch.Tensor | None = None, block_n: int | None = None,
+                           num_warps: int | None = None) -> torch.Tensor:
     """q: [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, >= blocks of the
     longest sequence]; seq_lens [B] (the query is the token at seq_len - 1; 0: a padded row, output
     zeros). Returns [B, Hq, D]."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     group = Hq // Hkv
+    tiles = default_decode_tiles(k_cache)
+    block_n, num_warps = block_n or tiles[0], num_warps or tiles[1]
     block_d = _next_pow2(D)
     if out is None:
         out = torch.empty_like(q)
