@@ -15,7 +15,7 @@
 #                  (TRACE_STEP=0: the trace profiles the first prefill step, host ops included)
 #   {llava,qwen}_sync  latency and throughput (vlmserve only) with async scheduling off (VLMSERVE_ASYNC_SCHEDULING=0)
 #   {llava,qwen}_vlm   throughput, vlmserve only (A/B of SEQS or env settings)
-#   {llava,qwen}_prefetch  latency with the encoder prefetch on (VLMSERVE_ENCODER_PREFETCH=1)
+#   {llava,qwen}_noprefetch  latency with the encoder prefetch off (VLMSERVE_ENCODER_PREFETCH=0; on by default)
 #   {llava,qwen}_vattn     latency and throughput (vlmserve only) with the Triton vision attention
 #                          (VLMSERVE_TRITON_VISION_ATTENTION=1)
 # The figures of BENCHMARKS.md's table in one call (~6.5 min on an H200):
@@ -123,12 +123,12 @@ for part in $PARTS; do
                     --image-size "$image" --num-prompts "$n" --max-num-seqs "$SEQS" --out "$OUT/$part.json" \
                     ${TRACE_STEP:+--profile-prefill-step "$TRACE_STEP"} ;;
             esac ;;
-        llava_prefetch|qwen_prefetch)  # bench latency with the encoder prefetch (VLMSERVE_ENCODER_PREFETCH=1)
+        llava_noprefetch|qwen_noprefetch)  # bench latency with the encoder prefetch off (VLMSERVE_ENCODER_PREFETCH=0)
             tag=${part%%_*}
             if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
-            step "${tag}_latency_prefetch" "${T_LAT:-110}" env VLMSERVE_ENCODER_PREFETCH=1 $BENCH latency \
+            step "${tag}_latency_noprefetch" "${T_LAT:-110}" env VLMSERVE_ENCODER_PREFETCH=0 $BENCH latency \
                 --random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image \
-                --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_prefetch.json" ;;
+                --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_noprefetch.json" ;;
         llava_vattn|qwen_vattn)  # latency and throughput (vlmserve only) with the Triton vision attention
             env_ab "${part%%_*}" vattn VLMSERVE_TRITON_VISION_ATTENTION=1 ;;
         llava_latency_gemv)  # single-stream decode with the split-K Triton GEMV (VLMSERVE_TRITON_GEMV=1)

@@ -1,4 +1,4 @@
-"""Encoder prefetch (VLMSERVE_ENCODER_PREFETCH=1): an idle engine encodes the next request's media
+"""Encoder prefetch (on unless VLMSERVE_ENCODER_PREFETCH=0): an idle engine encodes the next request's media
 before scheduling its step. The outputs (tokens and logprobs) are the engine's without it, every
 image still goes through the encoder once, and only the items that the first chunk reaches past
 the prefix cache are prefetched."""

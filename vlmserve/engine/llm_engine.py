@@ -141,8 +141,10 @@ class LLMEngine:
         self._in_flight: tuple | None = None  # (SchedulerOutput, LaunchedStep) launched, not yet read
         # An idle engine encodes the next request's media before scheduling its step, so that the
         # encoders run on the GPU while the host schedules and builds the step (time to first
-        # token). Opt-in (VLMSERVE_ENCODER_PREFETCH=1): on the H200 it moved TTFT within the noise.
-        self.prefetch_encoders = os.environ.get("VLMSERVE_ENCODER_PREFETCH") == "1"
+        # token). With Qwen2-VL's tower in a CUDA graph, queueing it no longer keeps the host busy,
+        # and on the H200 a 1024x1024 image's TTFT went 65.8 / 64.6 -> 63.4 / 63.9 ms (BENCHMARKS.md).
+        # VLMSERVE_ENCODER_PREFETCH=0 turns it off.
+        self.prefetch_encoders = os.environ.get("VLMSERVE_ENCODER_PREFETCH", "1") != "0"
         self._seq_ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------
