@@ -36,7 +36,7 @@ STAGES = [  # (label, owner, attribute): wrapped, timed per call
     ("  read pixels (tobytes)", "image_utils", "pil_bytes"),
     ("  process_raw", "proc", "process_raw"),
     ("  staging copy", "device_pixels", "staged"),
-    ("  hashes (here, or handed off)", "processing", "hash_items_async"),
+    ("  hash_item", "processing", "hash_item"),
     ("  expand placeholders", "proc", "_expand"),
     ("validate_prompt", "engine", "validate_prompt"),
     ("add_request", "engine", "add_request"),

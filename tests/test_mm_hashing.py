@@ -38,22 +38,3 @@ def test_pil_pixels_read_once_per_block_and_never_stale():
     with shared_pil_bytes():
         assert pil_bytes(img) is not first
         assert hash_item(img) != outside
-
-
-def test_hashes_of_large_items_in_the_background_equal_hash_item():
-    from vlmserve.multimodal.hashing import hash_items_async
-
-    rng = np.random.default_rng(2)
-    big = Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8))  # past the threshold
-    arr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    small = Image.fromarray(arr)
-    for items in ([big, arr], [small], [big, big.copy(), small]):
-        expected = [hash_item(x, modality="image", size=3) for x in items]
-        with shared_pil_bytes():
-            got = hash_items_async(items, modality="image", size=3).result()
-        assert got == expected
-    with shared_pil_bytes():  # the background thread read the same pixels this thread holds
-        future = hash_items_async([big], modality="image")
-        first = pil_bytes(big)
-        assert future.result() == [hash_item(big, modality="image")]
-        assert pil_bytes(big) is first

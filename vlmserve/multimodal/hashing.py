@@ -3,14 +3,13 @@ object carries them, so caches can recognise an image seen before."""
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 from blake3 import blake3
 from PIL import Image
 
-from vlmserve.multimodal.image_utils import pil_bytes, pil_memo, shared_pil_bytes
+from vlmserve.multimodal.image_utils import pil_bytes
 
 
 # Buffers from this size on (large images, videos) are hashed by blake3's thread pool on their
@@ -68,37 +67,3 @@ def hash_item(obj, **extra) -> str:
     if extra:
         _update(h, extra)
     return h.hexdigest()
-
-
-# Hashes of large items run here while the caller processes the same items (both only read them).
-_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmserve-hash")
-
-
-def _nbytes(obj) -> int:
-    if isinstance(obj, Image.Image):
-        return obj.width * obj.height * len(obj.getbands())
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return obj.nbytes
-    return 0
-
-
-def hash_items_async(items: list, **extra) -> Future:
-    """A future of [hash_item(x, **extra) for x in items]. Where the items are large, the hashes
-    run in a background thread, which shares this thread's PIL reads (shared_pil_bytes): blake3 and
-    the processors' copies let go of the GIL, so a 1024x1024 image's hash (~0.55 ms on a GPU host)
-    overlaps its staging copy instead of following it, in the time to first token. Small items
-    are hashed here: the hand-off would cost more than it saves."""
-    if sum(_nbytes(x) for x in items) < _THREADED_BYTES:
-        done: Future = Future()
-        done.set_result([hash_item(x, **extra) for x in items])
-        return done
-    memo = pil_memo()
-    if memo is not None:
-        for x in items:  # read here (a view, or tobytes once), so that both threads find it
-            if isinstance(x, Image.Image):
-                pil_bytes(x)
-
-    def run():
-        with shared_pil_bytes(memo):
-            return [hash_item(x, **extra) for x in items]
-    return _HASHERS.submit(run)

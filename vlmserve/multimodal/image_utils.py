@@ -97,21 +97,16 @@ _shared = threading.local()
 
 
 @contextlib.contextmanager
-def shared_pil_bytes(memo: dict | None = None):
+def shared_pil_bytes():
     """Within the block (one request's processing and hashing, in this thread), a PIL image's pixel
     bytes are read once: both need them. Images are held until the block ends, so their ids stay
-    theirs. memo: another thread's (pil_memo()), to share its reads."""
+    theirs."""
     prev = getattr(_shared, "memo", None)
-    _shared.memo = {} if memo is None else memo
+    _shared.memo = {}
     try:
         yield
     finally:
         _shared.memo = prev
-
-
-def pil_memo() -> dict | None:
-    """This thread's reads in its shared_pil_bytes() block, if any."""
-    return getattr(_shared, "memo", None)
 
 
 def _read_pil(image: Image.Image):

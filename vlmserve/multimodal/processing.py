@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from vlmserve.config import ModelConfig, text_config
-from vlmserve.multimodal.hashing import hash_items_async
+from vlmserve.multimodal.hashing import hash_item
 from vlmserve.multimodal.image_utils import shared_pil_bytes
 from vlmserve.multimodal.inputs import MultiModalItem
 
@@ -126,15 +126,17 @@ class BaseMultiModalProcessor:
                     f"{len(parts)} {modality}s in one prompt, more than the limit of {limit} "
                     f"(raise limit_mm_per_prompt={{'{modality}': {len(parts)}}})")
             raw = [v for kind, v in parts if kind == "raw"]
-            try:  # the hashes run while the items are processed (large ones: in the background)
-                hashing = hash_items_async([v for _, v in parts], modality=modality, **kwargs)
+            try:
                 processed_raw = iter(self.process_raw(modality, raw, kwargs) if raw else [])
             except MultiModalInputError:
                 raise
             except Exception as e:
                 raise MultiModalInputError(f"cannot process the {modality}: {type(e).__name__}: {e}") from e
-            items = [next(processed_raw) if kind == "raw" else self.process_embeds(modality, v) for kind, v in parts]
-            per_modality[modality], hashes[modality] = items, hashing.result()
+            items, item_hashes = [], []
+            for kind, v in parts:
+                items.append(next(processed_raw) if kind == "raw" else self.process_embeds(modality, v))
+                item_hashes.append(hash_item(v, modality=modality, **kwargs))
+            per_modality[modality], hashes[modality] = items, item_hashes
         return self._expand(prompt_token_ids, per_modality, hashes)
 
     def _expand(self, ids: list[int], per_modality: dict[str, list[ProcessedItem]],
