@@ -14,7 +14,9 @@ import subprocess
 import sys
 
 SHAPES = ((1, 5476, 16, 80), (6, 5476, 16, 80))
-TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3))
+# bm, bn, warps, stages, split_tail (1: full key tiles unmasked, the partial one after; 0: all masked)
+TILES = ((128, 64, 8, 3, 1), (128, 64, 8, 3, 0), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 128, 8, 2, 1),
+         (64, 64, 4, 3, 1), (128, 32, 4, 3, 1), (64, 128, 4, 2, 1))
 
 
 def one(config: str) -> None:
@@ -25,7 +27,7 @@ def one(config: str) -> None:
     from vlmserve.layers.vision_attention import varlen_attention
 
     os.environ["VLMSERVE_TRITON_VISION_ATTENTION"] = "0"  # varlen_attention: the SDPA path, to compare with
-    bm, bn, warps, stages = (int(x) for x in config.split(","))
+    bm, bn, warps, stages, split = (int(x) for x in config.split(","))
     for nseq, L, h, d in SHAPES:
         q, k, v = torch.randn(nseq * L, 3, h, d, device="cuda", dtype=torch.bfloat16).unbind(1)
         cu_list = list(range(0, nseq * L + 1, L))
@@ -33,7 +35,7 @@ def one(config: str) -> None:
         scale = d ** -0.5
         ref = varlen_attention(q, k, v, cu_list, scale)
         run = lambda: tva.vision_attention(q, k, v, cu, L, scale, block_m=bm, block_n=bn, num_warps=warps,  # noqa: E731
-                                           num_stages=stages)
+                                           num_stages=stages, split_tail=bool(split))
         got = run().double()
         err = float((got - ref.double()).norm() / ref.double().norm())
         ms = triton.testing.do_bench(run, return_mode="median")
@@ -46,7 +48,7 @@ def one(config: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="vision_sweep.json")
-    p.add_argument("--one", help="bm,bn,warps,stages: one configuration, here")
+    p.add_argument("--one", help="bm,bn,warps,stages,split: one configuration, here")
     args = p.parse_args()
     if args.one:
         one(args.one)

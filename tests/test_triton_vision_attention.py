@@ -38,23 +38,24 @@ def test_split_head_dim():
         assert tva.split_head_dim(d) is None
 
 
+@pytest.mark.parametrize("split_tail", [True, False])
 @pytest.mark.parametrize("d", [80, 64, 48])
 @pytest.mark.parametrize("lengths", [[37], [1, 16, 70, 5, 33], [64, 64, 64]])
-def test_kernel_matches_reference(d, lengths):
+def test_kernel_matches_reference(d, lengths, split_tail):
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
     q, k, v = _qkv(cu[-1], 3, d, seed=d + len(lengths))
     scale = d ** -0.5
     got = tva.vision_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale,
-                               block_m=16, block_n=16, num_warps=4)
+                               block_m=16, block_n=16, num_warps=4, split_tail=split_tail)
     ref = tva.reference_vision_attention(q, k, v, cu, scale)
     torch.testing.assert_close(got, ref, **TOL)
     # each segment attends to itself only: changing one segment's keys leaves the others' rows alone
     k2 = k.clone()
     k2[cu[0]:cu[1]] += 1.0
     got2 = tva.vision_attention(q, k2, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale,
-                                block_m=16, block_n=16, num_warps=4)
+                                block_m=16, block_n=16, num_warps=4, split_tail=split_tail)
     torch.testing.assert_close(got2[cu[1]:], got[cu[1]:], atol=0, rtol=0)
 
 

@@ -46,17 +46,49 @@ def usable(q: torch.Tensor) -> bool:
 
 if triton is not None:
 
+    @triton.jit
+    def _attend_tiles(acc_a, acc_b, l, m, qa, qb, k_base, v_base, stride_kt, stride_vt, lo, hi, length, qk_scale,
+                      DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                      MASKED: tl.constexpr):
+        """The online softmax (log2 units) of one block of rows over key tiles lo, lo + BLOCK_N, ... < hi.
+        MASKED tiles may run past the segment's end: their key rows are clamped to it (every address
+        stays inside) and the scores past it are pushed to -1e30. Unmasked tiles lie wholly inside, and
+        their scale folds into the exponent's subtraction (one FMA a score)."""
+        da = tl.arange(0, DA)
+        db = DA + tl.arange(0, DB if DB > 0 else 16)  # DB == 0: placeholders, never read
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            if MASKED:
+                cols = tl.minimum(cols, length - 1)
+            k_rows = k_base + cols[:, None].to(tl.int64) * stride_kt
+            v_rows = v_base + cols[:, None].to(tl.int64) * stride_vt
+            s = tl.dot(qa, tl.trans(tl.load(k_rows + da[None, :])), input_precision=PREC)
+            if DB > 0:
+                s = tl.dot(qb, tl.trans(tl.load(k_rows + db[None, :])), s, input_precision=PREC)
+            if MASKED:
+                s = tl.where((n0 + tl.arange(0, BLOCK_N) < length)[None, :], s * qk_scale, -1.0e30)
+                m_new = tl.maximum(m, tl.max(s, 1))
+                p = tl.exp2(s - m_new[:, None])
+            else:
+                m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+                p = tl.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + tl.sum(p, 1)
+            p = p.to(v_base.dtype.element_ty)
+            acc_a = tl.dot(p, tl.load(v_rows + da[None, :]), acc_a * alpha[:, None], input_precision=PREC)
+            if DB > 0:
+                acc_b = tl.dot(p, tl.load(v_rows + db[None, :]), acc_b * alpha[:, None], input_precision=PREC)
+            m = m_new
+        return acc_a, acc_b, l, m
+
     @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
     def _vision_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale,
                                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                  stride_ot, stride_oh,
                                  DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-        """FlashAttention's online softmax (in log2 units) over one segment, for BLOCK_M of its rows.
-        The loads carry no masks: row and column indices are clamped to the segment, so every address
-        is inside it; scores past the segment's end are masked instead. (On the H200, a loop over the
-        full tiles with the last tile masked after it gave 3-7% error at head_dim 80, in every form
-        tried: see BENCHMARKS.md.)"""
+                                 BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_TAIL: tl.constexpr):
+        """FlashAttention over one segment, for BLOCK_M of its rows. SPLIT_TAIL: the full key tiles
+        in one loop without masks, the last partial one in a second loop; else every tile masked."""
         tile = tl.program_id(0)
         h = tl.program_id(1)
         seg = tl.program_id(2)
@@ -65,33 +97,25 @@ if triton is not None:
         if tile * BLOCK_M < length:
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
             da = tl.arange(0, DA)
-            db = DA + tl.arange(0, DB if DB > 0 else 16)  # DB == 0: placeholders, never read
+            db = DA + tl.arange(0, DB if DB > 0 else 16)
             q_rows = q_ptr + (start + tl.minimum(rows, length - 1))[:, None] * stride_qt + h * stride_qh
             qa = tl.load(q_rows + da[None, :])
+            qb = qa  # DB == 0: never read
             if DB > 0:
                 qb = tl.load(q_rows + db[None, :])
             m = tl.full([BLOCK_M], -1.0e30, tl.float32)
             l = tl.zeros([BLOCK_M], tl.float32)
             acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
             acc_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], tl.float32)
-            for n0 in range(0, length, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                tok = start + tl.minimum(cols, length - 1)
-                k_rows = k_ptr + tok[:, None] * stride_kt + h * stride_kh
-                v_rows = v_ptr + tok[:, None] * stride_vt + h * stride_vh
-                s = tl.dot(qa, tl.trans(tl.load(k_rows + da[None, :])), input_precision=PREC)
-                if DB > 0:
-                    s = tl.dot(qb, tl.trans(tl.load(k_rows + db[None, :])), s, input_precision=PREC)
-                s = tl.where((cols < length)[None, :], s * qk_scale, -1.0e30)
-                m_new = tl.maximum(m, tl.max(s, 1))
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                p = p.to(v_ptr.dtype.element_ty)
-                acc_a = tl.dot(p, tl.load(v_rows + da[None, :]), acc_a * alpha[:, None], input_precision=PREC)
-                if DB > 0:
-                    acc_b = tl.dot(p, tl.load(v_rows + db[None, :]), acc_b * alpha[:, None], input_precision=PREC)
-                m = m_new
+            k_base = k_ptr + start * stride_kt + h * stride_kh
+            v_base = v_ptr + start * stride_vt + h * stride_vh
+            full_end = 0
+            if SPLIT_TAIL:
+                full_end = (length // BLOCK_N) * BLOCK_N
+                acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, k_base, v_base, stride_kt, stride_vt,
+                                                   0, full_end, length, qk_scale, DA, DB, BLOCK_N, PREC, False)
+            acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, k_base, v_base, stride_kt, stride_vt,
+                                               full_end, length, length, qk_scale, DA, DB, BLOCK_N, PREC, True)
             rm = rows < length
             o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh
             tl.store(o_rows + da[None, :], (acc_a / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
@@ -101,7 +125,7 @@ if triton is not None:
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_len: int, scale: float, block_m: int = 128, block_n: int = 64,
-                     num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+                     num_warps: int = 8, num_stages: int = 3, split_tail: bool = True) -> torch.Tensor:
     """q, k, v: [N, H, D] (last dim contiguous; rows may be strided, as views of a fused qkv);
     cu_seqlens: [S + 1] int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1];
     max_len: the longest segment (sizes the launch grid). -> [N, H, D], each token attending to its
@@ -119,7 +143,7 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q, k, v, out, cu_seqlens, float(scale) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_TAIL=split_tail, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
