@@ -192,7 +192,7 @@ def check_layer_norm(rows, dtype, T, n):
 
 
 def check_vision_attention(rows, dtype, lengths, h, d, time_it=True):
-    """The opt-in Triton vision attention (head_dim split into powers of two) against its float32
+    """The Triton vision attention (head_dim split into powers of two) against its float32
     torch reference, on q, k, v views of one fused qkv, and timed beside torch's SDPA path."""
     from vlmserve.kernels import triton_vision_attention as tva
     from vlmserve.layers.vision_attention import varlen_attention

@@ -2,7 +2,7 @@
 each configuration in its own process: a configuration that faults (an illegal address leaves the
 CUDA context unusable) costs only its own rows. Each row: the kernel's relative error
 against SDPA's result (what the towers run now) and both times, at Qwen2-VL's 1024x1024 images
-(5476 tokens, 16 heads, head_dim 80; 1 and 6 images).
+(5476 tokens, 16 heads, head_dim 80; 1 and 6 images) and Qwen2.5-VL's windows (SHAPES).
 
     python scripts/gpu_vision_attention_sweep.py --out /tmp/vision_sweep.json"""
 from __future__ import annotations
@@ -13,7 +13,9 @@ import os
 import subprocess
 import sys
 
-SHAPES = ((1, 5476, 16, 80), (6, 5476, 16, 80))
+# (segments, tokens each, heads, head_dim): Qwen2-VL's 1024x1024 images, one and six; Qwen2.5-VL's
+# windows of 8x8 patches (one such image in windows)
+SHAPES = ((1, 5476, 16, 80), (6, 5476, 16, 80), (86, 64, 16, 80))
 # bm, bn, warps, stages, split_tail (1: full key tiles unmasked, the partial one after; 0: all masked)
 TILES = ((128, 64, 8, 3, 1), (128, 64, 8, 3, 0), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 128, 8, 2, 1),
          (64, 64, 4, 3, 1), (128, 32, 4, 3, 1), (64, 128, 4, 2, 1))
@@ -49,13 +51,14 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="vision_sweep.json")
     p.add_argument("--one", help="bm,bn,warps,stages,split: one configuration, here")
+    p.add_argument("--configs", help="configurations to run, ';'-separated (default: all of TILES)")
     args = p.parse_args()
     if args.one:
         one(args.one)
         return 0
     rows = []
-    for tiles in TILES:
-        config = ",".join(str(x) for x in tiles)
+    configs = args.configs.split(";") if args.configs else [",".join(str(x) for x in t) for t in TILES]
+    for config in configs:
         try:
             r = subprocess.run([sys.executable, __file__, "--one", config], capture_output=True, text=True, timeout=120)
             out, code, tail = r.stdout, r.returncode, r.stderr[-300:]

@@ -93,13 +93,13 @@ def test_capture_while_a_media_thread_pins_memory():
 
 # ---- GridEncoderGraphs: Qwen2-VL's ViT per call layout ----------------------------------------
 
-def _qwen_tower(device, dtype=torch.float32):
+def _qwen_tower(device, dtype=torch.float32, embed_dim=64, num_heads=4):
     from transformers import Qwen2VLConfig
 
     from vlmserve.models.qwen2_vl import Qwen2VisionTransformer
 
     torch.manual_seed(0)
-    vcfg = Qwen2VLConfig(vision_config={"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2,
+    vcfg = Qwen2VLConfig(vision_config={"depth": 2, "embed_dim": embed_dim, "num_heads": num_heads, "mlp_ratio": 2,
                                         "hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2,
                                         "temporal_patch_size": 2}).vision_config
     tower = Qwen2VisionTransformer(vcfg).to(device=device, dtype=dtype).eval()
@@ -159,3 +159,25 @@ def test_grid_graphs_equal_eager_on_gpu():
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
     assert sorted(len(k[0]) for k in graphs.graphs) == [1, 3]  # one and two, each from its second call
     assert graphs.num_replays == 3 + 2  # one: its 2nd, 3rd and 4th calls; two: its 2nd and 3rd
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.inference_mode()
+def test_grid_graphs_with_triton_attention_equal_eager_on_gpu(monkeypatch):
+    """head_dim 80 (Qwen2-VL's): the Triton kernel reads the frames' bounds from the call's tables,
+    so layouts that SDPA would gather (equal frames apart) are graphed too, and equal eager and SDPA."""
+    from vlmserve.worker.encoder_graphs import GridEncoderGraphs
+
+    monkeypatch.delenv("VLMSERVE_TRITON_VISION_ATTENTION", raising=False)
+    tower = _qwen_tower("cuda", torch.bfloat16, embed_dim=160, num_heads=2)
+    graphs = GridEncoderGraphs(tower, torch.device("cuda"), max_patches=2048, max_graphs=4)
+    apart, one = [(1, 8, 8), (1, 4, 4), (1, 8, 8)], [(1, 16, 20)]
+    assert tower.graph_safe(apart)
+    for i, grids in enumerate([apart, one, apart, one, apart]):
+        x = _pixels(grids, "cuda", seed=i).to(torch.bfloat16)
+        out = graphs(x, grids)
+        torch.testing.assert_close(out, tower(x, grids), rtol=1e-2, atol=1e-2)
+        monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "0")
+        torch.testing.assert_close(out, tower(x, grids), rtol=2e-2, atol=2e-2)  # SDPA's result
+        monkeypatch.delenv("VLMSERVE_TRITON_VISION_ATTENTION")
+    assert sorted(len(k[0]) for k in graphs.graphs) == [1, 3] and graphs.num_replays == 3

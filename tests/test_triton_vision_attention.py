@@ -1,7 +1,8 @@
 """The Triton vision-attention kernel (head sizes split into two powers of two, e.g. 80 = 64 + 16)
 against its torch reference and against torch's SDPA path, on the CPU through Triton's interpreter,
 at float32 tolerance: segments of many lengths (1, shorter than a tile, not a multiple of one),
-q, k, v as strided views of a fused qkv projection, and the opt-in switch in varlen_attention."""
+q, k, v as strided views of a fused qkv projection, when varlen_attention chooses the kernel, and a
+Qwen2-VL tower run through it."""
 import importlib
 import os
 import sys
@@ -59,19 +60,66 @@ def test_kernel_matches_reference(d, lengths, split_tail):
     torch.testing.assert_close(got2[cu[1]:], got[cu[1]:], atol=0, rtol=0)
 
 
-def test_opt_in_switch_in_varlen_attention(monkeypatch):
+def test_preferred_for_padded_head_sizes_on_cuda(monkeypatch):
+    monkeypatch.delenv("VLMSERVE_TRITON_VISION_ATTENTION", raising=False)
+    assert tva.preferred(80, torch.bfloat16, on_cuda=True) and tva.preferred(48, torch.float16, on_cuda=True)
+    assert not tva.preferred(64, torch.bfloat16, on_cuda=True)  # a power of two: cuDNN does not pad it
+    assert not tva.preferred(80, torch.float32, on_cuda=True)  # measured in 16 bits only
+    assert not tva.preferred(80, torch.bfloat16, on_cuda=False)  # the CPU: SDPA, not the interpreter
+    assert not tva.preferred(72, torch.bfloat16, on_cuda=True)  # does not split
+    monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "0")
+    assert not tva.preferred(80, torch.bfloat16, on_cuda=True)
+    monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "1")
+    assert tva.preferred(64, torch.float32, on_cuda=False)
+
+
+def test_switch_in_varlen_attention(monkeypatch):
     cu = [0, 20, 45, 45, 90]  # an empty segment too
     q, k, v = _qkv(cu[-1], 2, 80, seed=7)
-    assert not tva.enabled()
-    sdpa = vision_attention.varlen_attention(q, k, v, cu, 80 ** -0.5)
+    monkeypatch.delenv("VLMSERVE_TRITON_VISION_ATTENTION", raising=False)
+    sdpa = vision_attention.varlen_attention(q, k, v, cu, 80 ** -0.5)  # float32 on the CPU: SDPA
     monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "1")
-    assert tva.enabled() and tva.usable(q)
+    assert tva.usable(q)
     calls = []
     real = tva.vision_attention
-    monkeypatch.setattr(tva, "vision_attention", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
+    monkeypatch.setattr(tva, "vision_attention", lambda *a, **kw: calls.append(a[3:5]) or real(*a, **kw))
     got = vision_attention.varlen_attention(q, k, v, cu, 80 ** -0.5)
-    assert calls == [45]  # the longest segment sizes the grid
     torch.testing.assert_close(got, sdpa, **TOL)
+    assert calls[0][1] == 45  # the longest segment sizes the grid
+    # Segments made once per call hold the bounds on the device: passed as they are, no copy per block
+    segments = vision_attention.Segments(cu, q.device, q.dtype, 80)
+    assert segments.on_device is not None and segments.max_len == 45
+    assert not vision_attention.copies_host_data(segments)
+    torch.testing.assert_close(vision_attention.varlen_attention(q, k, v, segments, 80 ** -0.5), sdpa, **TOL)
+    assert calls[1][0] is segments.on_device
+    monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "0")
+    assert vision_attention.Segments(cu, q.device, q.dtype, 80).on_device is None
+
+
+def test_qwen2_vl_tower_with_the_kernel_equals_sdpa(monkeypatch):
+    """Qwen2-VL's ViT at head_dim 80, the kernel forced on (in the interpreter) against SDPA: the
+    frames' bounds go through the call's Segments into every block."""
+    from transformers import Qwen2VLConfig
+
+    from vlmserve.models.qwen2_vl import Qwen2VisionTransformer
+
+    torch.manual_seed(0)
+    vcfg = Qwen2VLConfig(vision_config={"depth": 2, "embed_dim": 160, "num_heads": 2, "mlp_ratio": 2,
+                                        "hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2,
+                                        "temporal_patch_size": 2}).vision_config
+    tower = Qwen2VisionTransformer(vcfg).eval()
+    for p in tower.parameters():
+        p.data.normal_(0, 0.05)
+    grids = [(1, 4, 6), (2, 2, 4), (1, 4, 6)]  # equal frames apart: SDPA gathers rows, the kernel does not
+    x = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "0")
+    with torch.inference_mode():
+        ref = tower(x, grids)
+        assert not tower.graph_safe(grids)
+        monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "1")
+        got = tower(x, grids)
+    assert tower.graph_safe(grids)  # the bounds on the device, held with the graph
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_rejects_head_dims_it_cannot_split():

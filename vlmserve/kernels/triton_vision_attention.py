@@ -4,10 +4,12 @@ is tiled for head_dim 128 (the H200 profiles in BENCHMARKS.md), so 3/8 of its te
 padding. Here a head of D = DA + DB (80 = 64 + 16, both powers of two) takes two dots for QK^T and
 two for PV, with no padding, and no execution plan to build per batch shape as cuDNN does.
 
-Opt-in (`VLMSERVE_TRITON_VISION_ATTENTION=1`): on the H200 even its fastest tiles (the defaults
-below) run at cuDNN's padded speed or up to 7% slower at 1024x1024 images (BENCHMARKS.md;
-`scripts/gpu_vision_attention_sweep.py` times the tiles). `reference_vision_attention` is the torch
-computation it is tested against (on the CPU through Triton's interpreter)."""
+The default for such head sizes on CUDA in 16 bits (`preferred`): on the H200, at 1024x1024 images
+(5476 tokens, 16 heads), 2308 us against cuDNN's 2546 for six images and 430 against 443 for one
+(BENCHMARKS.md; `scripts/gpu_vision_attention_sweep.py` times the tiles). Most of that comes from
+the key tiles inside the segment running without masks, their scale folded into the exponent.
+`reference_vision_attention` is the torch computation it is tested against (on the CPU through
+Triton's interpreter)."""
 from __future__ import annotations
 
 import os
@@ -35,8 +37,17 @@ def split_head_dim(d: int) -> tuple[int, int] | None:
     return None
 
 
-def enabled() -> bool:
-    return triton is not None and os.environ.get("VLMSERVE_TRITON_VISION_ATTENTION") == "1"
+def preferred(head_dim: int, dtype: torch.dtype, on_cuda: bool) -> bool:
+    """Whether vision attention of this head size runs here rather than in torch's SDPA.
+    VLMSERVE_TRITON_VISION_ATTENTION=1: wherever the kernel can (any split head size, CPU tensors
+    in Triton's interpreter); =0: never. Unset: 16-bit CUDA tensors of head sizes that are not a
+    power of two (80 = 64 + 16), which cuDNN pads to the next one; powers of two stay with cuDNN."""
+    setting = os.environ.get("VLMSERVE_TRITON_VISION_ATTENTION")
+    if triton is None or setting == "0" or split_head_dim(head_dim) is None:
+        return False
+    if setting == "1":
+        return True
+    return on_cuda and dtype in (torch.float16, torch.bfloat16) and split_head_dim(head_dim)[1] > 0
 
 
 def usable(q: torch.Tensor) -> bool:

@@ -1,6 +1,6 @@
 """Bidirectional attention over packed variable-length segments (the images, frames or windows of
-a vision encoder's batch), without padding. Vision towers call `varlen_attention`: torch's SDPA by
-segment length, or (opt-in) one Triton kernel for all segments."""
+a vision encoder's batch), without padding. Vision towers call `varlen_attention`: one Triton kernel
+for all segments at head sizes cuDNN pads, else torch's SDPA by segment length."""
 from __future__ import annotations
 
 import torch
@@ -10,16 +10,36 @@ from vlmserve.device_utils import to_device
 from vlmserve.kernels import triton_vision_attention as tva
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+class Segments:
+    """The packed segments (frames or windows) of one encoder call, made once per call rather than
+    once per block: their bounds on the host, and on the device too where the Triton kernel will
+    read them. Made outside a CUDA graph's capture and kept with the graph, the device copy is no
+    host data in its replays."""
+
+    def __init__(self, bounds: list[int], device: torch.device, dtype: torch.dtype, head_dim: int):
+        self.bounds = list(bounds)
+        self.max_len = max((b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])), default=0)
+        self.on_device = None
+        if tva.preferred(head_dim, dtype, device.type == "cuda"):
+            self.on_device = to_device(self.bounds, device, torch.int32)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int] | Segments,
                      scale: float) -> torch.Tensor:
     """q, k, v: [N, heads, head_dim], segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1].
     Each token attends to every token of its own segment only. -> [N, heads, head_dim]
 
-    Segments of equal length go through batched SDPA calls (windows and frames of one image mostly
-    share a length), so the loop runs over distinct lengths and a few batches each, not segments."""
+    Head sizes that cuDNN pads (80) go through one Triton kernel for all segments
+    (kernels/triton_vision_attention.py). Otherwise segments of equal length go through batched SDPA
+    calls (windows and frames of one image mostly share a length), so the loop runs over distinct
+    lengths and a few batches each, not segments."""
+    segments = cu_seqlens if isinstance(cu_seqlens, Segments) else None
+    cu_seqlens = segments.bounds if segments is not None else cu_seqlens
     if cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens {cu_seqlens[:3]}...{cu_seqlens[-1:]} do not cover {q.shape[0]} tokens")
-    if tva.enabled() and tva.usable(q):  # opt-in: head sizes like 80 without padding (kernels/triton_vision_attention.py)
+    if tva.usable(q) and tva.preferred(q.shape[-1], q.dtype, q.is_cuda):
+        if segments is not None and segments.on_device is not None:
+            return tva.vision_attention(q, k, v, segments.on_device, segments.max_len, scale)
         max_len = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
         return tva.vision_attention(q, k, v, to_device(cu_seqlens, q.device, torch.int32), max_len, scale)
     by_length: dict[int, list[int]] = {}
@@ -47,14 +67,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return torch.empty_like(q) if out is None else out  # None: no tokens at all
 
 
-def copies_host_data(cu_seqlens: list[int]) -> bool:
-    """Whether varlen_attention over these segments copies host data to the device (the Triton
-    kernel's offsets; row indices of equal-length segments that are not back to back), which a CUDA
-    graph would replay stale."""
-    if tva.enabled():
-        return True
+def copies_host_data(segments: list[int] | Segments) -> bool:
+    """Whether varlen_attention over these segments copies host data to the device, which a CUDA
+    graph would replay stale: for SDPA, the row indices of equal-length segments that are not back
+    to back (a plain list: the SDPA path's rule); for the Triton kernel, its bounds, unless the
+    Segments hold them on the device."""
+    if isinstance(segments, Segments):
+        if segments.on_device is not None:
+            return False
+        segments = segments.bounds
     last_end: dict[int, int] = {}
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+    for start, end in zip(segments[:-1], segments[1:]):
         if end > start:
             if last_end.get(end - start, start) != start:
                 return True

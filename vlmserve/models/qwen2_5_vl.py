@@ -13,6 +13,7 @@ from torch import nn
 from vlmserve.layers.activation import ActAndMul
 from vlmserve.layers.layernorm import RMSNorm
 from vlmserve.layers.linear import MergedLinear
+from vlmserve.layers.vision_attention import Segments
 from vlmserve.models.qwen2_vl import (PatchEmbed, PatchMerger, Qwen2VLForConditionalGeneration,
                                       Qwen2VLMultiModalProcessor, VisionBlock, VisionRotary, _vision_rope_theta,
                                       frame_cu_seqlens, vision_positions)
@@ -96,10 +97,12 @@ class Qwen2_5_VisionTransformer(nn.Module):
 
         x = windowed(self.patch_embed(pixels))
         cos_sin = self.rotary(windowed(vision_positions(grids, self.merge).to(x.device)))
-        cu_frames = frame_cu_seqlens(grids)  # windows never cross frames, so frames stay contiguous
+        head_dim = self.blocks[0].attn.head_dim
+        frames = Segments(frame_cu_seqlens(grids), x.device, x.dtype, head_dim)  # windows never cross frames
+        windows = Segments(cu_windows, x.device, x.dtype, head_dim)
         residual = None
         for i, blk in enumerate(self.blocks):
-            x, residual = blk(x, cos_sin, cu_frames if i in self.full_blocks else cu_windows, residual)
+            x, residual = blk(x, cos_sin, frames if i in self.full_blocks else windows, residual)
         merged = self.merger(x + residual)
         return merged[torch.argsort(order)]
 

@@ -23,7 +23,8 @@ from vlmserve.device_utils import to_device
 from vlmserve.kernels.triton_fused import rotary_inplace
 from vlmserve.layers.activation import get_act_fn
 from vlmserve.layers.layernorm import LayerNorm, fused_kernels_enabled
-from vlmserve.layers.vision_attention import copies_host_data, varlen_attention
+from vlmserve.kernels import triton_vision_attention
+from vlmserve.layers.vision_attention import Segments, copies_host_data, varlen_attention
 from vlmserve.models.qwen2 import Qwen2ForCausalLM
 from vlmserve.models.qwen2_vl_image_processing import FastQwen2VLImageProcessor
 from vlmserve.models.weight_utils import load_weights
@@ -418,14 +419,14 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cos_sin, cu_seqlens: list[int]):
+    def forward(self, x, cos_sin, segments: list[int] | Segments):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         if q.is_cuda and fused_kernels_enabled():  # one kernel for q and k, in place, float32 inside
             rotary_inplace(q, k, *cos_sin)
         else:
             q, k = apply_vision_rotary(q, *cos_sin), apply_vision_rotary(k, *cos_sin)
-        o = varlen_attention(q, k, v, cu_seqlens, self.head_dim ** -0.5)
+        o = varlen_attention(q, k, v, segments, self.head_dim ** -0.5)
         return self.proj(o.reshape(n, -1))
 
 
@@ -446,12 +447,12 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads)
         self.mlp = mlp
 
-    def forward(self, x, cos_sin, cu_seqlens, residual=None):
+    def forward(self, x, cos_sin, segments, residual=None):
         """Pre-norm block whose residual adds go into the norms' kernels: takes the previous
         block's (h, residual) (residual None: x is the input) and returns its own; the block's
         output is h + residual."""
         h, residual = (self.norm1(x), x) if residual is None else self.norm1(x, residual)
-        h, residual = self.norm2(self.attn(h, cos_sin, cu_seqlens), residual)
+        h, residual = self.norm2(self.attn(h, cos_sin, segments), residual)
         return self.mlp(h), residual
 
 
@@ -482,7 +483,7 @@ class Qwen2VisionTransformer(nn.Module):
     def __init__(self, vcfg):
         super().__init__()
         dim, heads = vcfg.embed_dim, vcfg.num_heads
-        self.merge = vcfg.spatial_merge_size
+        self.merge, self.head_dim = vcfg.spatial_merge_size, dim // heads
         self.patch_embed = PatchEmbed(vcfg.patch_size, vcfg.temporal_patch_size,
                                       getattr(vcfg, "in_channels", 3), dim)
         self.rotary = VisionRotary(dim // heads, _vision_rope_theta(vcfg))
@@ -515,21 +516,27 @@ class Qwen2VisionTransformer(nn.Module):
             sin += [hit[1]] * t
         return (cos[0], sin[0]) if len(cos) == 1 else (torch.cat(cos), torch.cat(sin))
 
+    def call_tables(self, grids: list[tuple[int, int, int]], device) -> tuple[tuple, Segments]:
+        """What forward(pixels, grids) reads besides the pixels: the rotary tables, and the frames'
+        bounds (on the device too where the Triton attention takes them)."""
+        return self.rotary_tables(grids, device), Segments(frame_cu_seqlens(grids), device, self.dtype, self.head_dim)
+
     def graph_safe(self, grids: list[tuple[int, int, int]]) -> bool:
-        """Whether forward(pixels, grids, cos_sin) queues device work only (no host copies), so
-        that a CUDA graph of it replays right (worker/encoder_graphs.py)."""
+        """Whether forward(pixels, grids, call_tables(grids)) queues device work only (no host
+        copies), so that a CUDA graph of it replays right (worker/encoder_graphs.py). The Triton
+        attention reads the bounds the tables hold on the device; SDPA may gather rows by index."""
+        if triton_vision_attention.preferred(self.head_dim, self.dtype, on_cuda=True):
+            return True
         return not copies_host_data(frame_cu_seqlens(grids))
 
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]],
-                cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """cos_sin: rotary_tables(grids), where the caller holds them (CUDA graphs)."""
+                tables: tuple[tuple, Segments] | None = None) -> torch.Tensor:
+        """tables: call_tables(grids), where the caller holds them (CUDA graphs)."""
         x = self.patch_embed(pixels)
-        if cos_sin is None:
-            cos_sin = self.rotary_tables(grids, x.device)
-        cu = frame_cu_seqlens(grids)
+        cos_sin, segments = tables if tables is not None else self.call_tables(grids, x.device)
         residual = None
         for blk in self.blocks:
-            x, residual = blk(x, cos_sin, cu, residual)
+            x, residual = blk(x, cos_sin, segments, residual)
         return self.merger(x + residual)
 
 

@@ -115,8 +115,8 @@ class EncoderGraphs:
 
 
 class GridEncoderGraphs:
-    """CUDA graphs of a packed vision tower (Qwen2-VL's ViT: `tower(pixels, grids, cos_sin)`,
-    `tower.rotary_tables(grids, device)`, `tower.graph_safe(grids)`), one per call layout, i.e. the
+    """CUDA graphs of a packed vision tower (Qwen2-VL's ViT: `tower(pixels, grids, tables)`,
+    `tower.call_tables(grids, device)`, `tower.graph_safe(grids)`), one per call layout, i.e. the
     (frames, rows, columns) grid of each item in the call.
 
     Why: eagerly, a lone 1024x1024 image (5476 patches, 32 blocks) takes the host about as long to
@@ -129,8 +129,9 @@ class GridEncoderGraphs:
     layout is captured the second time it is met, never the first; at most `max_graphs` of them
     (then eager). The graphs share one memory pool and one input buffer (they replay one at a
     time, on the runner's stream); the output is copied out before the next replay. A layout whose
-    capture fails (a host sync or copy in the tower) stays eager. The rotary tables the tower takes
-    are made outside the capture and kept with its graph, so no cache eviction can free them."""
+    capture fails (a host sync or copy in the tower) stays eager. The tables the tower takes (rotary
+    tables, the segments' bounds on the device) are made outside the capture and kept with its
+    graph, so no cache eviction can free them."""
 
     def __init__(self, tower, device: torch.device, max_patches: int = 8192, max_graphs: int = 8,
                  max_remembered: int = 1024):
@@ -180,17 +181,17 @@ class GridEncoderGraphs:
         static_in = buf[:pixels.shape[0]]
         static_in.copy_(pixels)
         grids = list(grids)
-        cos_sin = self.tower.rotary_tables(grids, self.device)
+        tables = self.tower.call_tables(grids, self.device)
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
         stream = self.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(stream):
-                self.tower(static_in, grids, cos_sin)  # warm-up: kernel selection, cuDNN's plan
+                self.tower(static_in, grids, tables)  # warm-up: kernel selection, cuDNN's plan, Triton's compile
                 graph = torch.cuda.CUDAGraph()
                 with graph_capture(graph, self.pool, stream):
-                    static_out = self.tower(static_in, grids, cos_sin)
+                    static_out = self.tower(static_in, grids, tables)
         except Exception as e:  # noqa: BLE001 - a host sync or copy in the tower: this layout stays eager
             logger.warning("CUDA graph capture of the vision tower failed for %s (%s); encoding it eagerly",
                            grids, e)
@@ -200,7 +201,7 @@ class GridEncoderGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[key] = (graph, static_in, static_out, cos_sin)
+        self.graphs[key] = (graph, static_in, static_out, tables)
         self.seen.pop(key, None)
         logger.info("captured a CUDA graph of the vision tower for grids %s", grids)
         return self.graphs[key]
