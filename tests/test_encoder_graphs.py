@@ -181,3 +181,56 @@ def test_grid_graphs_with_triton_attention_equal_eager_on_gpu(monkeypatch):
         torch.testing.assert_close(out, tower(x, grids), rtol=2e-2, atol=2e-2)  # SDPA's result
         monkeypatch.delenv("VLMSERVE_TRITON_VISION_ATTENTION")
     assert sorted(len(k[0]) for k in graphs.graphs) == [1, 3] and graphs.num_replays == 3
+
+
+def _qwen2_5_tower(device, dtype=torch.float32):
+    from transformers import Qwen2_5_VLConfig
+
+    from vlmserve.models.qwen2_5_vl import Qwen2_5_VisionTransformer
+
+    torch.manual_seed(0)
+    vcfg = Qwen2_5_VLConfig(vision_config={"depth": 3, "hidden_size": 160, "num_heads": 2, "intermediate_size": 96,
+                                           "out_hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2,
+                                           "temporal_patch_size": 2, "window_size": 56,
+                                           "fullatt_block_indexes": [1]}).vision_config
+    tower = Qwen2_5_VisionTransformer(vcfg).to(device=device, dtype=dtype).eval()
+    for p in tower.parameters():
+        p.data.normal_(0, 0.05)
+    return tower
+
+
+def test_qwen2_5_vl_tower_with_its_tables_equals_without():
+    """Qwen2.5-VL's tower takes its window order, rotary tables and bounds from call_tables (what a
+    graph holds): the same result as building them in forward. Windows at the edges are smaller,
+    so equal-length windows lie apart and SDPA gathers them: not graph safe there."""
+    tower = _qwen2_5_tower("cpu")
+    grids = [(1, 12, 8), (2, 4, 4)]
+    x = _pixels(grids, "cpu")
+    with torch.inference_mode():
+        ref = tower(x, grids)
+        got = tower(x, grids, tower.call_tables(grids, torch.device("cpu")))
+    assert torch.equal(got, ref)
+    assert tower.graph_safe([(1, 8, 8)]) and not tower.graph_safe([(1, 10, 10)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.inference_mode()
+def test_qwen2_5_vl_grid_graphs_equal_eager_on_gpu(monkeypatch):
+    """Qwen2.5-VL's windowed tower (head_dim 80: the Triton attention) replayed per layout equals eager."""
+    from vlmserve.worker.encoder_graphs import GridEncoderGraphs
+
+    monkeypatch.delenv("VLMSERVE_TRITON_VISION_ATTENTION", raising=False)
+    tower = _qwen2_5_tower("cuda", torch.bfloat16)
+    graphs = GridEncoderGraphs(tower, torch.device("cuda"), max_patches=2048, max_graphs=4)
+    a, b = [(1, 12, 8), (2, 4, 4)], [(1, 20, 16)]
+    assert tower.graph_safe(a) and tower.graph_safe(b)
+    kept = []
+    for i, grids in enumerate([a, b, a, b, a]):
+        x = _pixels(grids, "cuda", seed=i).to(torch.bfloat16)
+        out = graphs(x, grids)
+        ref = tower(x, grids)
+        torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+        kept.append((out, ref))
+    for out, ref in kept:
+        torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    assert len(graphs.graphs) == 2 and graphs.num_replays == 3

@@ -162,7 +162,8 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q, k, v, out, cu_seqlens, float(scale) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_TAIL=split_tail, num_warps=num_warps, num_stages=num_stages)
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_TAIL=split_tail,
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 

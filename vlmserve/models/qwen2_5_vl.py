@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmserve.device_utils import to_device
+from vlmserve.kernels import triton_vision_attention
 from vlmserve.layers.activation import ActAndMul
 from vlmserve.layers.layernorm import RMSNorm
 from vlmserve.layers.linear import MergedLinear
-from vlmserve.layers.vision_attention import Segments
+from vlmserve.layers.vision_attention import Segments, copies_host_data
 from vlmserve.models.qwen2_vl import (PatchEmbed, PatchMerger, Qwen2VLForConditionalGeneration,
                                       Qwen2VLMultiModalProcessor, VisionBlock, VisionRotary, _vision_rope_theta,
                                       frame_cu_seqlens, vision_positions)
@@ -72,7 +74,7 @@ class Qwen2_5_VisionTransformer(nn.Module):
     def __init__(self, vcfg):
         super().__init__()
         dim, heads = vcfg.hidden_size, vcfg.num_heads
-        self.merge = vcfg.spatial_merge_size
+        self.merge, self.head_dim = vcfg.spatial_merge_size, dim // heads
         self.window = vcfg.window_size // self.merge // vcfg.patch_size  # in merged tokens
         self.full_blocks = set(vcfg.fullatt_block_indexes)
         self.patch_embed = PatchEmbed(vcfg.patch_size, vcfg.temporal_patch_size,
@@ -87,24 +89,40 @@ class Qwen2_5_VisionTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embed.proj.weight.dtype
 
-    def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        unit = self.merge * self.merge
+    def call_tables(self, grids: list[tuple[int, int, int]], device) -> tuple:
+        """What forward(pixels, grids) reads besides the pixels, all on the device: the window order
+        of the merged tokens and its inverse, the rotary tables in window order, and the bounds of
+        the frames (full-attention blocks) and of the windows."""
         order, cu_windows = window_order(grids, self.merge, self.window)
-        order = order.to(pixels.device)
+        order = to_device(order, device)
+        unit = self.merge * self.merge
+        positions = to_device(vision_positions(grids, self.merge), device)
+        cos_sin = self.rotary(positions.view(-1, unit, positions.shape[-1])[order].flatten(0, 1))
+        frames = Segments(frame_cu_seqlens(grids), device, self.dtype, self.head_dim)  # windows never cross frames
+        windows = Segments(cu_windows, device, self.dtype, self.head_dim)
+        return order, torch.argsort(order), cos_sin, frames, windows
 
-        def windowed(x):  # processor order -> window order, whole merge blocks at a time
-            return x.view(-1, unit, *x.shape[1:])[order].flatten(0, 1)
+    def graph_safe(self, grids: list[tuple[int, int, int]]) -> bool:
+        """Whether forward(pixels, grids, call_tables(grids)) queues device work only, so that a CUDA
+        graph of it replays right (worker/encoder_graphs.py): the Triton attention reads bounds the
+        tables hold; SDPA gathers the rows of equal-length windows that are not back to back."""
+        if triton_vision_attention.preferred(self.head_dim, self.dtype, on_cuda=True):
+            return True
+        cu_windows = window_order(grids, self.merge, self.window)[1]
+        return not copies_host_data(frame_cu_seqlens(grids)) and not copies_host_data(cu_windows)
 
-        x = windowed(self.patch_embed(pixels))
-        cos_sin = self.rotary(windowed(vision_positions(grids, self.merge).to(x.device)))
-        head_dim = self.blocks[0].attn.head_dim
-        frames = Segments(frame_cu_seqlens(grids), x.device, x.dtype, head_dim)  # windows never cross frames
-        windows = Segments(cu_windows, x.device, x.dtype, head_dim)
+    def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]],
+                tables: tuple | None = None) -> torch.Tensor:
+        """tables: call_tables(grids), where the caller holds them (CUDA graphs)."""
+        unit = self.merge * self.merge
+        x = self.patch_embed(pixels)
+        order, inverse, cos_sin, frames, windows = tables if tables is not None else self.call_tables(grids, x.device)
+        x = x.view(-1, unit, x.shape[-1])[order].flatten(0, 1)  # processor order -> window order, by merge block
         residual = None
         for i, blk in enumerate(self.blocks):
             x, residual = blk(x, cos_sin, frames if i in self.full_blocks else windows, residual)
         merged = self.merger(x + residual)
-        return merged[torch.argsort(order)]
+        return merged[inverse]
 
 
 @MULTIMODAL_REGISTRY.register_processor(Qwen2_5_VLMultiModalProcessor)

@@ -42,6 +42,24 @@ def split_count(n: int, buckets: tuple[int, ...] = COUNT_BUCKETS) -> list[int]:
     return pieces
 
 
+def capture_after_warm_up(run: Callable[[], torch.Tensor], pool, stream: torch.cuda.Stream):
+    """(graph, output) of `run` captured on the side `stream` into `pool`, after one eager run there
+    (kernel selection, cuDNN's plans, Triton's compiles and allocations stay outside the graph). The
+    current stream waits for the side stream whether or not the capture succeeds; a failure (the
+    encoder syncs with the host, say) raises."""
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    try:
+        with torch.cuda.stream(stream):
+            run()
+            graph = torch.cuda.CUDAGraph()
+            with graph_capture(graph, pool, stream):
+                out = run()
+    finally:
+        current.wait_stream(stream)
+    return graph, out
+
+
 class EncoderGraphs:
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
                  count_buckets: tuple[int, ...] = COUNT_BUCKETS, max_graphs: int = 10):
@@ -93,20 +111,13 @@ class EncoderGraphs:
     def _capture(self, key: tuple):
         bucket, shape, dtype = key
         static_in = torch.zeros((bucket, *shape), dtype=dtype, device=self.device)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(stream):
-                self.encode(static_in)  # warm-up: kernel selection and allocations outside the graph
-                graph = torch.cuda.CUDAGraph()
-                with graph_capture(graph, self.pool, stream):
-                    static_out = self.encode(static_in)
+            graph, static_out = capture_after_warm_up(lambda: self.encode(static_in), self.pool,
+                                                      torch.cuda.Stream(self.device))
         except Exception as e:  # an encoder that syncs with the host, say: stay eager from now on
             logger.warning("CUDA graph capture of the encoder failed (%s); encoding eagerly", e)
             self.enabled = False
-            torch.cuda.current_stream(self.device).wait_stream(stream)
             return None
-        torch.cuda.current_stream(self.device).wait_stream(stream)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[key] = (graph, static_in, static_out)
@@ -115,9 +126,9 @@ class EncoderGraphs:
 
 
 class GridEncoderGraphs:
-    """CUDA graphs of a packed vision tower (Qwen2-VL's ViT: `tower(pixels, grids, tables)`,
-    `tower.call_tables(grids, device)`, `tower.graph_safe(grids)`), one per call layout, i.e. the
-    (frames, rows, columns) grid of each item in the call.
+    """CUDA graphs of a packed vision tower (Qwen2-VL's and Qwen2.5-VL's ViTs: `tower(pixels, grids,
+    tables)`, `tower.call_tables(grids, device)`, `tower.graph_safe(grids)`), one per call layout,
+    i.e. the (frames, rows, columns) grid of each item in the call.
 
     Why: eagerly, a lone 1024x1024 image (5476 patches, 32 blocks) takes the host about as long to
     queue as the GPU to run (~28 ms each on an H200 host: cuBLAS's and cuDNN's per-call host work,
@@ -130,8 +141,8 @@ class GridEncoderGraphs:
     (then eager). The graphs share one memory pool and one input buffer (they replay one at a
     time, on the runner's stream); the output is copied out before the next replay. A layout whose
     capture fails (a host sync or copy in the tower) stays eager. The tables the tower takes (rotary
-    tables, the segments' bounds on the device) are made outside the capture and kept with its
-    graph, so no cache eviction can free them."""
+    tables, the segments' bounds on the device, Qwen2.5-VL's window order) are made outside the
+    capture and kept with its graph, so no cache eviction can free them."""
 
     def __init__(self, tower, device: torch.device, max_patches: int = 8192, max_graphs: int = 8,
                  max_remembered: int = 1024):
@@ -184,21 +195,14 @@ class GridEncoderGraphs:
         tables = self.tower.call_tables(grids, self.device)
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
-        stream = self.stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(stream):
-                self.tower(static_in, grids, tables)  # warm-up: kernel selection, cuDNN's plan, Triton's compile
-                graph = torch.cuda.CUDAGraph()
-                with graph_capture(graph, self.pool, stream):
-                    static_out = self.tower(static_in, grids, tables)
+            graph, static_out = capture_after_warm_up(lambda: self.tower(static_in, grids, tables), self.pool,
+                                                      self.stream)
         except Exception as e:  # noqa: BLE001 - a host sync or copy in the tower: this layout stays eager
             logger.warning("CUDA graph capture of the vision tower failed for %s (%s); encoding it eagerly",
                            grids, e)
             self.failed.add(key)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
             return None
-        torch.cuda.current_stream(self.device).wait_stream(stream)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[key] = (graph, static_in, static_out, tables)
