@@ -10,7 +10,9 @@
 - single-stream decode attention: KV splits, tile sizes and warps, each in a CUDA graph;
 - decode GEMVs of a 7B model, 32 layers back to back in one CUDA graph: cuBLAS against cuBLASLt;
 - Qwen2-VL preprocessing of a 1024x1024 image: the CPU fast path against the same ops on the GPU,
-  and HF's processor with device="cuda".
+  and HF's processor with device="cuda";
+- Qwen2-VL's and Qwen2.5-VL's vision towers on one 1024x1024 image: eager with cuDNN, eager with the
+  Triton attention, replayed from a CUDA graph (`--parts towers`; not in the default parts).
 Writes --out (JSON) and prints each row.
 
     python scripts/gpu_alternatives.py --out /tmp/alternatives.json"""
@@ -365,6 +367,56 @@ def qwen_preprocess():
         emit(what="qwen_preprocess", impl="hf_device_cuda", error=f"{type(e).__name__}: {str(e)[:200]}")
 
 
+def vision_towers(depth: int = 32):
+    """Qwen2-VL's and Qwen2.5-VL's 7B vision towers (random weights, bf16) on one 1024x1024 image:
+    eager with cuDNN's SDPA (VLMSERVE_TRITON_VISION_ATTENTION=0), eager with the Triton attention (the
+    default at head_dim 80), and replayed from a CUDA graph (GridEncoderGraphs), each the median of
+    host-timed calls that wait for the GPU (what a request's first token waits for)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    from vlmserve.benchmarks.gpu_models import QWEN2_VL_VISION
+    from vlmserve.models.qwen2_5_vl import Qwen2_5_VisionTransformer
+    from vlmserve.models.qwen2_vl import Qwen2VisionTransformer
+    from vlmserve.worker.encoder_graphs import GridEncoderGraphs
+
+    qwen2_5 = dict(depth=depth, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
+                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                   fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+    towers = {"qwen2_vl": (Qwen2VisionTransformer,
+                           Qwen2VLConfig(vision_config={**QWEN2_VL_VISION, "depth": depth}).vision_config),
+              "qwen2_5_vl": (Qwen2_5_VisionTransformer, Qwen2_5_VLConfig(vision_config=qwen2_5).vision_config)}
+    grids = [(1, 74, 74)]  # 1024x1024 resized to 1036x1036: 74 x 74 patches
+    for name, (cls, vcfg) in towers.items():
+        with torch.device(DEV):
+            tower = cls(vcfg).to(torch.bfloat16).eval()
+        pixels = torch.randn(74 * 74, 3 * 2 * 14 * 14, device=DEV, dtype=torch.bfloat16)
+
+        def timed(fn, n=20):
+            fn()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                times.append(1e3 * (time.perf_counter() - t0))
+            return float(np.median(times))
+
+        with torch.inference_mode():
+            with mock.patch.dict(os.environ, VLMSERVE_TRITON_VISION_ATTENTION="0"):
+                ms_sdpa = timed(lambda: tower(pixels, grids))
+                ref = tower(pixels, grids)
+            ms_triton = timed(lambda: tower(pixels, grids))
+            graphs = GridEncoderGraphs(tower, torch.device(DEV))
+            graphs(pixels, grids)
+            ms_graph = timed(lambda: graphs(pixels, grids))
+            err = rel_err(graphs(pixels, grids), ref)
+        emit(what="vision_tower", tower=name, grids=grids, eager_sdpa_ms=ms_sdpa, eager_triton_ms=ms_triton,
+             graph_ms=ms_graph, graphs=len(graphs.graphs), graph_vs_sdpa_rel_err=err)
+        tower = graphs = None  # noqa: F841 - freed before the next tower is made
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="alternatives.json")
@@ -391,6 +443,8 @@ def main() -> int:
         decode_attention_b1()
     if "gemv" in parts:
         gemv_chain()
+    if "towers" in parts:
+        vision_towers()
     with open(args.out, "w") as f:
         json.dump(ROWS, f, indent=1)
     return 0
