@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import time
@@ -410,10 +411,12 @@ def vision_towers(depth: int = 32):
             graphs = GridEncoderGraphs(tower, torch.device(DEV))
             graphs(pixels, grids)
             ms_graph = timed(lambda: graphs(pixels, grids))
-            err = rel_err(graphs(pixels, grids), ref)
+            out = graphs(pixels, grids)
+            exact = copy.deepcopy(tower).float()(pixels.float(), grids)  # float32 (SDPA): the reference
         emit(what="vision_tower", tower=name, grids=grids, eager_sdpa_ms=ms_sdpa, eager_triton_ms=ms_triton,
-             graph_ms=ms_graph, graphs=len(graphs.graphs), graph_vs_sdpa_rel_err=err)
-        tower = graphs = None  # noqa: F841 - freed before the next tower is made
+             graph_ms=ms_graph, graphs=len(graphs.graphs), graph_vs_sdpa_rel_err=rel_err(out, ref),
+             bf16_sdpa_vs_fp32_rel_err=rel_err(ref, exact), bf16_graph_triton_vs_fp32_rel_err=rel_err(out, exact))
+        tower = graphs = exact = None  # noqa: F841 - freed before the next tower is made
         torch.cuda.empty_cache()
 
 
