@@ -171,6 +171,18 @@ def test_grid_graphs_with_triton_attention_equal_eager_on_gpu(monkeypatch):
     monkeypatch.delenv("VLMSERVE_TRITON_VISION_ATTENTION", raising=False)
     tower = _qwen_tower("cuda", torch.bfloat16, embed_dim=160, num_heads=2)
     graphs = GridEncoderGraphs(tower, torch.device("cuda"), max_patches=2048, max_graphs=4)
+
+    class Counted:  # the tower's passes that the graphs run: eager, warm-up, capture
+        calls = 0
+
+        def __call__(self, *args):
+            Counted.calls += 1
+            return tower(*args)
+
+        def __getattr__(self, name):
+            return getattr(tower, name)
+
+    graphs.tower = Counted()
     apart, one = [(1, 8, 8), (1, 4, 4), (1, 8, 8)], [(1, 16, 20)]
     assert tower.graph_safe(apart)
     for i, grids in enumerate([apart, one, apart, one, apart]):
@@ -181,6 +193,9 @@ def test_grid_graphs_with_triton_attention_equal_eager_on_gpu(monkeypatch):
         torch.testing.assert_close(out, tower(x, grids), rtol=2e-2, atol=2e-2)  # SDPA's result
         monkeypatch.delenv("VLMSERVE_TRITON_VISION_ATTENTION")
     assert sorted(len(k[0]) for k in graphs.graphs) == [1, 3] and graphs.num_replays == 3
+    # apart and one eagerly, apart warmed up and captured, one captured without a warm-up (its eager
+    # pass had compiled its kernels), then replays only
+    assert Counted.calls == 1 + 1 + 2 + 1
 
 
 def _qwen2_5_tower(device, dtype=torch.float32):

@@ -42,16 +42,18 @@ def split_count(n: int, buckets: tuple[int, ...] = COUNT_BUCKETS) -> list[int]:
     return pieces
 
 
-def capture_after_warm_up(run: Callable[[], torch.Tensor], pool, stream: torch.cuda.Stream):
+def capture_on_side_stream(run: Callable[[], torch.Tensor], pool, stream: torch.cuda.Stream,
+                           warm_up: bool = True):
     """(graph, output) of `run` captured on the side `stream` into `pool`, after one eager run there
-    (kernel selection, cuDNN's plans, Triton's compiles and allocations stay outside the graph). The
-    current stream waits for the side stream whether or not the capture succeeds; a failure (the
-    encoder syncs with the host, say) raises."""
+    if `warm_up` (kernel selection, cuDNN's plans, Triton's compiles and allocations stay outside the
+    graph). The current stream waits for the side stream whether or not the capture succeeds; a
+    failure (the encoder syncs with the host, say) raises."""
     current = torch.cuda.current_stream(stream.device)
     stream.wait_stream(current)
     try:
         with torch.cuda.stream(stream):
-            run()
+            if warm_up:
+                run()
             graph = torch.cuda.CUDAGraph()
             with graph_capture(graph, pool, stream):
                 out = run()
@@ -112,8 +114,8 @@ class EncoderGraphs:
         bucket, shape, dtype = key
         static_in = torch.zeros((bucket, *shape), dtype=dtype, device=self.device)
         try:
-            graph, static_out = capture_after_warm_up(lambda: self.encode(static_in), self.pool,
-                                                      torch.cuda.Stream(self.device))
+            graph, static_out = capture_on_side_stream(lambda: self.encode(static_in), self.pool,
+                                                       torch.cuda.Stream(self.device))
         except Exception as e:  # an encoder that syncs with the host, say: stay eager from now on
             logger.warning("CUDA graph capture of the encoder failed (%s); encoding eagerly", e)
             self.enabled = False
@@ -136,8 +138,9 @@ class GridEncoderGraphs:
     token; smaller images wait more. Larger calls (a throughput step's dozen images) keep the GPU
     ahead of the host and gain nothing, so only calls of at most `max_patches` patches are graphed.
 
-    Sizes vary in real traffic, and a capture costs an eager pass plus the capture itself, so a
-    layout is captured the second time it is met, never the first; at most `max_graphs` of them
+    Sizes vary in real traffic, and a capture costs about an eager pass, so a layout is captured the
+    second time it is met, never the first (only the first capture warms up with an eager pass: the
+    layout's first sight has chosen and compiled its kernels); at most `max_graphs` of them
     (then eager). The graphs share one memory pool and one input buffer (they replay one at a
     time, on the runner's stream); the output is copied out before the next replay. A layout whose
     capture fails (a host sync or copy in the tower) stays eager. The tables the tower takes (rotary
@@ -195,9 +198,17 @@ class GridEncoderGraphs:
         tables = self.tower.call_tables(grids, self.device)
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
+        run = lambda: self.tower(static_in, grids, tables)  # noqa: E731
         try:
-            graph, static_out = capture_after_warm_up(lambda: self.tower(static_in, grids, tables), self.pool,
-                                                      self.stream)
+            try:
+                # The layout's eager pass (its first sight) chose its kernels and compiled them, and the
+                # side stream is warm after the first capture: a warm-up pass would only add its time
+                # to the request that meets the layout a second time.
+                graph, static_out = capture_on_side_stream(run, self.pool, self.stream, warm_up=not self.graphs)
+            except Exception:  # noqa: BLE001 - something still lazy: once more, warmed up
+                if not self.graphs:
+                    raise
+                graph, static_out = capture_on_side_stream(run, self.pool, self.stream)
         except Exception as e:  # noqa: BLE001 - a host sync or copy in the tower: this layout stays eager
             logger.warning("CUDA graph capture of the vision tower failed for %s (%s); encoding it eagerly",
                            grids, e)
