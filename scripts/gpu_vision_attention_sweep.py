@@ -16,8 +16,7 @@ import sys
 # (segments, tokens each, heads, head_dim): Qwen2-VL's 1024x1024 images, one and six; Qwen2.5-VL's
 # windows of 8x8 patches (one such image in windows)
 SHAPES = ((1, 5476, 16, 80), (6, 5476, 16, 80), (86, 64, 16, 80))
-# bm, bn, warps, stages, split_tail (1: full key tiles unmasked, the partial one after; 0: all masked),
-# and optionally a sixth field, warp_specialize (1: Triton's warp specialization of the unmasked loop)
+# bm, bn, warps, stages, split_tail (1: full key tiles unmasked, the partial one after; 0: all masked)
 TILES = ((128, 64, 8, 3, 1), (128, 64, 8, 3, 0), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 128, 8, 2, 1),
          (64, 64, 4, 3, 1), (128, 32, 4, 3, 1), (64, 128, 4, 2, 1))
 
@@ -30,9 +29,7 @@ def one(config: str) -> None:
     from vlmserve.layers.vision_attention import varlen_attention
 
     os.environ["VLMSERVE_TRITON_VISION_ATTENTION"] = "0"  # varlen_attention: the SDPA path, to compare with
-    fields = [int(x) for x in config.split(",")]
-    bm, bn, warps, stages, split = fields[:5]
-    ws = bool(fields[5]) if len(fields) > 5 else False
+    bm, bn, warps, stages, split = (int(x) for x in config.split(","))
     for nseq, L, h, d in SHAPES:
         q, k, v = torch.randn(nseq * L, 3, h, d, device="cuda", dtype=torch.bfloat16).unbind(1)
         cu_list = list(range(0, nseq * L + 1, L))
@@ -40,7 +37,7 @@ def one(config: str) -> None:
         scale = d ** -0.5
         ref = varlen_attention(q, k, v, cu_list, scale)
         run = lambda: tva.vision_attention(q, k, v, cu, L, scale, block_m=bm, block_n=bn, num_warps=warps,  # noqa: E731
-                                           num_stages=stages, split_tail=bool(split), warp_specialize=ws)
+                                           num_stages=stages, split_tail=bool(split))
         got = run().double()
         err = float((got - ref.double()).norm() / ref.double().norm())
         ms = triton.testing.do_bench(run, return_mode="median")

@@ -60,14 +60,14 @@ if triton is not None:
     @triton.jit
     def _attend_tiles(acc_a, acc_b, l, m, qa, qb, k_base, v_base, stride_kt, stride_vt, lo, hi, length, qk_scale,
                       DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                      MASKED: tl.constexpr, WS: tl.constexpr = False):
+                      MASKED: tl.constexpr):
         """The online softmax (log2 units) of one block of rows over key tiles lo, lo + BLOCK_N, ... < hi.
         MASKED tiles may run past the segment's end: their key rows are clamped to it (every address
         stays inside) and the scores past it are pushed to -1e30. Unmasked tiles lie wholly inside, and
         their scale folds into the exponent's subtraction (one FMA a score)."""
         da = tl.arange(0, DA)
         db = DA + tl.arange(0, DB if DB > 0 else 16)  # DB == 0: placeholders, never read
-        for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+        for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             if MASKED:
                 cols = tl.minimum(cols, length - 1)
@@ -97,8 +97,7 @@ if triton is not None:
                                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                  stride_ot, stride_oh,
                                  DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_TAIL: tl.constexpr,
-                                 WS: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_TAIL: tl.constexpr):
         """FlashAttention over one segment, for BLOCK_M of its rows. SPLIT_TAIL: the full key tiles
         in one loop without masks, the last partial one in a second loop; else every tile masked."""
         tile = tl.program_id(0)
@@ -125,7 +124,7 @@ if triton is not None:
             if SPLIT_TAIL:
                 full_end = (length // BLOCK_N) * BLOCK_N
                 acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, k_base, v_base, stride_kt, stride_vt,
-                                                   0, full_end, length, qk_scale, DA, DB, BLOCK_N, PREC, False, WS)
+                                                   0, full_end, length, qk_scale, DA, DB, BLOCK_N, PREC, False)
             acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, k_base, v_base, stride_kt, stride_vt,
                                                full_end, length, length, qk_scale, DA, DB, BLOCK_N, PREC, True)
             rm = rows < length
@@ -137,8 +136,7 @@ if triton is not None:
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_len: int, scale: float, block_m: int | None = None, block_n: int = 64,
-                     num_warps: int | None = None, num_stages: int = 3, split_tail: bool = True,
-                     warp_specialize: bool = False) -> torch.Tensor:
+                     num_warps: int | None = None, num_stages: int = 3, split_tail: bool = True) -> torch.Tensor:
     """q, k, v: [N, H, D] (last dim contiguous; rows may be strided, as views of a fused qkv);
     cu_seqlens: [S + 1] int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1];
     max_len: the longest segment (sizes the launch grid). -> [N, H, D], each token attending to its
@@ -164,7 +162,7 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q, k, v, out, cu_seqlens, float(scale) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_TAIL=split_tail, WS=warp_specialize,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_TAIL=split_tail,
         num_warps=num_warps, num_stages=num_stages)
     return out
 
