@@ -36,6 +36,22 @@ def test_prefix_hits_share_blocks_and_count_references():
     assert bm.num_free_blocks == 10
 
 
+def test_lookups_hash_up_to_the_first_miss():
+    """A fresh prompt's lookup hashes one block, not all (its first step, and its vision encoder, wait
+    for no more); hash_blocks (called once the step is launched) hashes the rest, and a lookup over
+    cached blocks hashes as far as they hit."""
+    bm = BlockManager(num_blocks=20, block_size=4)
+    a = seq(list(range(30)))  # 7 full blocks
+    assert bm.get_computed_blocks(a) == [] and len(a.block_hashes) == 1
+    bm.hash_blocks(a)
+    assert len(a.block_hashes) == 7
+    run_prefill(bm, a)
+    b = seq(list(range(12)) + [99] * 18)  # 3 blocks in common, then a miss
+    hits = bm.get_computed_blocks(b)
+    assert hits == a.block_table[:3] and len(b.block_hashes) == 4
+    assert bm.num_cached_prefix_tokens(seq(list(range(30)))) == 28
+
+
 def test_always_leaves_one_token_to_compute():
     bm = BlockManager(num_blocks=10, block_size=4)
     a = seq(list(range(8)))

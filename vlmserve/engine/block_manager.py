@@ -56,22 +56,37 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _update_hashes(self, seq: Sequence) -> None:
+    def _update_hashes(self, seq: Sequence, num_blocks: int | None = None) -> None:
+        """Chain hashes of the full blocks of `seq`'s known tokens, the first `num_blocks` (None: all)."""
         bs = self.block_size
-        for i in range(len(seq.block_hashes), len(seq.token_ids) // bs):  # known tokens only
+        end = len(seq.token_ids) // bs  # known tokens only
+        if num_blocks is not None:
+            end = min(end, num_blocks)
+        for i in range(len(seq.block_hashes), end):
             parent = seq.block_hashes[i - 1] if i else None
             seq.block_hashes.append(
                 hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs], seq.block_extra_keys(i, bs)))
+
+    def hash_blocks(self, seq: Sequence) -> None:
+        """Hash all of `seq`'s full blocks now. Lookups hash only up to their first miss, so that a
+        fresh prompt's first step (and its vision encoder) starts after one block's hash, not all of
+        them; the engine calls this once the step is launched, while the device runs it, so that
+        registering the blocks after the step finds them hashed."""
+        if self.enable_prefix_caching:
+            self._update_hashes(seq)
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks of `seq`'s leading full blocks, up to the first miss, leaving at least
         one token to compute (the step that computes it also produces the next token's logits)."""
         if not self.enable_prefix_caching or seq.want_prompt_logprobs:
             return []
-        self._update_hashes(seq)
         hits = []
-        for h in seq.block_hashes[:(seq.num_tokens - 1) // self.block_size]:
-            block_id = self.cached.get(h)
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            if i == len(seq.block_hashes):
+                self._update_hashes(seq, i + 1)
+                if i == len(seq.block_hashes):  # the block's tokens are not all known yet
+                    break
+            block_id = self.cached.get(seq.block_hashes[i])
             if block_id is None:
                 break
             hits.append(block_id)

@@ -276,6 +276,8 @@ class LLMEngine:
         prev = self._in_flight[1] if self._in_flight is not None else None
         step = self.runner.launch(sched, stop_ids, prev)
         for s in sched.scheduled:
+            if s.num_new_tokens > 1:  # a prompt chunk: hash its blocks while the device runs the step
+                self.block_manager.hash_blocks(s.seq)
             s.seq.num_computed_tokens += s.num_new_tokens
         for seq in step.sampled_seqs:
             seq.num_pending_tokens += 1
