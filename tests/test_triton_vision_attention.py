@@ -127,3 +127,28 @@ def test_rejects_head_dims_it_cannot_split():
     assert not tva.usable(q)
     with pytest.raises(ValueError, match="head_dim 72"):
         tva.vision_attention(q, k, v, torch.tensor([0, 8], dtype=torch.int32), 8, 1.0)
+
+
+def test_qwen2_5_vl_windowed_tower_with_the_kernel_equals_sdpa(monkeypatch):
+    """Qwen2.5-VL's tower, the kernel forced on (in the interpreter) with its default tiles: windows of
+    at most 64 tokens (64-row tiles) in most blocks, whole frames (128-row tiles) in one."""
+    from transformers import Qwen2_5_VLConfig
+
+    from vlmserve.models.qwen2_5_vl import Qwen2_5_VisionTransformer
+
+    torch.manual_seed(0)
+    vcfg = Qwen2_5_VLConfig(vision_config={"depth": 2, "hidden_size": 160, "num_heads": 2, "intermediate_size": 96,
+                                           "out_hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2,
+                                           "temporal_patch_size": 2, "window_size": 112,
+                                           "fullatt_block_indexes": [1]}).vision_config
+    tower = Qwen2_5_VisionTransformer(vcfg).eval()
+    for p in tower.parameters():
+        p.data.normal_(0, 0.05)
+    grids = [(1, 12, 8), (1, 4, 8)]  # windows of 64 patches and a clipped one at the edge
+    x = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "0")
+        ref = tower(x, grids)
+        monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "1")
+        got = tower(x, grids)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
