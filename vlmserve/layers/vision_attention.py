@@ -85,6 +85,13 @@ def copies_host_data(segments: list[int] | Segments) -> bool:
     return False
 
 
+def graph_safe_segments(bounds: list[int], dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether varlen_attention over these segments, passed as Segments made on a CUDA device, queues
+    device work only, so that a CUDA graph of it replays right: the Triton kernel reads the bounds
+    the Segments hold; SDPA's path must not gather rows by index (copies_host_data)."""
+    return tva.preferred(head_dim, dtype, on_cuda=True) or not copies_host_data(bounds)
+
+
 def power_of_two_counts(n: int, largest: int = 16) -> list[int]:
     """n segments of one length as batches of power-of-two counts, largest first (13 -> 8, 4, 1).
     cuDNN builds an execution plan for each batch shape it meets (~70 ms on an H200), so batches of

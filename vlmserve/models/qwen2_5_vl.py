@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.device_utils import to_device
-from vlmserve.kernels import triton_vision_attention
 from vlmserve.layers.activation import ActAndMul
 from vlmserve.layers.layernorm import RMSNorm
 from vlmserve.layers.linear import MergedLinear
-from vlmserve.layers.vision_attention import Segments, copies_host_data
+from vlmserve.layers.vision_attention import Segments, graph_safe_segments
 from vlmserve.models.qwen2_vl import (PatchEmbed, PatchMerger, Qwen2VLForConditionalGeneration,
                                       Qwen2VLMultiModalProcessor, VisionBlock, VisionRotary, _vision_rope_theta,
                                       frame_cu_seqlens, vision_positions)
@@ -104,12 +103,9 @@ class Qwen2_5_VisionTransformer(nn.Module):
 
     def graph_safe(self, grids: list[tuple[int, int, int]]) -> bool:
         """Whether forward(pixels, grids, call_tables(grids)) queues device work only, so that a CUDA
-        graph of it replays right (worker/encoder_graphs.py): the Triton attention reads bounds the
-        tables hold; SDPA gathers the rows of equal-length windows that are not back to back."""
-        if triton_vision_attention.preferred(self.head_dim, self.dtype, on_cuda=True):
-            return True
-        cu_windows = window_order(grids, self.merge, self.window)[1]
-        return not copies_host_data(frame_cu_seqlens(grids)) and not copies_host_data(cu_windows)
+        graph of it replays right (worker/encoder_graphs.py), for the frames' and the windows' bounds."""
+        return graph_safe_segments(frame_cu_seqlens(grids), self.dtype, self.head_dim) \
+            and graph_safe_segments(window_order(grids, self.merge, self.window)[1], self.dtype, self.head_dim)
 
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]],
                 tables: tuple | None = None) -> torch.Tensor:

@@ -23,8 +23,7 @@ from vlmserve.device_utils import to_device
 from vlmserve.kernels.triton_fused import rotary_inplace
 from vlmserve.layers.activation import get_act_fn
 from vlmserve.layers.layernorm import LayerNorm, fused_kernels_enabled
-from vlmserve.kernels import triton_vision_attention
-from vlmserve.layers.vision_attention import Segments, copies_host_data, varlen_attention
+from vlmserve.layers.vision_attention import Segments, graph_safe_segments, varlen_attention
 from vlmserve.models.qwen2 import Qwen2ForCausalLM
 from vlmserve.models.qwen2_vl_image_processing import FastQwen2VLImageProcessor
 from vlmserve.models.weight_utils import load_weights
@@ -523,11 +522,8 @@ class Qwen2VisionTransformer(nn.Module):
 
     def graph_safe(self, grids: list[tuple[int, int, int]]) -> bool:
         """Whether forward(pixels, grids, call_tables(grids)) queues device work only (no host
-        copies), so that a CUDA graph of it replays right (worker/encoder_graphs.py). The Triton
-        attention reads the bounds the tables hold on the device; SDPA may gather rows by index."""
-        if triton_vision_attention.preferred(self.head_dim, self.dtype, on_cuda=True):
-            return True
-        return not copies_host_data(frame_cu_seqlens(grids))
+        copies), so that a CUDA graph of it replays right (worker/encoder_graphs.py)."""
+        return graph_safe_segments(frame_cu_seqlens(grids), self.dtype, self.head_dim)
 
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]],
                 tables: tuple[tuple, Segments] | None = None) -> torch.Tensor:
