@@ -58,13 +58,14 @@ def usable(q: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _attend_tiles(acc_a, acc_b, l, m, qa, qb, k_base, v_base, stride_kt, stride_vt, lo, hi, length, qk_scale,
-                      DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                      MASKED: tl.constexpr):
+    def _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt, stride_vt, lo, hi, length,
+                      qk_scale, DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                      MASKED: tl.constexpr, CAUSAL: tl.constexpr):
         """The online softmax (log2 units) of one block of rows over key tiles lo, lo + BLOCK_N, ... < hi.
         MASKED tiles may run past the segment's end: their key rows are clamped to it (every address
-        stays inside) and the scores past it are pushed to -1e30. Unmasked tiles lie wholly inside, and
-        their scale folds into the exponent's subtraction (one FMA a score)."""
+        stays inside) and the scores past it, or (CAUSAL) past each row's own position, are pushed to
+        -1e30. Unmasked tiles lie wholly inside and before every row, and their scale folds into the
+        exponent's subtraction (one FMA a score)."""
         da = tl.arange(0, DA)
         db = DA + tl.arange(0, DB if DB > 0 else 16)  # DB == 0: placeholders, never read
         for n0 in range(lo, hi, BLOCK_N):
@@ -77,7 +78,10 @@ if triton is not None:
             if DB > 0:
                 s = tl.dot(qb, tl.trans(tl.load(k_rows + db[None, :])), s, input_precision=PREC)
             if MASKED:
-                s = tl.where((n0 + tl.arange(0, BLOCK_N) < length)[None, :], s * qk_scale, -1.0e30)
+                keep = (n0 + tl.arange(0, BLOCK_N) < length)[None, :]
+                if CAUSAL:
+                    keep = keep & ((n0 + tl.arange(0, BLOCK_N))[None, :] <= rows[:, None])
+                s = tl.where(keep, s * qk_scale, -1.0e30)
                 m_new = tl.maximum(m, tl.max(s, 1))
                 p = tl.exp2(s - m_new[:, None])
             else:
@@ -97,10 +101,14 @@ if triton is not None:
                                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                  stride_ot, stride_oh,
                                  DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_TAIL: tl.constexpr):
-        """FlashAttention over one segment, for BLOCK_M of its rows. SPLIT_TAIL: the full key tiles
-        in one loop without masks, the last partial one in a second loop; else every tile masked."""
+                                 BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+                                 CAUSAL: tl.constexpr, GROUP: tl.constexpr):
+        """FlashAttention over one segment, for BLOCK_M of its rows and query head h (key head
+        h // GROUP). SPLIT_TAIL: the key tiles that need no mask in one loop, the rest (the partial
+        tile; CAUSAL: the tiles from the block's first row on) in a second loop; else every tile masked."""
         tile = tl.program_id(0)
+        if CAUSAL:  # the last blocks of a segment have the most keys: start them first
+            tile = tl.num_programs(0) - 1 - tile
         h = tl.program_id(1)
         seg = tl.program_id(2)
         start = tl.load(cu_ptr + seg).to(tl.int64)  # row offsets in 64 bits: long videos pass 2^31 elements
@@ -118,15 +126,23 @@ if triton is not None:
             l = tl.zeros([BLOCK_M], tl.float32)
             acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
             acc_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], tl.float32)
-            k_base = k_ptr + start * stride_kt + h * stride_kh
-            v_base = v_ptr + start * stride_vt + h * stride_vh
-            full_end = 0
+            kvh = h // GROUP
+            k_base = k_ptr + start * stride_kt + kvh * stride_kh
+            v_base = v_ptr + start * stride_vt + kvh * stride_vh
+            end = length
+            if CAUSAL:
+                end = tl.minimum(length, (tile + 1) * BLOCK_M)
+            unmasked_end = 0
             if SPLIT_TAIL:
-                full_end = (length // BLOCK_N) * BLOCK_N
-                acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, k_base, v_base, stride_kt, stride_vt,
-                                                   0, full_end, length, qk_scale, DA, DB, BLOCK_N, PREC, False)
-            acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, k_base, v_base, stride_kt, stride_vt,
-                                               full_end, length, length, qk_scale, DA, DB, BLOCK_N, PREC, True)
+                unmasked_end = (length // BLOCK_N) * BLOCK_N
+                if CAUSAL:
+                    unmasked_end = tl.minimum(unmasked_end, ((tile * BLOCK_M) // BLOCK_N) * BLOCK_N)
+                acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
+                                                   stride_vt, 0, unmasked_end, length, qk_scale, DA, DB, BLOCK_N,
+                                                   PREC, False, CAUSAL)
+            acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
+                                               stride_vt, unmasked_end, end, length, qk_scale, DA, DB, BLOCK_N,
+                                               PREC, True, CAUSAL)
             rm = rows < length
             o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh
             tl.store(o_rows + da[None, :], (acc_a / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
@@ -136,11 +152,13 @@ if triton is not None:
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_len: int, scale: float, block_m: int | None = None, block_n: int = 64,
-                     num_warps: int | None = None, num_stages: int = 3, split_tail: bool = True) -> torch.Tensor:
-    """q, k, v: [N, H, D] (last dim contiguous; rows may be strided, as views of a fused qkv);
-    cu_seqlens: [S + 1] int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1];
-    max_len: the longest segment (sizes the launch grid). -> [N, H, D], each token attending to its
-    own segment only.
+                     num_warps: int | None = None, num_stages: int = 3, split_tail: bool = True,
+                     causal: bool = False) -> torch.Tensor:
+    """q: [N, H, D]; k, v: [N, Hkv, D] with H a multiple of Hkv (query heads share key heads in
+    groups); last dims contiguous, rows may be strided (views of a fused qkv); cu_seqlens: [S + 1]
+    int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1]; max_len: the
+    longest segment (sizes the launch grid). -> [N, H, D], each token attending to its own segment
+    only (causal: to its own position and those before it there).
 
     Tiles, by the H200 sweep: 128 rows and 8 warps for images; 64 rows and 4 warps where no segment
     is longer than 64 (Qwen2.5-VL's 64-patch windows: 29 against 41 us for an image's 86 windows,
@@ -153,6 +171,8 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     split = split_head_dim(D)
     if split is None:
         raise ValueError(f"head_dim {D} does not split into powers of two of at least 16")
+    if k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(f"{H} query heads do not share {k.shape[1]} key heads in equal groups")
     out = torch.empty((N, H, D), dtype=q.dtype, device=q.device)
     S = cu_seqlens.shape[0] - 1
     if N == 0 or S == 0:
@@ -162,18 +182,22 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q, k, v, out, cu_seqlens, float(scale) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_TAIL=split_tail,
-        num_warps=num_warps, num_stages=num_stages)
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_TAIL=split_tail, CAUSAL=causal,
+        GROUP=H // k.shape[1], num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 def reference_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
-                               scale: float) -> torch.Tensor:
+                               scale: float, causal: bool = False) -> torch.Tensor:
     """The kernel's computation in torch, one segment at a time, in float32."""
     out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         if b > a:
-            qs, ks, vs = (x[a:b].float().transpose(0, 1) for x in (q, k, v))
-            att = torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1)
-            out[a:b] = (att @ vs).transpose(0, 1).to(q.dtype)
+            qs = q[a:b].float().transpose(0, 1)
+            ks, vs = (x[a:b].float().transpose(0, 1).repeat_interleave(group, 0) for x in (k, v))
+            scores = qs @ ks.transpose(1, 2) * scale
+            if causal:
+                scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            out[a:b] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1).to(q.dtype)
     return out
