@@ -31,7 +31,7 @@ import torch
 import triton
 
 from vlmserve.kernels import triton_paged_attention as tpa
-from vlmserve.kernels import triton_vision_attention as tva
+from vlmserve.kernels import triton_packed_attention as tpk
 from vlmserve.layers.vision_attention import varlen_attention
 
 DEV = "cuda"
@@ -166,14 +166,14 @@ def vision_attention(nseq, L, h, d):
     emit(what="vision_attention", impl="sdpa_by_length", shape=shape, us=1e3 * ms, tflops=flops / ms / 1e9)
     varlen_ops("vision_attention", shape, flops, ref, (q.contiguous(), k.contiguous(), v.contiguous(), cu, L,
                                                        False, scale))
-    if tva.split_head_dim(d) is None:
+    if tpk.split_head_dim(d) is None:
         return
-    # the Triton kernel without head_dim padding (kernels/triton_vision_attention.py), over tile sizes
+    # the Triton kernel without head_dim padding (kernels/triton_packed_attention.py), over tile sizes
     for bm, bn, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 4),
                                   (64, 32, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3),
                                   (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
                                   (128, 64, 8, 4), (128, 128, 8, 4)):
-        run = lambda: tva.vision_attention(q, k, v, cu, L, scale, block_m=bm, block_n=bn,  # noqa: E731
+        run = lambda: tpk.packed_attention(q, k, v, cu, L, scale, block_m=bm, block_n=bn,  # noqa: E731
                                            num_warps=warps, num_stages=stages)
         try:
             err = rel_err(run(), ref)

@@ -191,32 +191,45 @@ def check_layer_norm(rows, dtype, T, n):
                  "layernorm_tbps": 2 * gb / ms_plain})
 
 
-def check_vision_attention(rows, dtype, lengths, h, d, time_it=True):
-    """The Triton vision attention (head_dim split into powers of two) against its float32
-    torch reference, on q, k, v views of one fused qkv, and timed beside torch's SDPA path."""
-    from vlmserve.kernels import triton_vision_attention as tva
+def check_packed_attention(rows, dtype, lengths, h, d, hkv=None, causal=False, time_it=True):
+    """The Triton packed attention (head_dim split into powers of two) against its float32 torch
+    reference, and timed beside what runs otherwise: bidirectional (vision) on q, k, v views of one
+    fused qkv, beside torch's SDPA path; causal (fresh prompts, hkv key heads) beside FlashAttention's
+    varlen op."""
+    from vlmserve.kernels import triton_packed_attention as tpk
     from vlmserve.layers.vision_attention import varlen_attention
 
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
-    q, k, v = torch.randn(cu[-1], 3, h, d, device=DEV, dtype=dtype).unbind(1)
+    if causal:
+        q = torch.randn(cu[-1], h, d, device=DEV, dtype=dtype)
+        k, v = torch.randn(cu[-1], 2, hkv, d, device=DEV, dtype=dtype).unbind(1)
+    else:
+        q, k, v = torch.randn(cu[-1], 3, h, d, device=DEV, dtype=dtype).unbind(1)
     scale = d ** -0.5
     cu_t = torch.tensor(cu, device=DEV, dtype=torch.int32)
-    run = lambda: tva.vision_attention(q, k, v, cu_t, max(lengths), scale)  # noqa: E731
-    row = {"kernel": "vision_attn", "dtype": str(dtype),
-           "shape": f"lens={lengths[:3]}{'...' if len(lengths) > 3 else ''} x{len(lengths)} H={h} D={d}"}
+    run = lambda: tpk.packed_attention(q, k, v, cu_t, max(lengths), scale, causal=causal)  # noqa: E731
+    row = {"kernel": "prefill_packed_attn" if causal else "vision_attn", "dtype": str(dtype),
+           "shape": f"lens={lengths[:3]}{'...' if len(lengths) > 3 else ''} x{len(lengths)} H={h}"
+                    + (f"/{hkv} causal" if causal else "") + f" D={d}"}
     try:  # a kernel not yet compiled on a GPU: a failure is a BAD row, not the end of the other checks
-        err = rel_err(run(), tva.reference_vision_attention(q, k, v, cu, scale))
+        err = rel_err(run(), tpk.reference_packed_attention(q, k, v, cu, scale, causal=causal))
     except Exception as e:  # noqa: BLE001
         rows.append({**row, "rel_err": float("nan"), "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         return
     row.update(rel_err=err, ok=err < TOL[dtype])
     if time_it:
         ms = triton.testing.do_bench(run, return_mode="median")
-        with mock.patch.dict(os.environ, VLMSERVE_TRITON_VISION_ATTENTION="0"):  # the SDPA path
-            ms_ref = triton.testing.do_bench(lambda: varlen_attention(q, k, v, cu, scale), return_mode="median")
-        flops = 4 * sum(n * n for n in lengths) * h * d
+        if causal:
+            L = max(lengths)
+            fa = torch.ops.aten._flash_attention_forward
+            ms_ref = triton.testing.do_bench(lambda: fa(q, k, v, cu_t, cu_t, L, L, 0.0, True, False, scale=scale),
+                                             return_mode="median")
+        else:
+            with mock.patch.dict(os.environ, VLMSERVE_TRITON_VISION_ATTENTION="0"):  # the SDPA path
+                ms_ref = triton.testing.do_bench(lambda: varlen_attention(q, k, v, cu, scale), return_mode="median")
+        flops = 4 * sum(n * n for n in lengths) * h * d / (2 if causal else 1)
         row.update(us=1e3 * ms, torch_us=1e3 * ms_ref, tflops=flops / ms / 1e9)
     rows.append(row)
 
@@ -410,9 +423,12 @@ def main() -> int:
     check_decode(rows, torch.bfloat16, 256, 32, 32, 128, 736)
     check_prefill(rows, torch.bfloat16, 32, 32, 128, [(0, 608)] * 13)
     check_prefill(rows, torch.bfloat16, 16, 16, 64, [(0, 577)] * 16)
-    check_vision_attention(rows, torch.bfloat16, [5476], 16, 80)  # one 1024x1024 image, Qwen2-VL's ViT
-    check_vision_attention(rows, torch.bfloat16, [577] * 8, 16, 64)  # eight CLIP ViT-L/14-336 images
-    check_vision_attention(rows, torch.float32, [100, 37, 256, 1], 4, 80, time_it=False)
+    check_packed_attention(rows, torch.bfloat16, [5476], 16, 80)  # one 1024x1024 image, Qwen2-VL's ViT
+    check_packed_attention(rows, torch.bfloat16, [577] * 8, 16, 64)  # eight CLIP ViT-L/14-336 images
+    check_packed_attention(rows, torch.float32, [100, 37, 256, 1], 4, 80, time_it=False)
+    check_packed_attention(rows, torch.bfloat16, [607] * 27, 32, 128, hkv=32, causal=True)  # a LLaVA prefill step
+    check_packed_attention(rows, torch.bfloat16, [1400] * 11, 28, 128, hkv=4, causal=True)  # Qwen2-VL's
+    check_packed_attention(rows, torch.float32, [100, 37, 256, 1], 8, 96, hkv=2, causal=True, time_it=False)
     check_fused(rows, torch.bfloat16, 1, 4096, 11008, 32, 32, 128)
     check_fused(rows, torch.bfloat16, 8192, 4096, 11008, 32, 32, 128)
     check_fused(rows, torch.float32, 64, 4096, 11008, 32, 8, 128)

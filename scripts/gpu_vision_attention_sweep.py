@@ -1,4 +1,4 @@
-"""The Triton vision attention (kernels/triton_vision_attention.py) over tile sizes,
+"""The Triton vision attention (kernels/triton_packed_attention.py) over tile sizes,
 each configuration in its own process: a configuration that faults (an illegal address leaves the
 CUDA context unusable) costs only its own rows. Each row: the kernel's relative error
 against SDPA's result (what the towers run now) and both times, at Qwen2-VL's 1024x1024 images
@@ -32,7 +32,7 @@ def one(config: str, causal: bool) -> None:
     import torch.nn.functional as F
     import triton
 
-    from vlmserve.kernels import triton_vision_attention as tva
+    from vlmserve.kernels import triton_packed_attention as tpk
     from vlmserve.layers.vision_attention import varlen_attention
 
     os.environ["VLMSERVE_TRITON_VISION_ATTENTION"] = "0"  # varlen_attention: the SDPA path, to compare with
@@ -48,10 +48,9 @@ def one(config: str, causal: bool) -> None:
         scale = d ** -0.5
         others = {}
         if causal:
-            flash = lambda: torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, L, L, 0.0, True, False,  # noqa: E731
-                                                                    scale=scale)[0]
-            ref = tva.reference_vision_attention(q, k, v, cu_list, scale, causal=True)
-            others["flash_us"] = flash
+            fa = torch.ops.aten._flash_attention_forward
+            others["flash_us"] = lambda: fa(q, k, v, cu, cu, L, L, 0.0, True, False, scale=scale)[0]
+            ref = tpk.reference_packed_attention(q, k, v, cu_list, scale, causal=True)
             if nseq == 1:
                 qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
                 others["dense_sdpa_us"] = lambda: F.scaled_dot_product_attention(
@@ -59,7 +58,7 @@ def one(config: str, causal: bool) -> None:
         else:
             ref = varlen_attention(q, k, v, cu_list, scale)
             others["sdpa_us"] = lambda: varlen_attention(q, k, v, cu_list, scale)
-        run = lambda: tva.vision_attention(q, k, v, cu, L, scale, block_m=bm, block_n=bn, num_warps=warps,  # noqa: E731
+        run = lambda: tpk.packed_attention(q, k, v, cu, L, scale, block_m=bm, block_n=bn, num_warps=warps,  # noqa: E731
                                            num_stages=stages, split_tail=bool(split), causal=causal)
         got = run().double()
         row = {"config": config, "shape": f"{nseq}x{L} H={h}/{hkv} D={d}" + (" causal" if causal else ""),
@@ -90,7 +89,8 @@ def main() -> int:
                                capture_output=True, text=True, timeout=120)
             out, code, tail = r.stdout, r.returncode, r.stderr[-300:]
         except subprocess.TimeoutExpired as e:
-            out, code, tail = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout", ""
+            out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            code, tail = "timeout", ""
         got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         rows += got
         for row in got:

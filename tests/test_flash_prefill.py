@@ -1,6 +1,7 @@
-"""FlashAttention for prefill chunks without cached context (layers/attention/triton_backend.py): on
-the CPU, which sequences of a step it takes; on a GPU in bf16, prompt logprobs and tokens as the
-Triton prefill kernel gives them, in steps that mix decode rows, chunks with cached context and
+"""Prefill chunks without cached context (layers/attention/triton_backend.py), through the packed
+causal Triton kernel or FlashAttention: on the CPU, which sequences of a step take them, and the
+packed kernel's results in a mixed step (Triton's interpreter); on a GPU in bf16, prompt logprobs and
+tokens as the paged Triton prefill kernel gives them, in steps that mix decode rows, chunks with cached context and
 fresh prompts, with prefix-cache hits (which take the Triton kernel), and through the prefill CUDA
 graphs (a graph per kind of chunk)."""
 import os
@@ -106,8 +107,52 @@ def test_layers_flash_cannot_serve_take_the_triton_kernel_for_the_whole_step(chu
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernels in their interpreter")
+def test_fresh_prompts_take_the_packed_kernel_beside_decodes_and_cached_chunks(monkeypatch):
+    """fp16, as on a GPU: a decode row and a chunk after cached context through the paged kernels, then
+    two fresh prompts through the packed causal kernel (grouped key heads, offsets from the first
+    fresh row): all as the reference computes them from the cache."""
+    from types import SimpleNamespace
+
+    from vlmserve.kernels import triton_packed_attention as tpk
+    from vlmserve.kernels import triton_paged_attention as tpa
+
+    g = torch.Generator().manual_seed(3)
+    hq, hkv, d, bs = 4, 2, 32, 4
+    backend = TritonPagedAttentionBackend(torch.device("cpu"))
+    backend.flash = True
+    layer = SimpleNamespace(num_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, sliding_window=None)
+    qsl, lens = [0, 1], [6]  # one decode row
+    for ctx, n in [(5, 3), (0, 9), (0, 17)]:
+        qsl.append(qsl[-1] + n)
+        lens.append(ctx + n)
+    T, B = qsl[-1], len(lens)
+    per_seq = max(-(-L // bs) for L in lens)
+    tables = torch.arange(B * per_seq).view(B, per_seq)
+    cache = torch.randn(2, B * per_seq, bs, hkv, d, generator=g).half()
+    slots = []
+    for i in range(B):
+        first = lens[i] - (qsl[i + 1] - qsl[i])
+        slots += [int(tables[i, p // bs]) * bs + p % bs for p in range(first, lens[i])]
+    q, k, v = (torch.randn(T, h, d, generator=g).half() for h in (hq, hkv, hkv))
+    meta = AttentionMetadata(num_decodes=1, query_start_loc=qsl, seq_lens=lens, slot_mapping=torch.tensor(slots),
+                             block_tables=tables, seq_lens_tensor=torch.tensor(lens), block_size=bs)
+    calls = []
+    real = tpk.packed_attention
+    monkeypatch.setattr(tpk, "packed_attention", lambda *a, **kw: calls.append(a[3].tolist()) or real(*a, **kw))
+    out = backend.forward(layer, q, k, v, cache, meta)
+    assert calls == [[0, 9, 26]]  # the two fresh prompts, offsets from the first of their rows
+    ref = tpa.reference_paged_prefill_attention(q.float(), cache[0].float(), cache[1].float(), tables,
+                                                torch.tensor(qsl), torch.tensor(lens), layer.scale)
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
 @gpu
-def test_flash_prefill_equals_triton_kernel_in_mixed_steps(model_dir):
+@pytest.mark.parametrize("packed", ["1", "0"])
+def test_flash_prefill_equals_triton_kernel_in_mixed_steps(model_dir, monkeypatch, packed):
+    """Fresh prompts through the packed causal kernel (the default) and through FlashAttention's varlen
+    op (VLMSERVE_PACKED_PREFILL=0), against the paged kernel for all."""
+    monkeypatch.setenv("VLMSERVE_PACKED_PREFILL", packed)
     # chunks of 96 tokens: steps hold decodes, a long prompt's later chunk and a new prompt's first
     llm = LLM(model_dir, dtype="bfloat16", max_model_len=1024, max_num_seqs=3, max_num_batched_tokens=96,
               enforce_eager=True)
@@ -131,7 +176,7 @@ def test_flash_prefill_equals_triton_kernel_in_mixed_steps(model_dir):
 @gpu
 def test_lone_prompt_dense_attention_equals_triton_kernel(model_dir, monkeypatch):
     """A lone fresh prompt takes dense SDPA in a prefill graph (its bucket's padding rows after the
-    prompt), the FlashAttention varlen op eagerly: the same tokens and logprobs as the Triton kernel."""
+    prompt), the packed causal kernel eagerly: the same tokens and logprobs as the paged kernel."""
     graphs = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
     monkeypatch.setenv("VLMSERVE_PREFILL_GRAPH_TOKENS", "0")
     eager = LLM(model_dir, dtype="bfloat16", max_model_len=1024)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmserve.device_utils import to_device
-from vlmserve.kernels import triton_vision_attention as tva
+from vlmserve.kernels import triton_packed_attention as tpk
 
 
 class Segments:
@@ -20,7 +20,7 @@ class Segments:
         self.bounds = list(bounds)
         self.max_len = max((b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])), default=0)
         self.on_device = None
-        if tva.preferred(head_dim, dtype, device.type == "cuda"):
+        if tpk.preferred_for_vision(head_dim, dtype, device.type == "cuda"):
             self.on_device = to_device(self.bounds, device, torch.int32)
 
 
@@ -30,18 +30,18 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Each token attends to every token of its own segment only. -> [N, heads, head_dim]
 
     Head sizes that cuDNN pads (80) go through one Triton kernel for all segments
-    (kernels/triton_vision_attention.py). Otherwise segments of equal length go through batched SDPA
+    (kernels/triton_packed_attention.py). Otherwise segments of equal length go through batched SDPA
     calls (windows and frames of one image mostly share a length), so the loop runs over distinct
     lengths and a few batches each, not segments."""
     segments = cu_seqlens if isinstance(cu_seqlens, Segments) else None
     cu_seqlens = segments.bounds if segments is not None else cu_seqlens
     if cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens {cu_seqlens[:3]}...{cu_seqlens[-1:]} do not cover {q.shape[0]} tokens")
-    if tva.usable(q) and tva.preferred(q.shape[-1], q.dtype, q.is_cuda):
+    if tpk.usable(q) and tpk.preferred_for_vision(q.shape[-1], q.dtype, q.is_cuda):
         if segments is not None and segments.on_device is not None:
-            return tva.vision_attention(q, k, v, segments.on_device, segments.max_len, scale)
+            return tpk.packed_attention(q, k, v, segments.on_device, segments.max_len, scale)
         max_len = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
-        return tva.vision_attention(q, k, v, to_device(cu_seqlens, q.device, torch.int32), max_len, scale)
+        return tpk.packed_attention(q, k, v, to_device(cu_seqlens, q.device, torch.int32), max_len, scale)
     by_length: dict[int, list[int]] = {}
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         if end > start:
@@ -89,7 +89,7 @@ def graph_safe_segments(bounds: list[int], dtype: torch.dtype, head_dim: int) ->
     """Whether varlen_attention over these segments, passed as Segments made on a CUDA device, queues
     device work only, so that a CUDA graph of it replays right: the Triton kernel reads the bounds
     the Segments hold; SDPA's path must not gather rows by index (copies_host_data)."""
-    return tva.preferred(head_dim, dtype, on_cuda=True) or not copies_host_data(bounds)
+    return tpk.preferred_for_vision(head_dim, dtype, on_cuda=True) or not copies_host_data(bounds)
 
 
 def power_of_two_counts(n: int, largest: int = 16) -> list[int]:

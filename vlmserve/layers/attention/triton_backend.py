@@ -1,15 +1,19 @@
 """The CUDA attention backend: the Triton paged-attention kernels (vlmserve/kernels/
 triton_paged_attention.py) over the same KV cache layout as TorchSDPABackend. Decode rows go
 through the split-KV decode kernel, prefill chunks through the varlen prefill kernel, which reads
-the cached context (earlier chunks, prefix-cache hits) from the paged cache. Prefill chunks with no
-cached context (whole fresh prompts, the common case; those after the last chunk that has some)
-attend over the step's own k, v through torch's FlashAttention varlen op instead: 1.2-1.6x faster
-than the Triton kernel on an H100 at LLaVA- and Qwen2-VL-sized prompts, batched or alone (scripts/
-gpu_alternatives.py, BENCHMARKS.md). A step with one such chunk in a prefill graph (a lone prompt: time to
-first token) takes torch's dense SDPA instead, which picks cuDNN's kernel on an H100: 1.8-1.9x
-faster again than the varlen op there. Only in graphs: cuDNN builds an execution plan per shape
-(~70 ms on an H200, ~0.9 s for the first), once per bucket there, but at nearly every new length
-in eager steps. VLMSERVE_FLASH_PREFILL=0 keeps the Triton kernel for all.
+the cached context (earlier chunks, prefix-cache hits) from the paged cache.
+
+Prefill chunks with no cached context (whole fresh prompts, the common case; those after the last
+chunk that has some) attend over the step's own k, v instead, where nothing is read back from the
+cache: through the packed causal Triton kernel (kernels/triton_packed_attention.py) for head sizes
+it takes, else torch's FlashAttention varlen op. On an H200 the packed kernel takes 358 against
+FlashAttention's 539 us for a step of 27 LLaVA prompts, 443 against 594 for 11 Qwen2-VL prompts;
+FlashAttention was 1.2-1.6x faster than the paged kernel (BENCHMARKS.md). A step with one such chunk
+in a prefill graph (a lone prompt: time to first token) takes torch's dense SDPA instead, which picks
+cuDNN's kernel: 23 us against the packed kernel's 27 at 607 tokens on the H200. Only in graphs: cuDNN
+builds an execution plan per shape (~70 ms on an H200, ~0.9 s for the first), once per bucket there,
+but at nearly every new length in eager steps. VLMSERVE_FLASH_PREFILL=0 keeps the paged kernel for
+all; VLMSERVE_PACKED_PREFILL=0 takes FlashAttention's op where the packed kernel would run.
 
 CUDA-graph safe for decode batches: nothing here reads a device tensor back to the host; the
 number of KV splits comes from the host-side `meta.seq_lens` (the graph runner passes the longest
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmserve.device_utils import to_device
+from vlmserve.kernels import triton_packed_attention as tpk
 from vlmserve.kernels import triton_paged_attention as tpa
 from vlmserve.layers.attention.backends import TorchSDPABackend
 
@@ -39,6 +44,14 @@ def flash_prefill_usable(layer, q: torch.Tensor) -> bool:
     groups, no sliding window (its window convention is not ours)."""
     return (q.dtype in (torch.float16, torch.bfloat16) and layer.head_dim % 8 == 0 and layer.head_dim <= 256
             and layer.sliding_window is None and layer.num_heads % layer.num_kv_heads == 0)
+
+
+def packed_prefill_usable(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """What the packed causal kernel takes here: head sizes that split into powers of two (64, 80,
+    96, 128; larger ones would spill its registers), last dims contiguous."""
+    return os.environ.get("VLMSERVE_PACKED_PREFILL", "1") != "0" and tpk.triton is not None \
+        and layer.head_dim <= 128 and tpk.split_head_dim(layer.head_dim) is not None \
+        and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
 
 
 class TritonPagedAttentionBackend:
@@ -159,5 +172,7 @@ class TritonPagedAttentionBackend:
                                                enable_gqa=layer.num_heads != layer.num_kv_heads)
             return o[0].transpose(0, 1)
         L = self._fresh_max_len
+        if packed_prefill_usable(layer, q, k, v):
+            return tpk.packed_attention(q[p0:], k[p0:], v[p0:], self._fresh_cu, L, layer.scale, causal=True)
         return torch.ops.aten._flash_attention_forward(q[p0:], k[p0:], v[p0:], self._fresh_cu, self._fresh_cu,
                                                        L, L, 0.0, True, False, scale=layer.scale)[0]

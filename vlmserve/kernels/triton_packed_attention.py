@@ -1,14 +1,22 @@
-"""Bidirectional attention over the packed segments of a vision encoder's batch, in Triton, for
-head sizes that are not a power of two. Qwen2-VL's ViT has head_dim 80: cuDNN's SDPA kernel for it
-is tiled for head_dim 128 (the H200 profiles in BENCHMARKS.md), so 3/8 of its tensor-core work is
+"""FlashAttention over packed variable-length segments (each token attends within its own segment),
+in Triton: bidirectional for vision encoders' images, frames and windows; causal, with grouped key
+heads, for the language models' fresh prefill chunks (prompts with nothing cached before them).
+
+Head sizes need not be powers of two. Qwen2-VL's ViT has head_dim 80: cuDNN's SDPA kernel for it is
+tiled for head_dim 128 (the H200 profiles in BENCHMARKS.md), so 3/8 of its tensor-core work is
 padding. Here a head of D = DA + DB (80 = 64 + 16, both powers of two) takes two dots for QK^T and
 two for PV, with no padding, and no execution plan to build per batch shape as cuDNN does.
 
-The default for such head sizes on CUDA in 16 bits (`preferred`): on the H200, at 1024x1024 images
-(5476 tokens, 16 heads), 2308 us against cuDNN's 2546 for six images and 430 against 443 for one
-(BENCHMARKS.md; `scripts/gpu_vision_attention_sweep.py` times the tiles). Most of that comes from
-the key tiles inside the segment running without masks, their scale folded into the exponent.
-`reference_vision_attention` is the torch computation it is tested against (on the CPU through
+Where it runs (H200 figures in BENCHMARKS.md; `scripts/gpu_vision_attention_sweep.py` times the tiles):
+- vision attention at head sizes cuDNN pads, on CUDA in 16 bits (`preferred_for_vision`): 1024x1024
+  images (5476 tokens, 16 heads), 2308 us against cuDNN's 2546 for six, 430 against 443 for one;
+- several fresh prefill chunks in one step (layers/attention/triton_backend.py): 27 LLaVA prompts of
+  607 tokens take 358 us against 539 in torch's FlashAttention varlen op, 11 Qwen2-VL prompts of
+  1400 (GQA 28 / 4) 443 against 594. A lone prompt in a prefill graph keeps dense SDPA (cuDNN: 23
+  against 27 us at 607 tokens).
+Most of that comes from the key tiles that need no mask (inside the segment; causal: before the
+block's first row) running in their own loop, their scale folded into the exponent.
+`reference_packed_attention` is the torch computation it is tested against (on the CPU through
 Triton's interpreter)."""
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ def split_head_dim(d: int) -> tuple[int, int] | None:
     return None
 
 
-def preferred(head_dim: int, dtype: torch.dtype, on_cuda: bool) -> bool:
+def preferred_for_vision(head_dim: int, dtype: torch.dtype, on_cuda: bool) -> bool:
     """Whether vision attention of this head size runs here rather than in torch's SDPA.
     VLMSERVE_TRITON_VISION_ATTENTION=1: wherever the kernel can (any split head size, CPU tensors
     in Triton's interpreter); =0: never. Unset: 16-bit CUDA tensors of head sizes that are not a
@@ -97,7 +105,7 @@ if triton is not None:
         return acc_a, acc_b, l, m
 
     @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
-    def _vision_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale,
+    def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale,
                                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                  stride_ot, stride_oh,
                                  DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -150,9 +158,9 @@ if triton is not None:
                 tl.store(o_rows + db[None, :], (acc_b / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
 
 
-def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_len: int, scale: float, block_m: int | None = None, block_n: int = 64,
-                     num_warps: int | None = None, num_stages: int = 3, split_tail: bool = True,
+                     num_warps: int | None = None, num_stages: int | None = None, split_tail: bool = True,
                      causal: bool = False) -> torch.Tensor:
     """q: [N, H, D]; k, v: [N, Hkv, D] with H a multiple of Hkv (query heads share key heads in
     groups); last dims contiguous, rows may be strided (views of a fused qkv); cu_seqlens: [S + 1]
@@ -160,13 +168,16 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     longest segment (sizes the launch grid). -> [N, H, D], each token attending to its own segment
     only (causal: to its own position and those before it there).
 
-    Tiles, by the H200 sweep: 128 rows and 8 warps for images; 64 rows and 4 warps where no segment
-    is longer than 64 (Qwen2.5-VL's 64-patch windows: 29 against 41 us for an image's 86 windows,
-    where half of each 128-row tile would be empty)."""
+    Tiles, by the H200 sweeps: 128 rows, 8 warps and 3 stages for images; 64 rows and 4 warps where
+    no segment is longer than 64 (Qwen2.5-VL's 64-patch windows: 29 against 41 us for an image's 86
+    windows, where half of each 128-row tile would be empty); causal prompts 64 rows, 4 warps and 2
+    stages (the fastest or within 6% of it at 607 and 1400 tokens, head_dim 128)."""
     if block_m is None:
-        block_m = 64 if max_len <= 64 else 128
+        block_m = 64 if max_len <= 64 or causal else 128
     if num_warps is None:
         num_warps = 4 if block_m <= 64 else 8
+    if num_stages is None:
+        num_stages = 2 if causal else 3
     N, H, D = q.shape
     split = split_head_dim(D)
     if split is None:
@@ -178,7 +189,7 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if N == 0 or S == 0:
         return out
     grid = (triton.cdiv(max_len, block_m), H, S)
-    _vision_attention_kernel[grid](
+    _packed_attention_kernel[grid](
         q, k, v, out, cu_seqlens, float(scale) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n,
@@ -187,7 +198,7 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return out
 
 
-def reference_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+def reference_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                                scale: float, causal: bool = False) -> torch.Tensor:
     """The kernel's computation in torch, one segment at a time, in float32."""
     out = torch.empty_like(q)
@@ -198,6 +209,7 @@ def reference_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             ks, vs = (x[a:b].float().transpose(0, 1).repeat_interleave(group, 0) for x in (k, v))
             scores = qs @ ks.transpose(1, 2) * scale
             if causal:
-                scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+                later = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(later, float("-inf"))
             out[a:b] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1).to(q.dtype)
     return out

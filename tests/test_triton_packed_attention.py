@@ -1,8 +1,9 @@
-"""The Triton vision-attention kernel (head sizes split into two powers of two, e.g. 80 = 64 + 16)
+"""The Triton packed-attention kernel (head sizes split into two powers of two, e.g. 80 = 64 + 16)
 against its torch reference and against torch's SDPA path, on the CPU through Triton's interpreter,
 at float32 tolerance: segments of many lengths (1, shorter than a tile, not a multiple of one),
-q, k, v as strided views of a fused qkv projection, when varlen_attention chooses the kernel, and a
-Qwen2-VL tower run through it."""
+q, k, v as strided views of a fused qkv projection, causal segments with grouped key heads (the
+language models' fresh prompts), when varlen_attention chooses the kernel, and Qwen2-VL's and
+Qwen2.5-VL's towers run through it."""
 import importlib
 import os
 import sys
@@ -14,9 +15,9 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # conftest runs the session in the interpreter without a GPU
     pytest.skip("Triton's interpreter is off (a GPU machine): scripts/gpu_alternatives.py --parts vision "
                 "checks the kernel there", allow_module_level=True)
-if "vlmserve.kernels.triton_vision_attention" in sys.modules:  # decorated without the interpreter
-    importlib.reload(sys.modules["vlmserve.kernels.triton_vision_attention"])
-from vlmserve.kernels import triton_vision_attention as tva  # noqa: E402
+if "vlmserve.kernels.triton_packed_attention" in sys.modules:  # decorated without the interpreter
+    importlib.reload(sys.modules["vlmserve.kernels.triton_packed_attention"])
+from vlmserve.kernels import triton_packed_attention as tpk  # noqa: E402
 from vlmserve.layers import vision_attention  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -30,13 +31,13 @@ def _qkv(n: int, heads: int, d: int, seed: int = 0):
 
 
 def test_split_head_dim():
-    assert tva.split_head_dim(80) == (64, 16)
-    assert tva.split_head_dim(64) == (64, 0)
-    assert tva.split_head_dim(96) == (64, 32)
-    assert tva.split_head_dim(48) == (32, 16)
-    assert tva.split_head_dim(128) == (128, 0)
+    assert tpk.split_head_dim(80) == (64, 16)
+    assert tpk.split_head_dim(64) == (64, 0)
+    assert tpk.split_head_dim(96) == (64, 32)
+    assert tpk.split_head_dim(48) == (32, 16)
+    assert tpk.split_head_dim(128) == (128, 0)
     for d in (8, 72, 100, 112):  # a remainder under 16 or not a power of two
-        assert tva.split_head_dim(d) is None
+        assert tpk.split_head_dim(d) is None
 
 
 @pytest.mark.parametrize("split_tail", [True, False])
@@ -48,29 +49,63 @@ def test_kernel_matches_reference(d, lengths, split_tail):
         cu.append(cu[-1] + n)
     q, k, v = _qkv(cu[-1], 3, d, seed=d + len(lengths))
     scale = d ** -0.5
-    got = tva.vision_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale,
+    got = tpk.packed_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale,
                                block_m=16, block_n=16, num_warps=4, split_tail=split_tail)
-    ref = tva.reference_vision_attention(q, k, v, cu, scale)
+    ref = tpk.reference_packed_attention(q, k, v, cu, scale)
     torch.testing.assert_close(got, ref, **TOL)
     # each segment attends to itself only: changing one segment's keys leaves the others' rows alone
     k2 = k.clone()
     k2[cu[0]:cu[1]] += 1.0
-    got2 = tva.vision_attention(q, k2, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale,
+    got2 = tpk.packed_attention(q, k2, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale,
                                 block_m=16, block_n=16, num_warps=4, split_tail=split_tail)
     torch.testing.assert_close(got2[cu[1]:], got[cu[1]:], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("block_m, block_n", [(16, 16), (32, 16), (16, 32)])
+@pytest.mark.parametrize("heads, kv_heads, d", [(4, 2, 32), (3, 3, 48), (4, 1, 64)])
+@pytest.mark.parametrize("lengths", [[37], [1, 16, 70, 5, 33]])
+def test_causal_with_grouped_key_heads_matches_reference(lengths, heads, kv_heads, d, block_m, block_n):
+    """Prompts as the language models pack them: every row sees its own position and those before it
+    in its segment, query head h reads key head h // (heads / kv_heads); with blocks of rows wider and
+    narrower than the key tiles, unmasked tiles (before a block's first row) and masked ones."""
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    g = torch.Generator().manual_seed(d + heads)
+    q = torch.randn(cu[-1], heads, d, generator=g)
+    k, v = torch.randn(cu[-1], 2, kv_heads, d, generator=g).unbind(1)  # strided views, as from a fused projection
+    scale = d ** -0.5
+    got = tpk.packed_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale, block_m=block_m,
+                               block_n=block_n, num_warps=4, causal=True)
+    torch.testing.assert_close(got, tpk.reference_packed_attention(q, k, v, cu, scale, causal=True), **TOL)
+    # a row's output does not depend on later rows: change the last token's key and value
+    k2, v2 = k.clone(), v.clone()
+    k2[cu[1] - 1] += 1.0
+    v2[cu[1] - 1] -= 1.0
+    got2 = tpk.packed_attention(q, k2, v2, torch.tensor(cu, dtype=torch.int32), max(lengths), scale,
+                                block_m=block_m, block_n=block_n, num_warps=4, causal=True)
+    torch.testing.assert_close(got2[:cu[1] - 1], got[:cu[1] - 1], atol=0, rtol=0)
+    assert not torch.equal(got2[cu[1] - 1], got[cu[1] - 1])
+
+
+def test_rejects_heads_that_do_not_group():
+    q, k, v = torch.randn(8, 3, 32), torch.randn(8, 2, 32), torch.randn(8, 2, 32)
+    with pytest.raises(ValueError, match="3 query heads"):
+        tpk.packed_attention(q, k, v, torch.tensor([0, 8], dtype=torch.int32), 8, 1.0, causal=True)
+
+
 def test_preferred_for_padded_head_sizes_on_cuda(monkeypatch):
     monkeypatch.delenv("VLMSERVE_TRITON_VISION_ATTENTION", raising=False)
-    assert tva.preferred(80, torch.bfloat16, on_cuda=True) and tva.preferred(48, torch.float16, on_cuda=True)
-    assert not tva.preferred(64, torch.bfloat16, on_cuda=True)  # a power of two: cuDNN does not pad it
-    assert not tva.preferred(80, torch.float32, on_cuda=True)  # measured in 16 bits only
-    assert not tva.preferred(80, torch.bfloat16, on_cuda=False)  # the CPU: SDPA, not the interpreter
-    assert not tva.preferred(72, torch.bfloat16, on_cuda=True)  # does not split
+    assert tpk.preferred_for_vision(80, torch.bfloat16, on_cuda=True)
+    assert tpk.preferred_for_vision(48, torch.float16, on_cuda=True)
+    assert not tpk.preferred_for_vision(64, torch.bfloat16, on_cuda=True)  # a power of two: cuDNN does not pad it
+    assert not tpk.preferred_for_vision(80, torch.float32, on_cuda=True)  # measured in 16 bits only
+    assert not tpk.preferred_for_vision(80, torch.bfloat16, on_cuda=False)  # the CPU: SDPA, not the interpreter
+    assert not tpk.preferred_for_vision(72, torch.bfloat16, on_cuda=True)  # does not split
     monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "0")
-    assert not tva.preferred(80, torch.bfloat16, on_cuda=True)
+    assert not tpk.preferred_for_vision(80, torch.bfloat16, on_cuda=True)
     monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "1")
-    assert tva.preferred(64, torch.float32, on_cuda=False)
+    assert tpk.preferred_for_vision(64, torch.float32, on_cuda=False)
 
 
 def test_switch_in_varlen_attention(monkeypatch):
@@ -79,10 +114,10 @@ def test_switch_in_varlen_attention(monkeypatch):
     monkeypatch.delenv("VLMSERVE_TRITON_VISION_ATTENTION", raising=False)
     sdpa = vision_attention.varlen_attention(q, k, v, cu, 80 ** -0.5)  # float32 on the CPU: SDPA
     monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "1")
-    assert tva.usable(q)
+    assert tpk.usable(q)
     calls = []
-    real = tva.vision_attention
-    monkeypatch.setattr(tva, "vision_attention", lambda *a, **kw: calls.append(a[3:5]) or real(*a, **kw))
+    real = tpk.packed_attention
+    monkeypatch.setattr(tpk, "packed_attention", lambda *a, **kw: calls.append(a[3:5]) or real(*a, **kw))
     got = vision_attention.varlen_attention(q, k, v, cu, 80 ** -0.5)
     torch.testing.assert_close(got, sdpa, **TOL)
     assert calls[0][1] == 45  # the longest segment sizes the grid
@@ -124,9 +159,9 @@ def test_qwen2_vl_tower_with_the_kernel_equals_sdpa(monkeypatch):
 
 def test_rejects_head_dims_it_cannot_split():
     q, k, v = _qkv(8, 1, 72)
-    assert not tva.usable(q)
+    assert not tpk.usable(q)
     with pytest.raises(ValueError, match="head_dim 72"):
-        tva.vision_attention(q, k, v, torch.tensor([0, 8], dtype=torch.int32), 8, 1.0)
+        tpk.packed_attention(q, k, v, torch.tensor([0, 8], dtype=torch.int32), 8, 1.0)
 
 
 def test_qwen2_5_vl_windowed_tower_with_the_kernel_equals_sdpa(monkeypatch):
