@@ -4,17 +4,19 @@ import pytest
 import torch
 
 from vlmserve import LLM, SamplingParams
+from vlmserve.kernels import triton_packed_attention as tpk
 from vlmserve.kernels import triton_paged_attention as tpa
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
-KERNELS = ("_decode_kernel", "_merge_splits_kernel", "_prefill_kernel")
+KERNELS = ((tpa, "_decode_kernel"), (tpa, "_merge_splits_kernel"), (tpa, "_prefill_kernel"),
+           (tpk, "_packed_attention_kernel"))  # the last: several fresh prompts in a step
 
 
 def compiled_variants() -> dict[str, int]:
     out = {}
-    for name in KERNELS:
-        caches = getattr(getattr(tpa, name), "device_caches", None)
+    for module, name in KERNELS:
+        caches = getattr(getattr(module, name), "device_caches", None)
         assert caches is not None, "this Triton keeps its compiled kernels elsewhere: update the test"
         out[name] = sum(len(c[0]) for c in caches.values())
     return out
@@ -26,6 +28,7 @@ def test_no_attention_kernel_compiles_after_startup(text_model_dir):
     llm = LLM(d, dtype="bfloat16", max_model_len=1024, max_num_batched_tokens=256, max_num_seqs=64)
     at_start = compiled_variants()
     assert at_start["_decode_kernel"] >= 5 and at_start["_prefill_kernel"] >= 1
+    assert at_start["_packed_attention_kernel"] >= 1 or not llm.llm_engine.runner.attn_backend.flash
     prompts = [{"prompt_token_ids": [(7 * i + j) % 200 + 3 for j in range(40 + 37 * (i % 13))]} for i in range(48)]
     params = [SamplingParams(temperature=0, max_tokens=8 + 11 * (i % 7), ignore_eos=True) for i in range(48)]
     outs = llm.generate(prompts, params, use_tqdm=False)

@@ -121,3 +121,25 @@ def test_backend_warm_up_runs_every_split_count_and_leaves_the_cache(monkeypatch
     TritonPagedAttentionBackend(torch.device("cpu")).warm_up([layer, layer, other])
     assert calls == [("decode", s) for s in (1, 2, 4, 8, 16)] + [("prefill", None)]
     torch.testing.assert_close(kv, before, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, packed", [(torch.float16, True), (torch.float32, False)])
+def test_backend_warm_up_compiles_the_packed_kernel_where_fresh_prompts_take_it(monkeypatch, dtype, packed):
+    """Where the backend sends fresh prompts to the packed causal kernel (16-bit layers), its startup
+    compiles that kernel too, once per kind of layer, with the layer's grouped key heads."""
+    import types
+
+    from vlmserve.kernels import triton_packed_attention as tpk
+    from vlmserve.layers.attention.triton_backend import TritonPagedAttentionBackend
+
+    calls = []
+    real = tpk.packed_attention
+    monkeypatch.setattr(tpk, "packed_attention",
+                        lambda q, k, *a, **kw: calls.append((q.shape[1], k.shape[1], kw)) or real(q, k, *a, **kw))
+    kv = torch.zeros(2, 4, 16, 2, 32, dtype=dtype)
+    layer = types.SimpleNamespace(kv_cache=kv, num_heads=4, num_kv_heads=2, head_dim=32, scale=0.125,
+                                  sliding_window=None)
+    backend = TritonPagedAttentionBackend(torch.device("cpu"))
+    backend.flash = True
+    backend.warm_up([layer, layer])
+    assert calls == ([(4, 2, {"causal": True})] if packed else [])

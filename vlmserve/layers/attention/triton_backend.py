@@ -79,7 +79,8 @@ class TritonPagedAttentionBackend:
         context, for each kind of attention layer. Otherwise the first mixed step of a new batch
         size, or the first chunk after a cached one, compiles a kernel in the middle of a run: a
         Triton compile took ~0.5 s on the H200 (BENCHMARKS.md). Triton's cache on disk makes this
-        quick from the second start on."""
+        quick from the second start on. Where fresh prompts take the packed causal kernel, it is
+        compiled here too, for the first step that holds several."""
         seen = set()
         for layer in layers:
             if layer.kv_cache is None:
@@ -98,6 +99,10 @@ class TritonPagedAttentionBackend:
             qsl = torch.tensor([0, 1], dtype=torch.int32, device=k_cache.device)
             tpa.paged_prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, layer.scale,
                                         layer.sliding_window, max_query_len=1)
+            kv = torch.zeros((1, 2, *k_cache.shape[2:]), dtype=k_cache.dtype, device=k_cache.device)
+            k, v = kv.unbind(1)
+            if self.flash and flash_prefill_usable(layer, q) and packed_prefill_usable(layer, q, k, v):
+                tpk.packed_attention(q, k, v, qsl, 1, layer.scale, causal=True)
 
     def _step_info(self, meta) -> None:
         if meta is self._meta:
