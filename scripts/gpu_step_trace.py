@@ -198,10 +198,10 @@ def cpu_table(prof, steps: int, top: int = 15) -> list[dict]:
 
 def compiled_variants() -> dict:
     """How many specializations of each Triton kernel were compiled in this process."""
-    from vlmserve.kernels import triton_fused, triton_paged_attention
+    from vlmserve.kernels import triton_fused, triton_packed_attention, triton_paged_attention
 
     out = {}
-    for mod in (triton_paged_attention, triton_fused):
+    for mod in (triton_paged_attention, triton_fused, triton_packed_attention):
         for name in dir(mod):
             fn = getattr(mod, name)
             caches = getattr(fn, "device_caches", None)
