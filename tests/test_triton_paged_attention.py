@@ -66,9 +66,11 @@ def test_decode_padded_rows_give_zeros():
     assert (out[2] == 0).all()
 
 
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (8, 2, 16)])
+@pytest.mark.parametrize("block_m", [16, 32])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (8, 2, 16), (4, 2, 80)])
 @pytest.mark.parametrize("window", [None, 11])
-def test_prefill_with_cached_context_matches_reference(heads, kv_heads, head_dim, window):
+def test_prefill_with_cached_context_matches_reference(heads, kv_heads, head_dim, window, block_m):
+    """Blocks of rows as wide as the key tiles and wider; head_dim 80 pads to 128 under a mask."""
     g = torch.Generator().manual_seed(heads + head_dim)
     # two decodes first (skipped: first_seq=2), then a fresh prompt, a chunk after 20 cached tokens
     # (a prefix-cache hit or an earlier chunk), and a one-token tail of a chunked prefill
@@ -81,7 +83,7 @@ def test_prefill_with_cached_context_matches_reference(heads, kv_heads, head_dim
     scale = head_dim ** -0.5
     out = torch.full_like(q, float("nan"))
     tpa.paged_prefill_attention(q, k, v, tables, qsl, seq_lens, scale, window, first_seq=2, out=out,
-                                block_m=16, block_n=16)
+                                block_m=block_m, block_n=16)
     ref = tpa.reference_paged_prefill_attention(q, k, v, tables, qsl, seq_lens, scale, window, first_seq=2)
     assert not out[2:].isnan().any()
     torch.testing.assert_close(out[2:], ref[2:], **TOL)
