@@ -88,6 +88,21 @@ def test_causal_with_grouped_key_heads_matches_reference(lengths, heads, kv_head
     assert not torch.equal(got2[cu[1] - 1], got[cu[1] - 1])
 
 
+def test_writes_into_rows_of_a_larger_buffer():
+    """out=: the engine's fresh prompts write straight after a step's decode rows, with no copy."""
+    q = torch.randn(40, 4, 32)
+    k, v = torch.randn(40, 2, 2, 32).unbind(1)
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+    want = tpk.packed_attention(q, k, v, cu, 25, 32 ** -0.5, block_m=16, block_n=16, num_warps=4, causal=True)
+    buf = torch.full((43, 4, 32), float("nan"))
+    got = tpk.packed_attention(q, k, v, cu, 25, 32 ** -0.5, block_m=16, block_n=16, num_warps=4, causal=True,
+                               out=buf[3:])
+    assert got.data_ptr() == buf[3:].data_ptr() and buf[:3].isnan().all()
+    torch.testing.assert_close(buf[3:], want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="does not take"):
+        tpk.packed_attention(q, k, v, cu, 25, 1.0, causal=True, out=buf[:40].half())
+
+
 def test_rejects_heads_that_do_not_group():
     q, k, v = torch.randn(8, 3, 32), torch.randn(8, 2, 32), torch.randn(8, 2, 32)
     with pytest.raises(ValueError, match="3 query heads"):

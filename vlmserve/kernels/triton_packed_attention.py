@@ -161,12 +161,13 @@ if triton is not None:
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_len: int, scale: float, block_m: int | None = None, block_n: int = 64,
                      num_warps: int | None = None, num_stages: int | None = None, split_tail: bool = True,
-                     causal: bool = False) -> torch.Tensor:
+                     causal: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [N, H, D]; k, v: [N, Hkv, D] with H a multiple of Hkv (query heads share key heads in
     groups); last dims contiguous, rows may be strided (views of a fused qkv); cu_seqlens: [S + 1]
     int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1]; max_len: the
     longest segment (sizes the launch grid). -> [N, H, D], each token attending to its own segment
-    only (causal: to its own position and those before it there).
+    only (causal: to its own position and those before it there). `out`: where to write it
+    ([N, H, D], last dim contiguous, e.g. rows of a larger buffer), else a new tensor.
 
     Tiles, by the H200 sweeps: 128 rows, 8 warps and 3 stages for images; 64 rows and 4 warps where
     no segment is longer than 64 (Qwen2.5-VL's 64-patch windows: 29 against 41 us for an image's 86
@@ -184,7 +185,10 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"head_dim {D} does not split into powers of two of at least 16")
     if k.shape[1] == 0 or H % k.shape[1]:
         raise ValueError(f"{H} query heads do not share {k.shape[1]} key heads in equal groups")
-    out = torch.empty((N, H, D), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((N, H, D), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not take q's {tuple(q.shape)} {q.dtype}")
     S = cu_seqlens.shape[0] - 1
     if N == 0 or S == 0:
         return out

@@ -47,8 +47,8 @@ def flash_prefill_usable(layer, q: torch.Tensor) -> bool:
 
 
 def packed_prefill_usable(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """What the packed causal kernel takes here: head sizes that split into powers of two (64, 80,
-    96, 128; larger ones would spill its registers), last dims contiguous."""
+    """What the packed causal kernel takes here: head sizes that split into powers of two up to 128
+    (64, 80, 96, 128: larger ones are untried on a GPU), last dims contiguous."""
     return os.environ.get("VLMSERVE_PACKED_PREFILL", "1") != "0" and tpk.triton is not None \
         and layer.head_dim <= 128 and tpk.split_head_dim(layer.head_dim) is not None \
         and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
@@ -165,11 +165,14 @@ class TritonPagedAttentionBackend:
                                         max_query_len=max_len, out=out, num_seqs=fresh_from - nd)
         if fresh_from < B:
             p0 = meta.query_start_loc[fresh_from]
-            out[p0:] = self._flash_prefill(layer, q, k, v, p0)
+            fresh = self._flash_prefill(layer, q, k, v, p0, out=out[p0:])
+            if fresh.data_ptr() != out[p0:].data_ptr():  # FlashAttention and SDPA make their own
+                out[p0:] = fresh
         return out
 
-    def _flash_prefill(self, layer, q, k, v, p0: int) -> torch.Tensor:
-        """Causal attention of the prefill rows p0.. within their own chunks (no cached context)."""
+    def _flash_prefill(self, layer, q, k, v, p0: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention of the prefill rows p0.. within their own chunks (no cached context);
+        the packed kernel writes it into `out` where given."""
         if self._one_fresh:  # rows p0.. are one sequence (in a prefill graph, with padding rows after
             # it, which real rows never attend to under the causal mask)
             qt, kt, vt = (x[p0:].transpose(0, 1)[None] for x in (q, k, v))
@@ -178,6 +181,6 @@ class TritonPagedAttentionBackend:
             return o[0].transpose(0, 1)
         L = self._fresh_max_len
         if packed_prefill_usable(layer, q, k, v):
-            return tpk.packed_attention(q[p0:], k[p0:], v[p0:], self._fresh_cu, L, layer.scale, causal=True)
+            return tpk.packed_attention(q[p0:], k[p0:], v[p0:], self._fresh_cu, L, layer.scale, causal=True, out=out)
         return torch.ops.aten._flash_attention_forward(q[p0:], k[p0:], v[p0:], self._fresh_cu, self._fresh_cu,
                                                        L, L, 0.0, True, False, scale=layer.scale)[0]
