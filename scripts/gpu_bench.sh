@@ -98,7 +98,7 @@ for part in $PARTS; do
             step alternatives "${T_ALT:-240}" python scripts/gpu_alternatives.py --out "$OUT/alternatives.json" \
                 ${ALT_PARTS:+--parts "$ALT_PARTS"} ;;
         gpu_tests)  # the tests that need a GPU (FlashAttention prefill, GPU preprocessing, CUDA graphs)
-            step gpu_tests "${T_TESTS:-300}" python -m pytest -q -p no:cacheprovider tests/test_flash_prefill.py \
+            step gpu_tests "${T_TESTS:-300}" python -m pytest -q -p no:cacheprovider tests/test_fresh_prefill.py \
                 tests/test_device_pixels.py tests/test_prefill_graphs.py tests/test_encoder_graphs.py \
                 tests/test_async_scheduling.py tests/test_encoder_prefetch.py tests/test_kernel_warmup.py ;;
         vision_sweep)  # the Triton vision attention's variants and tiles, each in its own process

@@ -28,7 +28,7 @@ def test_no_attention_kernel_compiles_after_startup(text_model_dir):
     llm = LLM(d, dtype="bfloat16", max_model_len=1024, max_num_batched_tokens=256, max_num_seqs=64)
     at_start = compiled_variants()
     assert at_start["_decode_kernel"] >= 5 and at_start["_prefill_kernel"] >= 1
-    assert at_start["_packed_attention_kernel"] >= 1 or not llm.llm_engine.runner.attn_backend.flash
+    assert at_start["_packed_attention_kernel"] >= 1 or not llm.llm_engine.runner.attn_backend.fresh_path
     prompts = [{"prompt_token_ids": [(7 * i + j) % 200 + 3 for j in range(40 + 37 * (i % 13))]} for i in range(48)]
     params = [SamplingParams(temperature=0, max_tokens=8 + 11 * (i % 7), ignore_eos=True) for i in range(48)]
     outs = llm.generate(prompts, params, use_tqdm=False)

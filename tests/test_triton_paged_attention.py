@@ -142,6 +142,6 @@ def test_backend_warm_up_compiles_the_packed_kernel_where_fresh_prompts_take_it(
     layer = types.SimpleNamespace(kv_cache=kv, num_heads=4, num_kv_heads=2, head_dim=32, scale=0.125,
                                   sliding_window=None)
     backend = TritonPagedAttentionBackend(torch.device("cpu"))
-    backend.flash = True
+    backend.fresh_path = True
     backend.warm_up([layer, layer])
     assert calls == ([(4, 2, {"causal": True})] if packed else [])

@@ -4,16 +4,17 @@ through the split-KV decode kernel, prefill chunks through the varlen prefill ke
 the cached context (earlier chunks, prefix-cache hits) from the paged cache.
 
 Prefill chunks with no cached context (whole fresh prompts, the common case; those after the last
-chunk that has some) attend over the step's own k, v instead, where nothing is read back from the
-cache: through the packed causal Triton kernel (kernels/triton_packed_attention.py) for head sizes
-it takes, else torch's FlashAttention varlen op. On an H200 the packed kernel takes 358 against
-FlashAttention's 539 us for a step of 27 LLaVA prompts, 443 against 594 for 11 Qwen2-VL prompts;
-FlashAttention was 1.2-1.6x faster than the paged kernel (BENCHMARKS.md). A step with one such chunk
-in a prefill graph (a lone prompt: time to first token) takes torch's dense SDPA instead, which picks
-cuDNN's kernel: 23 us against the packed kernel's 27 at 607 tokens on the H200. Only in graphs: cuDNN
-builds an execution plan per shape (~70 ms on an H200, ~0.9 s for the first), once per bucket there,
-but at nearly every new length in eager steps. VLMSERVE_FLASH_PREFILL=0 keeps the paged kernel for
-all; VLMSERVE_PACKED_PREFILL=0 takes FlashAttention's op where the packed kernel would run.
+chunk that has some) take the fresh path: they attend over the step's own k, v, nothing read back
+from the cache, through the packed causal Triton kernel (kernels/triton_packed_attention.py) for
+head sizes it takes, else torch's FlashAttention varlen op. On an H200 the packed kernel takes 358
+against FlashAttention's 539 us for a step of 27 LLaVA prompts, 443 against 594 for 11 Qwen2-VL
+prompts; on an H100 FlashAttention was 1.2-1.6x faster than the paged kernel (BENCHMARKS.md). A step
+with one such chunk in a prefill graph (a lone prompt: time to first token) takes torch's dense SDPA
+instead, which picks cuDNN's kernel: 23 us against the packed kernel's 27 at 607 tokens on the H200.
+Only in graphs: cuDNN builds an execution plan per shape (~70 ms on an H200, ~0.9 s for the first),
+once per bucket there, but at nearly every new length in eager steps. VLMSERVE_FLASH_PREFILL=0 turns
+the fresh path off (the paged kernel for all); VLMSERVE_PACKED_PREFILL=0 takes FlashAttention's op
+where the packed kernel would run.
 
 CUDA-graph safe for decode batches: nothing here reads a device tensor back to the host; the
 number of KV splits comes from the host-side `meta.seq_lens` (the graph runner passes the longest
@@ -39,9 +40,10 @@ def _flash_available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8 and torch.backends.cuda.flash_sdp_enabled()
 
 
-def flash_prefill_usable(layer, q: torch.Tensor) -> bool:
-    """What FlashAttention takes here: fp16/bf16, head_dim a multiple of 8 up to 256, whole-head
-    groups, no sliding window (its window convention is not ours)."""
+def fresh_prefill_usable(layer, q: torch.Tensor) -> bool:
+    """Whether a layer's fresh prompts can leave the paged kernel: what FlashAttention takes (the
+    packed kernel takes less, `packed_prefill_usable`): fp16/bf16, head_dim a multiple of 8 up to 256,
+    whole-head groups, no sliding window (its window convention is not ours)."""
     return (q.dtype in (torch.float16, torch.bfloat16) and layer.head_dim % 8 == 0 and layer.head_dim <= 256
             and layer.sliding_window is None and layer.num_heads % layer.num_kv_heads == 0)
 
@@ -65,13 +67,13 @@ class TritonPagedAttentionBackend:
         self._meta = None  # the step whose host-side summaries are below (one per step, not per layer)
         self._max_decode_len = 0
         self._qsl = None
-        self.flash = _flash_available(dev)
+        self.fresh_path = _flash_available(dev)
         self._fresh_from = 0  # this step's prefill sequences from here on have no cached context
         self._fresh_cu = None  # their offsets from the first of their tokens, on the device
         self._fresh_max_len = 0
         self._one_fresh = False  # one fresh sequence: the dense kernel, over rows p0.. to the end
         self._paged_max_len = self._prefill_max_len = 0
-        self.num_flash_prefill_steps = 0
+        self.num_fresh_prefill_steps = 0
 
     def warm_up(self, layers) -> None:
         """Compile now every decode-kernel variant a step can pick, one per KV split count (1-16:
@@ -101,7 +103,7 @@ class TritonPagedAttentionBackend:
                                         layer.sliding_window, max_query_len=1)
             kv = torch.zeros((1, 2, *k_cache.shape[2:]), dtype=k_cache.dtype, device=k_cache.device)
             k, v = kv.unbind(1)
-            if self.flash and flash_prefill_usable(layer, q) and packed_prefill_usable(layer, q, k, v):
+            if self.fresh_path and fresh_prefill_usable(layer, q) and packed_prefill_usable(layer, q, k, v):
                 tpk.packed_attention(q, k, v, qsl, 1, layer.scale, causal=True)
 
     def _step_info(self, meta) -> None:
@@ -117,9 +119,9 @@ class TritonPagedAttentionBackend:
                 self._qsl = to_device(qsl, meta.slot_mapping.device, torch.int32)
             B = meta.num_seqs
             # The prefill sequences from _fresh_from on start at their first token (nothing cached
-            # before them): FlashAttention takes those, the Triton kernel the ones before.
+            # before them): the fresh path takes those, the paged kernel the ones before.
             fresh_from = B
-            if self.flash:
+            if self.fresh_path:
                 if meta.prefill_without_context is not None:
                     fresh_from = nd if meta.prefill_without_context else B
                 else:
@@ -127,12 +129,12 @@ class TritonPagedAttentionBackend:
                         fresh_from -= 1
             self._fresh_from = fresh_from
             # Launch grids cover the longest chunk the host-side offsets allow (in a prefill graph:
-            # the bucket); the kernels read the real lengths from the device. The Triton kernel
-            # takes all prefill sequences in layers that FlashAttention cannot serve.
+            # the bucket); the kernels read the real lengths from the device. The paged kernel
+            # takes all prefill sequences in layers that the fresh path cannot serve.
             self._prefill_max_len = max(qsl[i + 1] - qsl[i] for i in range(nd, B))
             self._paged_max_len = self._prefill_max_len
             if fresh_from < B:
-                self.num_flash_prefill_steps += 1
+                self.num_fresh_prefill_steps += 1
                 p0 = qsl[fresh_from]
                 self._fresh_cu = self._qsl[fresh_from:] if p0 == 0 else self._qsl[fresh_from:] - p0
                 self._fresh_max_len = max(qsl[i + 1] - qsl[i] for i in range(fresh_from, B))
@@ -149,9 +151,9 @@ class TritonPagedAttentionBackend:
         tpa.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         self._step_info(meta)
         nd, B = meta.num_decodes, meta.num_seqs
-        fresh_from = self._fresh_from if B > nd and flash_prefill_usable(layer, q) else B
+        fresh_from = self._fresh_from if B > nd and fresh_prefill_usable(layer, q) else B
         if fresh_from == 0:
-            return self._flash_prefill(layer, q, k, v, 0)
+            return self._fresh_prefill(layer, q, k, v, 0)
         out = torch.empty_like(q)
         if nd:
             splits = tpa.decode_num_splits(nd, k_cache.shape[2], self._max_decode_len, self.num_sms)
@@ -165,12 +167,12 @@ class TritonPagedAttentionBackend:
                                         max_query_len=max_len, out=out, num_seqs=fresh_from - nd)
         if fresh_from < B:
             p0 = meta.query_start_loc[fresh_from]
-            fresh = self._flash_prefill(layer, q, k, v, p0, out=out[p0:])
+            fresh = self._fresh_prefill(layer, q, k, v, p0, out=out[p0:])
             if fresh.data_ptr() != out[p0:].data_ptr():  # FlashAttention and SDPA make their own
                 out[p0:] = fresh
         return out
 
-    def _flash_prefill(self, layer, q, k, v, p0: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _fresh_prefill(self, layer, q, k, v, p0: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention of the prefill rows p0.. within their own chunks (no cached context);
         the packed kernel writes it into `out` where given."""
         if self._one_fresh:  # rows p0.. are one sequence (in a prefill graph, with padding rows after

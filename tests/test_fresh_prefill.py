@@ -15,7 +15,7 @@ from vlmserve.layers.attention import AttentionMetadata
 from vlmserve.layers.attention.triton_backend import TritonPagedAttentionBackend
 from vlmserve.testing.checkpoints import make_text_checkpoint
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention needs a GPU")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fresh path runs on a GPU")
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, prompt_logprobs=3, ignore_eos=True)
 TOL = 0.05  # bf16: the two kernels round differently
 
@@ -42,16 +42,16 @@ def _prompts(seed, lengths):
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("num_decodes, chunks, fresh_from", [
-    (2, [(0, 5), (0, 9)], 2),            # decodes, then two fresh prompts: all prefill to flash
-    (1, [(40, 8), (0, 9), (0, 3)], 2),   # a chunk after cached context first: it to Triton, the rest to flash
-    (0, [(0, 5), (12, 4)], 2),           # the last chunk has context: all to Triton
+    (2, [(0, 5), (0, 9)], 2),            # decodes, then two fresh prompts: all prefill to the fresh path
+    (1, [(40, 8), (0, 9), (0, 3)], 2),   # a chunk after cached context first: it to the paged kernel, the rest fresh
+    (0, [(0, 5), (12, 4)], 2),           # the last chunk has context: all to the paged kernel
     (0, [(0, 7)], 0),                    # a lone fresh prompt: dense SDPA in a graph's bucket only
     (2, [(30, 4), (0, 6)], 3),           # one fresh chunk after others: likewise
     (3, [], 3),                          # decode only
 ])
-def test_which_sequences_take_flash(num_decodes, chunks, fresh_from, padded):
+def test_which_sequences_take_the_fresh_path(num_decodes, chunks, fresh_from, padded):
     backend = TritonPagedAttentionBackend(torch.device("cpu"))
-    backend.flash = True
+    backend.fresh_path = True
     qsl, seq_lens = list(range(num_decodes + 1)), [30] * num_decodes
     for ctx, n in chunks:
         qsl.append(qsl[-1] + n)
@@ -73,8 +73,8 @@ def test_which_sequences_take_flash(num_decodes, chunks, fresh_from, padded):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel in its interpreter")
 @pytest.mark.parametrize("chunks", [[(0, 9), (0, 5)], [(20, 6), (0, 9)], [(7, 3), (10, 4)]])
-def test_layers_flash_cannot_serve_take_the_triton_kernel_for_the_whole_step(chunks):
-    """float32 (or a sliding window): whatever the step's bookkeeping chose for FlashAttention,
+def test_layers_the_fresh_path_cannot_serve_take_the_paged_kernel_for_the_whole_step(chunks):
+    """float32 (or a sliding window): whatever the step's bookkeeping chose for the fresh path,
     such a layer attends over every prefill sequence with the Triton kernel, as the reference does."""
     from types import SimpleNamespace
 
@@ -83,7 +83,7 @@ def test_layers_flash_cannot_serve_take_the_triton_kernel_for_the_whole_step(chu
     g = torch.Generator().manual_seed(len(chunks))
     hq, hkv, d, bs = 4, 2, 16, 4
     backend = TritonPagedAttentionBackend(torch.device("cpu"))
-    backend.flash = True
+    backend.fresh_path = True
     layer = SimpleNamespace(num_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, sliding_window=None)
     nd, lens = 1, [6]  # one decode row, then the chunks
     qsl = [0, 1]
@@ -120,7 +120,7 @@ def test_fresh_prompts_take_the_packed_kernel_beside_decodes_and_cached_chunks(m
     g = torch.Generator().manual_seed(3)
     hq, hkv, d, bs = 4, 2, 32, 4
     backend = TritonPagedAttentionBackend(torch.device("cpu"))
-    backend.flash = True
+    backend.fresh_path = True
     layer = SimpleNamespace(num_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, sliding_window=None)
     qsl, lens = [0, 1], [6]  # one decode row
     for ctx, n in [(5, 3), (0, 9), (0, 17)]:
@@ -149,7 +149,7 @@ def test_fresh_prompts_take_the_packed_kernel_beside_decodes_and_cached_chunks(m
 
 @gpu
 @pytest.mark.parametrize("packed", ["1", "0"])
-def test_flash_prefill_equals_triton_kernel_in_mixed_steps(model_dir, monkeypatch, packed):
+def test_fresh_prefill_equals_paged_kernel_in_mixed_steps(model_dir, monkeypatch, packed):
     """Fresh prompts through the packed causal kernel (the default) and through FlashAttention's varlen
     op (VLMSERVE_PACKED_PREFILL=0), against the paged kernel for all."""
     monkeypatch.setenv("VLMSERVE_PACKED_PREFILL", packed)
@@ -157,19 +157,19 @@ def test_flash_prefill_equals_triton_kernel_in_mixed_steps(model_dir, monkeypatc
     llm = LLM(model_dir, dtype="bfloat16", max_model_len=1024, max_num_seqs=3, max_num_batched_tokens=96,
               enforce_eager=True)
     backend = llm.llm_engine.runner.attn_backend
-    if not backend.flash:
+    if not backend.fresh_path:
         pytest.skip("this torch has no FlashAttention for this GPU")
     prompts = _prompts(0, (5, 130, 64, 300, 17, 257, 90))  # 3 at a time: later ones join decoding ones
-    before = backend.num_flash_prefill_steps
-    flash = llm.generate(prompts, PARAMS, use_tqdm=False)
-    assert backend.num_flash_prefill_steps > before
-    backend.flash = False
+    before = backend.num_fresh_prefill_steps
+    fresh = llm.generate(prompts, PARAMS, use_tqdm=False)
+    assert backend.num_fresh_prefill_steps > before
+    backend.fresh_path = False
     try:
         llm.llm_engine.block_manager.reset_prefix_cache()
         triton = llm.generate(prompts, PARAMS, use_tqdm=False)
     finally:
-        backend.flash = True
-    for a, b in zip(flash, triton):
+        backend.fresh_path = True
+    for a, b in zip(fresh, triton):
         _close(a, b)
 
 
@@ -182,7 +182,7 @@ def test_lone_prompt_dense_attention_equals_triton_kernel(model_dir, monkeypatch
     eager = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
     monkeypatch.setenv("VLMSERVE_FLASH_PREFILL", "0")
     triton = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
-    if not graphs.llm_engine.runner.attn_backend.flash:
+    if not graphs.llm_engine.runner.attn_backend.fresh_path:
         pytest.skip("this torch has no FlashAttention for this GPU")
     for p in _prompts(3, (70, 333, 600)):
         want = triton.generate(p, PARAMS, use_tqdm=False)[0]
@@ -193,18 +193,18 @@ def test_lone_prompt_dense_attention_equals_triton_kernel(model_dir, monkeypatch
 
 
 @gpu
-def test_prefix_hits_and_graphs_with_flash_prefill(model_dir, monkeypatch):
+def test_prefix_hits_and_graphs_with_fresh_prefill(model_dir, monkeypatch):
     graphs = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
     monkeypatch.setenv("VLMSERVE_PREFILL_GRAPH_TOKENS", "0")
     eager = LLM(model_dir, dtype="bfloat16", max_model_len=1024)
     monkeypatch.delenv("VLMSERVE_PREFILL_GRAPH_TOKENS")
-    if not graphs.llm_engine.runner.attn_backend.flash:
+    if not graphs.llm_engine.runner.attn_backend.fresh_path:
         pytest.skip("this torch has no FlashAttention for this GPU")
     base = _prompts(1, (200,))[0]["prompt_token_ids"]
     no_prompt_lp = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, ignore_eos=True)
     for llm in (graphs, eager):
         llm.generate({"prompt_token_ids": base}, no_prompt_lp, use_tqdm=False)
-    # alone: a fresh prompt (flash), then one whose first 192 tokens are cached (the Triton kernel)
+    # alone: a fresh prompt (the fresh path), then one whose first 192 tokens are cached (the Triton kernel)
     outs = {}
     for name, llm in (("graphs", graphs), ("eager", eager)):
         outs[name] = [llm.generate(p, PARAMS, use_tqdm=False)[0] for p in _prompts(2, (70, 333))]
