@@ -32,7 +32,7 @@
 #   before_latency bench latency of both models with $BEFORE (beside the latency parts of this tree)
 #   (the $BEFORE runs start in $BEFORE: `python -m` puts the working directory first on sys.path, ahead
 #   of PYTHONPATH, so from here they would import this tree's vlmserve)
-#   OUT=/tmp/out COMMIT=<hash> bash scripts/gpu_bench.sh [parts...]
+#   OUT=/tmp/out COMMIT=<hash> [COPY_TO=$OUT_of_the_device_tool] bash scripts/gpu_bench.sh [parts...]
 # (COMMIT: the hash written out here; the device copy's .git can be stale, so git rev-parse there may name an
 # older commit than the tree it runs)
 # Sizes: LLAVA_N (500 requests), LLAVA_HFB (HF batch sizes, 192,256), QWEN_N (128), QWEN_HFB (64,96),
@@ -54,6 +54,9 @@ step() {  # step NAME LIMIT_S CMD...: run under a time limit, output to the log
     echo "== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
     timeout "$limit" "$@" 2>&1 | grep -v "Warning\|warn(\|Loading weights\|profiler_st" | tee -a "$LOG"
     echo "== $name: exit ${PIPESTATUS[0]} ($(date -u +%H:%M:%S))" | tee -a "$LOG"
+    # COPY_TO (the device tool's $OUT, where at most 8 files come back): the log and the JSONs so far,
+    # after every step, so that a call cut off by its time limit still returns what it finished
+    if [ -n "$COPY_TO" ]; then cp "$LOG" "$OUT"/*.json "$COPY_TO"/ 2>/dev/null; fi
 }
 
 model_run() {  # model_run TAG SHAPE IMAGE N HFB
