@@ -167,22 +167,21 @@ class TritonPagedAttentionBackend:
                                         max_query_len=max_len, out=out, num_seqs=fresh_from - nd)
         if fresh_from < B:
             p0 = meta.query_start_loc[fresh_from]
-            fresh = self._fresh_prefill(layer, q, k, v, p0, out=out[p0:])
-            if fresh.data_ptr() != out[p0:].data_ptr():  # FlashAttention and SDPA make their own
-                out[p0:] = fresh
+            self._fresh_prefill(layer, q, k, v, p0, out=out[p0:])
         return out
 
     def _fresh_prefill(self, layer, q, k, v, p0: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal attention of the prefill rows p0.. within their own chunks (no cached context);
-        the packed kernel writes it into `out` where given."""
+        """Causal attention of the prefill rows p0.. within their own chunks (no cached context),
+        into `out` where given (the packed kernel writes there; the others' result is copied)."""
+        L = self._fresh_max_len
         if self._one_fresh:  # rows p0.. are one sequence (in a prefill graph, with padding rows after
             # it, which real rows never attend to under the causal mask)
             qt, kt, vt = (x[p0:].transpose(0, 1)[None] for x in (q, k, v))
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=layer.scale,
-                                               enable_gqa=layer.num_heads != layer.num_kv_heads)
-            return o[0].transpose(0, 1)
-        L = self._fresh_max_len
-        if packed_prefill_usable(layer, q, k, v):
+                                               enable_gqa=layer.num_heads != layer.num_kv_heads)[0].transpose(0, 1)
+        elif packed_prefill_usable(layer, q, k, v):
             return tpk.packed_attention(q[p0:], k[p0:], v[p0:], self._fresh_cu, L, layer.scale, causal=True, out=out)
-        return torch.ops.aten._flash_attention_forward(q[p0:], k[p0:], v[p0:], self._fresh_cu, self._fresh_cu,
-                                                       L, L, 0.0, True, False, scale=layer.scale)[0]
+        else:
+            o = torch.ops.aten._flash_attention_forward(q[p0:], k[p0:], v[p0:], self._fresh_cu, self._fresh_cu,
+                                                        L, L, 0.0, True, False, scale=layer.scale)[0]
+        return o if out is None else out.copy_(o)
