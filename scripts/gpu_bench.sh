@@ -16,6 +16,8 @@
 #   {llava,qwen}_sync  latency and throughput (vlmserve only) with async scheduling off (VLMSERVE_ASYNC_SCHEDULING=0)
 #   {llava,qwen}_vlm   throughput, vlmserve only (A/B of SEQS or env settings)
 #   {llava,qwen}_noprefetch  latency with the encoder prefetch off (VLMSERVE_ENCODER_PREFETCH=0; on by default)
+#   gemv_ab        bench latency of both models, the Triton GEMV against cuBLAS (VLMSERVE_TRITON_GEMV=0)
+#   gemv_sweep     scripts/gpu_gemv_sweep.py: the GEMV's tiles in decode chains against cuBLAS
 #   {llava,qwen}_vattn     latency and throughput (vlmserve only) with the Triton vision attention
 #                          (VLMSERVE_TRITON_VISION_ATTENTION=1)
 # The figures of BENCHMARKS.md's table in one call (~6.5 min on an H200):
@@ -103,7 +105,8 @@ for part in $PARTS; do
         gpu_tests)  # the tests that need a GPU (FlashAttention prefill, GPU preprocessing, CUDA graphs)
             step gpu_tests "${T_TESTS:-300}" python -m pytest -q -p no:cacheprovider tests/test_fresh_prefill.py \
                 tests/test_device_pixels.py tests/test_prefill_graphs.py tests/test_encoder_graphs.py \
-                tests/test_async_scheduling.py tests/test_encoder_prefetch.py tests/test_kernel_warmup.py ;;
+                tests/test_async_scheduling.py tests/test_encoder_prefetch.py tests/test_kernel_warmup.py \
+                tests/test_triton_gemv.py ;;
         vision_sweep)  # the Triton vision attention's variants and tiles, each in its own process
             step vision_sweep "${T_VSWEEP:-400}" python scripts/gpu_vision_attention_sweep.py \
                 --out "$OUT/vision_sweep.json" ;;
@@ -134,10 +137,20 @@ for part in $PARTS; do
                 --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_latency_noprefetch.json" ;;
         llava_vattn|qwen_vattn)  # latency and throughput (vlmserve only) with the Triton vision attention
             env_ab "${part%%_*}" vattn VLMSERVE_TRITON_VISION_ATTENTION=1 ;;
-        llava_latency_gemv)  # single-stream decode with the split-K Triton GEMV (VLMSERVE_TRITON_GEMV=1)
-            m="--random-model --model-shape llava-1.5-7b --input-len 32 --output-len 128 --source-image-size 336x336"
-            step "$part" "${T_LAT:-110}" env VLMSERVE_TRITON_GEMV=1 $BENCH latency $m --backends vlmserve \
-                --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/$part.json" ;;
+        gemv_ab)  # single-stream decode, both models: the Triton GEMV (the default on sm_90+) against cuBLAS
+            # (VLMSERVE_TRITON_GEMV=0), alternating AB_ROUNDS times
+            for r in $(seq "${AB_ROUNDS:-1}"); do
+                for tag in llava qwen; do
+                    if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
+                    for g in 1 0; do
+                        step "${tag}_latency_gemv${g}_r$r" "${T_LAT:-110}" env VLMSERVE_TRITON_GEMV=$g $BENCH latency \
+                            --random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image \
+                            --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_gemv${g}_r$r.json"
+                    done
+                done
+            done ;;
+        gemv_sweep)  # scripts/gpu_gemv_sweep.py: decode GEMV chains in a graph, cuBLAS against the Triton GEMV's tiles
+            step gemv_sweep "${T_GSWEEP:-200}" python scripts/gpu_gemv_sweep.py --out "$OUT/gemv_sweep.json" ;;
         llava_sync|qwen_sync)  # A/B: latency and throughput (vlmserve only) with async scheduling off
             env_ab "${part%%_*}" sync VLMSERVE_ASYNC_SCHEDULING=0 ;;
         llava_async|qwen_async)  # scripts/gpu_async_trace.py: launch/collect times and the syncs in launches

@@ -234,23 +234,24 @@ def check_packed_attention(rows, dtype, lengths, h, d, hkv=None, causal=False, t
     rows.append(row)
 
 
-def check_gemv(rows, dtype, M, K, N):
-    """The opt-in split-K GEMV (VLMSERVE_TRITON_GEMV=1) against its reference, timed beside cuBLAS:
-    weight bytes read per microsecond is what single-stream decode is bound by."""
+def check_gemv(rows, dtype, M, K, N, bias=False):
+    """The decode GEMV (kernels/triton_gemv.py) against its reference, timed beside cuBLAS: weight bytes
+    read per microsecond is what single-stream decode is bound by."""
     x = torch.randn(M, K, device=DEV, dtype=dtype)
     w = torch.randn(N, K, device=DEV, dtype=dtype) * K ** -0.5
-    err = rel_err(tg.gemv(x, w), tg.reference_gemv(x, w))
-    ms = triton.testing.do_bench(lambda: tg.gemv(x, w), return_mode="median")
-    ms_ref = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median")
-    rows.append({"kernel": "gemv_splitk", "dtype": str(dtype), "shape": f"M={M} K={K} N={N}", "rel_err": err,
-                 "ok": err < TOL[dtype], "us": 1e3 * ms, "torch_us": 1e3 * ms_ref,
+    b = torch.randn(N, device=DEV, dtype=dtype) if bias else None
+    err = rel_err(tg.gemv(x, w, b), tg.reference_gemv(x, w, b))
+    ms = triton.testing.do_bench(lambda: tg.gemv(x, w, b), return_mode="median")
+    ms_ref = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w, b), return_mode="median")
+    rows.append({"kernel": "gemv", "dtype": str(dtype), "shape": f"M={M} K={K} N={N}{' bias' if bias else ''}",
+                 "rel_err": err, "ok": err < TOL[dtype], "us": 1e3 * ms, "torch_us": 1e3 * ms_ref,
                  "tbps": w.numel() * w.element_size() / ms / 1e9,
                  "cublas_tbps": w.numel() * w.element_size() / ms_ref / 1e9})
 
 
 def sweep(rows) -> None:
     """Tile sizes of the decode kernel (the throughput workload's full batch: 128 sequences of 672
-    tokens, MHA) and of the split-K GEMV (single-stream decode's shapes), timed for choosing;
+    tokens, MHA) and of the decode GEMV (single-stream decode's shapes), timed for choosing;
     errors checked too."""
     dtype = torch.bfloat16
     B, h, d, L = 128, 32, 128, 672
@@ -314,13 +315,12 @@ def sweep(rows) -> None:
         ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median")
         rows.append({"kernel": "sweep_cublas", "dtype": str(dtype), "shape": f"M={M} K={K} N={N}", "rel_err": 0.0,
                      "ok": True, "us": 1e3 * ms, "gbps": w.numel() * 2 / ms / 1e6})
-        configs = [(False, 64, 128, 4), (False, 32, 64, 4), (True, 32, 256, 4), (True, 16, 128, 8)]
-        for fma, bn, bk, nw in configs:
-            run = lambda: tg.gemv(x, w, block_n=bn, block_k=bk, fma=fma, num_warps=nw)  # noqa: E731
+        for bn, bk, nw, ns in ((8, 512, 4, 3), (4, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 4, 3)):
+            run = lambda: tg.gemv(x, w, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)  # noqa: E731
             err = rel_err(run(), ref)
             ms = triton.testing.do_bench(run, return_mode="median")
             rows.append({"kernel": "sweep_gemv", "dtype": str(dtype), "shape": f"M={M} K={K} N={N} "
-                         f"{'fma' if fma else 'dot'} block_n={bn} block_k={bk} warps={nw}", "rel_err": err,
+                         f"block_n={bn} block_k={bk} warps={nw} stages={ns}", "rel_err": err,
                          "ok": err < TOL[dtype], "us": 1e3 * ms, "gbps": w.numel() * 2 / ms / 1e6})
 
 
@@ -435,8 +435,11 @@ def main() -> int:
     check_layer_norm(rows, torch.bfloat16, 12 * 5476, 1280)  # a Qwen2-VL prefill step's 12 images
     check_layer_norm(rows, torch.bfloat16, 27 * 577, 1024)  # LLaVA's CLIP tower, 27 images
     check_layer_norm(rows, torch.float32, 100, 80)
-    for M, K, N in ((1, 4096, 12288), (1, 4096, 22016), (1, 11008, 4096), (4, 4096, 22016), (8, 4096, 4096)):
+    for M, K, N in ((1, 4096, 12288), (1, 4096, 22016), (1, 11008, 4096), (4, 4096, 22016), (2, 4096, 4096)):
         check_gemv(rows, torch.bfloat16, M, K, N)  # Llama-2-7B's qkv, gate_up, down, o at decode
+    check_gemv(rows, torch.bfloat16, 1, 3584, 4608, bias=True)  # Qwen2-7B's qkv
+    check_gemv(rows, torch.float16, 3, 1000, 257)
+    check_gemv(rows, torch.float32, 1, 1030, 130)
     if "--sweep" in sys.argv:
         sweep(rows)
     ceil = ceilings()

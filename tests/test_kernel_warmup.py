@@ -1,16 +1,18 @@
-"""On a GPU the engine compiles its attention kernels' variants at startup: a serving run (mixed
-steps of many batch sizes, chunked prefill after cached context) compiles none of them."""
+"""On a GPU the engine compiles its attention kernels' variants, and its decode GEMV's, at startup: a
+serving run (mixed steps of many batch sizes, chunked prefill after cached context) compiles none of them."""
 import pytest
 import torch
 
 from vlmserve import LLM, SamplingParams
+from vlmserve.kernels import triton_gemv as tg
 from vlmserve.kernels import triton_packed_attention as tpk
 from vlmserve.kernels import triton_paged_attention as tpa
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 KERNELS = ((tpa, "_decode_kernel"), (tpa, "_merge_splits_kernel"), (tpa, "_prefill_kernel"),
-           (tpk, "_packed_attention_kernel"))  # the last: several fresh prompts in a step
+           (tpk, "_packed_attention_kernel"),  # several fresh prompts in a step
+           (tg, "_gemv_kernel"))  # decode steps of up to MAX_ROWS sequences (sm_90+; compiled by the graphs' capture)
 
 
 def compiled_variants() -> dict[str, int]:

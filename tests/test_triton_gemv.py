@@ -1,5 +1,5 @@
-"""The split-K GEMV kernel against its torch reference, on the CPU through Triton's interpreter
-(conftest chooses it for the session on machines without a GPU)."""
+"""The streaming GEMV kernel against its torch reference, on the CPU through Triton's interpreter
+(conftest chooses it for the session on machines without a GPU), and which linear layers take it."""
 import os
 
 import pytest
@@ -14,38 +14,73 @@ from vlmserve.kernels import triton_gemv as tg  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("M, N, K, split_k", [(1, 200, 300, None), (3, 64, 1000, 4), (8, 130, 257, 3),
-                                              (2, 96, 128, 1)])
+@pytest.mark.parametrize("M, N, K", [(1, 200, 300), (3, 64, 1000), (4, 130, 257), (2, 96, 128), (1, 7, 1030)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("fma", [False, True])
-def test_matches_reference(M, N, K, split_k, bias, fma):
+@pytest.mark.parametrize("block_n, block_k", [(8, 128), (16, 64)])
+def test_matches_reference(M, N, K, bias, block_n, block_k):
+    # N and K not multiples of the tiles: the last row tile and the last K tile are partial
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     x = torch.randn(M, K, generator=g).to(DEV)
     w = torch.randn(N, K, generator=g).to(DEV)
     b = torch.randn(N, generator=g).to(DEV) if bias else None
-    got = tg.gemv(x, w, b, split_k=split_k, block_n=32, block_k=64, fma=fma)
+    got = tg.gemv(x, w, b, block_n=block_n, block_k=block_k)
     torch.testing.assert_close(got, tg.reference_gemv(x, w, b), atol=1e-4, rtol=1e-4)
 
 
-def test_strided_rows_and_only_small_batches_are_taken():
-    x = torch.randn(4, 2 * 96)[:, :96]  # a column slice: rows not contiguous in memory order
+def test_rows_of_x_apart_in_memory():
+    x = torch.randn(4, 2 * 96)[:, :96]  # a column slice: rows 192 elements apart
     w = torch.randn(40, 96)
-    torch.testing.assert_close(tg.gemv(x.to(DEV), w.to(DEV), block_n=32, block_k=32),
+    torch.testing.assert_close(tg.gemv(x.to(DEV), w.to(DEV), block_n=8, block_k=32),
                                tg.reference_gemv(x, w).to(DEV), atol=1e-4, rtol=1e-4)
-    assert tg.usable(x.to(DEV), w.to(DEV))
-    assert not tg.usable(torch.randn(9, 96).to(DEV), w.to(DEV))
 
 
-def test_linear_layers_route_small_batches_only_when_asked(monkeypatch):
+def test_only_small_batches_are_taken():
+    w = torch.randn(40, 96).to(DEV)
+    assert tg.usable(torch.randn(tg.MAX_ROWS, 96).to(DEV), w)
+    assert not tg.usable(torch.randn(tg.MAX_ROWS + 1, 96).to(DEV), w)
+    assert not tg.usable(torch.randn(2, 96).to(DEV).to(torch.float64), w)  # dtypes differ
+    assert not tg.usable(torch.randn(2, 95).to(DEV), w)  # K differs
+    assert not tg.usable(torch.randn(2, 3, 96).to(DEV), w)
+
+
+def test_linear_layers_route_small_batches(monkeypatch):
     from vlmserve.layers.linear import route_small_batches_through_triton_gemv
 
     lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
-    assert route_small_batches_through_triton_gemv(lin) == 0  # not asked: nothing changes
-    monkeypatch.setenv("VLMSERVE_TRITON_GEMV", "1")
+    assert route_small_batches_through_triton_gemv(lin) == 0  # CPU weights stay with oneDNN
     if not torch.cuda.is_available():
-        assert route_small_batches_through_triton_gemv(lin) == 0  # CPU weights stay with oneDNN
         return
     lin = lin.cuda()
+    monkeypatch.setenv("VLMSERVE_TRITON_GEMV", "0")
+    assert route_small_batches_through_triton_gemv(lin) == 0
+    monkeypatch.setenv("VLMSERVE_TRITON_GEMV", "1")
     assert route_small_batches_through_triton_gemv(lin) == 1
-    x = torch.randn(3, 64, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(lin(x), tg.reference_gemv(x, lin.weight, lin.bias), atol=2e-2, rtol=2e-2)
+    for rows in (1, 3, 9):  # 9 rows: cuBLAS, through the same forward
+        x = torch.randn(rows, 64, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(lin(x), tg.reference_gemv(x, lin.weight, lin.bias), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")
+def test_dependent_launch_in_a_cuda_graph_reads_what_the_kernel_before_wrote():
+    # a chain where every GEMV reads the last one's output: launched early, each must still wait for it
+    if not tg.pdl_supported(torch.empty(1, device="cuda")):
+        pytest.skip("no programmatic dependent launch on this GPU or Triton")
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+          for n, k in ((4096, 1024), (1024, 4096)) * 4]
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def chain(pdl):
+        y = x * 2  # an ordinary kernel first
+        for w in ws:
+            y = tg.gemv(y, w, pdl=pdl)
+        return y
+    want = chain(False)
+    chain(True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(True)
+    for _ in range(3):
+        x.normal_()
+        want = chain(False)
+        graph.replay()
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -1,12 +1,20 @@
-"""Split-K matrix-vector products for small-batch decode on the GPU, in Triton: y = x @ W^T (+ b)
-for x [M, K] with M <= 8 rows. Single-stream decode reads every weight once per step, so a step is
-as fast as the linear layers stream their weights; the H100 profiles in BENCHMARKS.md show cuBLAS's
-GEMV at ~2.6 TB/s of a 3.0 TB/s copy ceiling. Here each program streams a [BLOCK_N, BLOCK_K] tile of
-W over one slice of K and writes float32 partial sums; a second tiny pass adds the slices (a fixed
-order, so results do not depend on scheduling, unlike atomic adds).
+"""Matrix-vector products for decode on the GPU, in Triton: y = x @ W^T (+ b) for x of at most MAX_ROWS rows.
 
-Opt-in (`VLMSERVE_TRITON_GEMV=1`) until measured faster than cuBLAS on the target GPU;
-`reference_gemv` is the torch computation it is tested against."""
+Single-stream decode reads every weight once per step, so a step is as fast as its linear layers stream
+their weights. Each program here streams BLOCK_N rows of W [N, K] across all of K in BLOCK_N x BLOCK_K
+tiles and multiply-adds them with one row of x on the CUDA cores, in float32, reducing over K once at the
+end: no split-K pass, no shared-memory staging. The programs of one weight tile for the rows of x are
+neighbours in launch order, so all but the first find the tile in L2.
+
+In a CUDA graph of Llama-2-7B's decode GEMVs (qkv, o, gate_up, down, 32 layers, each reading the last
+one's output), 8 x 512 tiles with 4 warps streamed 3.93 TB/s on an H200 against cuBLAS's 3.56
+(scripts/gpu_gemv_pdl_probe.py; BENCHMARKS.md). With programmatic dependent launch (`pdl`, Hopper and
+later) a GEMV is let onto the GPU while the kernel before it finishes, and waits (griddepcontrol.wait)
+before it reads x or writes y: a further ~1% there.
+
+Linear layers on sm_90+ GPUs take it by default (`route_small_batches_through_triton_gemv`);
+`VLMSERVE_TRITON_GEMV=0` keeps cuBLAS, `=1` uses it on other GPUs too. `reference_gemv` is the torch
+computation it is tested against."""
 from __future__ import annotations
 
 import os
@@ -19,90 +27,82 @@ try:
 except ImportError:
     triton = None
 
-MAX_ROWS = 8
+try:
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # Triton without grid dependency control: no PDL
+    gdc_wait = None
+
+MAX_ROWS = 4
+BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 8, 512, 4, 3
 
 
-def enabled() -> bool:
-    return triton is not None and os.environ.get("VLMSERVE_TRITON_GEMV") == "1"
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def enabled(device: torch.device | str) -> bool:
+    """Whether linear layers on `device` should take this GEMV for small batches: by default on CUDA GPUs
+    of compute capability 9.0 and above (where it was measured faster than cuBLAS)."""
+    setting = os.environ.get("VLMSERVE_TRITON_GEMV")
+    device = torch.device(device)
+    if triton is None or setting == "0" or device.type != "cuda":
+        return False
+    return setting == "1" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and x.dim() == 2 \
-        and 0 < x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype and weight.is_contiguous()
+    return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and (x.is_cuda or _interpreting()) \
+        and x.dtype == weight.dtype and weight.dim() == 2 and weight.stride(1) == 1 and x.shape[1] == weight.shape[1]
+
+
+def pdl_supported(x: torch.Tensor) -> bool:
+    return gdc_wait is not None and x.is_cuda and not _interpreting() \
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 if triton is not None:
 
     @triton.jit
-    def _gemv_partial_kernel(x_ptr, w_ptr, part_ptr, M, N, K, k_per_split, stride_xm, stride_wn,
-                             stride_ps, stride_pm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, PREC: tl.constexpr):
-        pid_n = tl.program_id(0)
-        split = tl.program_id(1)
-        rows = tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm, cm = rows < M, cols < N
-        k_lo = split * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            km = ks < k_hi
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(w), input_precision=PREC)
-        tl.store(part_ptr + split * stride_ps + rows[:, None] * stride_pm + cols[None, :], acc,
-                 mask=rm[:, None] & cm[None, :])
-
-
-    @triton.jit
-    def _gemv_fma_partial_kernel(x_ptr, w_ptr, part_ptr, M, N, K, k_per_split, stride_xm, stride_wn,
-                                 stride_ps, stride_pm, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # one row of x at a time on the CUDA cores: the weight tile goes from registers into an
-        # elementwise accumulator, reduced over K once at the end (no shared-memory staging)
-        pid_n = tl.program_id(0)
-        split = tl.program_id(1)
-        m = tl.program_id(2)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cm = cols < N
-        k_lo = split * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+        m = tl.program_id(0)  # the row of x: fastest in launch order, so a weight tile's readers run together
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = rows < N
+        ks = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+        x_ptrs = x_ptr + m * stride_xm + ks
+        if PDL:  # launched before the kernel that writes x has finished: wait for it
+            gdc_wait()
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            km = ks < k_hi
-            x = tl.load(x_ptr + m * stride_xm + ks, mask=km, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-        tl.store(part_ptr + split * stride_ps + m * stride_pm + cols, tl.sum(acc, 1), mask=cm)
+        for k0 in range(0, K, BLOCK_K):
+            km = k0 + ks < K
+            w = tl.load(w_ptrs + k0, mask=rm[:, None] & km[None, :], other=0.0)
+            x = tl.load(x_ptrs + k0, mask=km, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, 1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rm)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, split_k: int | None = None,
-         block_n: int = 64, block_k: int = 128, fma: bool = False, num_warps: int = 4) -> torch.Tensor:
-    """x [M, K] (M <= 8, rows contiguous), weight [N, K] contiguous -> [M, N] in x's dtype."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = BLOCK_N,
+         block_k: int = BLOCK_K, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
+         pdl: bool | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS; rows may be strided, each contiguous), weight [N, K] with contiguous rows
+    -> [M, N] in x's dtype. pdl: launch with programmatic dependent launch (default: where supported)."""
     M, K = x.shape
     N = weight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
-    n_tiles = triton.cdiv(N, block_n)
-    if split_k is None:  # enough programs to keep every SM streaming: ~4 per SM of an H100
-        split_k = max(1, min(triton.cdiv(K, block_k), triton.cdiv(528, n_tiles)))
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)
-    part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-    if fma:
-        _gemv_fma_partial_kernel[(n_tiles, split_k, M)](
-            x, weight, part, M, N, K, k_per_split, x.stride(0), weight.stride(0), part.stride(0), part.stride(1),
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
-    else:
-        _gemv_partial_kernel[(n_tiles, split_k)](
-            x, weight, part, M, N, K, k_per_split, x.stride(0), weight.stride(0), part.stride(0), part.stride(1),
-            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=num_warps)
-    y = part.sum(0)
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype)
+    if pdl is None:
+        pdl = pdl_supported(x)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    extra = {"launch_pdl": True} if pdl else {}
+    _gemv_kernel[(M, triton.cdiv(N, block_n))](
+        x, weight, bias if bias is not None else weight, y, N, K, x.stride(0), weight.stride(0), y.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, PDL=bool(pdl), num_warps=num_warps,
+        num_stages=num_stages, **extra)
+    return y
 
 
 def reference_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -55,18 +55,18 @@ def _small_batch_gemv_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def route_small_batches_through_triton_gemv(model: nn.Module) -> int:
-    """On the GPU, with VLMSERVE_TRITON_GEMV=1, linear layers take inputs of at most 8 rows (decode of
-    a few sequences) through the split-K GEMV of kernels/triton_gemv.py. Opt-in until measured faster
-    than cuBLAS. Returns how many layers were routed."""
+    """On the GPU, linear layers take inputs of at most triton_gemv.MAX_ROWS rows (decode of a few
+    sequences) through the streaming GEMV of kernels/triton_gemv.py: by default on sm_90+ GPUs, where it
+    was measured faster than cuBLAS (VLMSERVE_TRITON_GEMV=0 keeps cuBLAS). Larger inputs keep cuBLAS.
+    Returns how many layers were routed."""
     import types
 
     from vlmserve.kernels import triton_gemv
 
-    if not triton_gemv.enabled():
-        return 0
     n = 0
     for m in model.modules():
-        if isinstance(m, nn.Linear) and m.weight.is_cuda and m.weight.dtype in (torch.bfloat16, torch.float16):
+        if isinstance(m, nn.Linear) and m.weight.is_cuda and m.weight.dtype in (torch.bfloat16, torch.float16) \
+                and triton_gemv.enabled(m.weight.device):
             m.forward = types.MethodType(_small_batch_gemv_forward, m)
             n += 1
     return n

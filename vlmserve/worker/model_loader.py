@@ -33,7 +33,7 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     if device.type == "cpu":
         route_linears_through_onednn(model)
     elif device.type == "cuda":
-        route_small_batches_through_triton_gemv(model)  # opt-in: VLMSERVE_TRITON_GEMV=1
+        route_small_batches_through_triton_gemv(model)  # sm_90+ by default; VLMSERVE_TRITON_GEMV=0: off
     return model.eval()
 
 
