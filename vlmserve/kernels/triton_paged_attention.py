@@ -57,16 +57,26 @@ if triton is not None:
 
     @triton.jit
     def _attend_tile(q, kc_ptr, vc_ptr, table_ptr, toks, tm, keep, kvh, block_size, stride_cb, stride_cs,
-                     stride_ch, d, dm, m, l, acc, PREC: tl.constexpr):
+                     stride_ch, d, dm, m, l, acc, PREC: tl.constexpr, MASKED: tl.constexpr = True):
         """One tile of the online softmax shared by both attention kernels: gather the K and V rows
         of tokens `toks` (valid where `tm`) through the sequence's block table, score them against
-        q, drop the scores outside `keep`, and fold the tile into the running max m, sum l and acc."""
-        blk = tl.load(table_ptr + toks // block_size, mask=tm, other=0)
+        q, drop the scores outside `keep`, and fold the tile into the running max m, sum l and acc.
+        MASKED=False: every token is valid and kept (tm and keep are not read): no masks but the head
+        dim's."""
+        if MASKED:
+            blk = tl.load(table_ptr + toks // block_size, mask=tm, other=0)
+        else:
+            blk = tl.load(table_ptr + toks // block_size)
         off = blk.to(tl.int64) * stride_cb + (toks % block_size) * stride_cs + kvh * stride_ch
-        k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-        v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+        if MASKED:
+            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+        else:
+            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=dm[None, :], other=0.0)
+            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=dm[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s = tl.where(keep, s, float("-inf"))
+        if MASKED:
+            s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
@@ -172,6 +182,13 @@ if triton is not None:
             lo = 0
             if window > 0:
                 lo = tl.maximum(ctx + tile * BLOCK_M - window + 1, 0)
+            else:  # the key tiles wholly before the block's first row need no mask: their own loop
+                full_end = ((ctx + tile * BLOCK_M) // BLOCK_N) * BLOCK_N
+                for n0 in range(0, full_end, BLOCK_N):
+                    m, l, acc = _attend_tile(q, kc_ptr, vc_ptr, tables_ptr + seq * stride_tb,
+                                             n0 + tl.arange(0, BLOCK_N), rm, rm, kvh, block_size, stride_cb,
+                                             stride_cs, stride_ch, d, dm, m, l, acc, PREC, False)
+                lo = full_end
             for n0 in range(lo, hi, BLOCK_N):
                 toks = n0 + tl.arange(0, BLOCK_N)
                 tm = toks < hi
