@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 KERNELS = ((tpa, "_decode_kernel"), (tpa, "_merge_splits_kernel"), (tpa, "_prefill_kernel"),
            (tpk, "_packed_attention_kernel"),  # several fresh prompts in a step
-           (tg, "_gemv_kernel"))  # decode steps of up to MAX_ROWS sequences (sm_90+; compiled by the graphs' capture)
+           (tg, "_gemv_kernel"))  # single-stream decode steps (sm_90+; compiled by the graphs' capture)
 
 
 def compiled_variants() -> dict[str, int]:

@@ -34,7 +34,7 @@ def test_rows_of_x_apart_in_memory():
                                tg.reference_gemv(x, w).to(DEV), atol=1e-4, rtol=1e-4)
 
 
-def test_only_small_batches_are_taken():
+def test_only_single_rows_are_taken():
     w = torch.randn(40, 96).to(DEV)
     assert tg.usable(torch.randn(tg.MAX_ROWS, 96).to(DEV), w)
     assert not tg.usable(torch.randn(tg.MAX_ROWS + 1, 96).to(DEV), w)
@@ -43,19 +43,19 @@ def test_only_small_batches_are_taken():
     assert not tg.usable(torch.randn(2, 3, 96).to(DEV), w)
 
 
-def test_linear_layers_route_small_batches(monkeypatch):
-    from vlmserve.layers.linear import route_small_batches_through_triton_gemv
+def test_linear_layers_route_single_rows(monkeypatch):
+    from vlmserve.layers.linear import route_single_rows_through_triton_gemv
 
     lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
-    assert route_small_batches_through_triton_gemv(lin) == 0  # CPU weights stay with oneDNN
+    assert route_single_rows_through_triton_gemv(lin) == 0  # CPU weights stay with oneDNN
     if not torch.cuda.is_available():
         return
     lin = lin.cuda()
     monkeypatch.setenv("VLMSERVE_TRITON_GEMV", "0")
-    assert route_small_batches_through_triton_gemv(lin) == 0
+    assert route_single_rows_through_triton_gemv(lin) == 0
     monkeypatch.setenv("VLMSERVE_TRITON_GEMV", "1")
-    assert route_small_batches_through_triton_gemv(lin) == 1
-    for rows in (1, 3, 9):  # 9 rows: cuBLAS, through the same forward
+    assert route_single_rows_through_triton_gemv(lin) == 1
+    for rows in (1, 3):  # 3 rows: cuBLAS, through the same forward
         x = torch.randn(rows, 64, device="cuda", dtype=torch.bfloat16)
         torch.testing.assert_close(lin(x), tg.reference_gemv(x, lin.weight, lin.bias), atol=2e-2, rtol=2e-2)
 

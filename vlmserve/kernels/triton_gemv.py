@@ -1,18 +1,19 @@
-"""Matrix-vector products for decode on the GPU, in Triton: y = x @ W^T (+ b) for x of at most MAX_ROWS rows.
+"""Matrix-vector products for single-stream decode on the GPU, in Triton: y = x @ W^T (+ b).
 
 Single-stream decode reads every weight once per step, so a step is as fast as its linear layers stream
 their weights. Each program here streams BLOCK_N rows of W [N, K] across all of K in BLOCK_N x BLOCK_K
 tiles and multiply-adds them with one row of x on the CUDA cores, in float32, reducing over K once at the
-end: no split-K pass, no shared-memory staging. The programs of one weight tile for the rows of x are
-neighbours in launch order, so all but the first find the tile in L2.
+end: no split-K pass, no shared-memory staging. The kernel takes several rows of x (the programs of one
+weight tile for the rows of x are neighbours in launch order), but for 2 and 4 rows cuBLAS streamed
+faster (3.5 against 2.9 and 2.0 TB/s), so linear layers route inputs of one row (MAX_ROWS) here.
 
 In a CUDA graph of Llama-2-7B's decode GEMVs (qkv, o, gate_up, down, 32 layers, each reading the last
-one's output), 8 x 512 tiles with 4 warps streamed 3.93 TB/s on an H200 against cuBLAS's 3.56
-(scripts/gpu_gemv_pdl_probe.py; BENCHMARKS.md). With programmatic dependent launch (`pdl`, Hopper and
-later) a GEMV is let onto the GPU while the kernel before it finishes, and waits (griddepcontrol.wait)
-before it reads x or writes y: a further ~1% there.
+one's output), 8 x 512 tiles with 4 warps and 3 stages streamed 3.85 TB/s on an H200 against cuBLAS's
+3.53 (Qwen2-VL-7B's: 3.96 against 3.51; scripts/gpu_gemv_sweep.py, BENCHMARKS.md). With programmatic
+dependent launch (`pdl`, Hopper and later) a GEMV is let onto the GPU while the kernel before it
+finishes, and waits (griddepcontrol.wait) before it reads x or writes y: ~1% of that chain.
 
-Linear layers on sm_90+ GPUs take it by default (`route_small_batches_through_triton_gemv`);
+Linear layers on sm_90+ GPUs take it by default (`route_single_rows_through_triton_gemv`);
 `VLMSERVE_TRITON_GEMV=0` keeps cuBLAS, `=1` uses it on other GPUs too. `reference_gemv` is the torch
 computation it is tested against."""
 from __future__ import annotations
@@ -32,7 +33,7 @@ try:
 except ImportError:  # Triton without grid dependency control: no PDL
     gdc_wait = None
 
-MAX_ROWS = 4
+MAX_ROWS = 1  # inputs with more rows stay with cuBLAS (faster from 2 rows on, scripts/gpu_gemv_sweep.py)
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 8, 512, 4, 3
 
 
@@ -88,7 +89,7 @@ if triton is not None:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = BLOCK_N,
          block_k: int = BLOCK_K, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
          pdl: bool | None = None) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS; rows may be strided, each contiguous), weight [N, K] with contiguous rows
+    """x [M, K] (rows may be strided, each contiguous), weight [N, K] with contiguous rows
     -> [M, N] in x's dtype. pdl: launch with programmatic dependent launch (default: where supported)."""
     M, K = x.shape
     N = weight.shape[0]

@@ -47,17 +47,17 @@ def route_linears_through_onednn(model: nn.Module) -> int:
     return n
 
 
-def _small_batch_gemv_forward(self, x: torch.Tensor) -> torch.Tensor:
+def _single_row_gemv_forward(self, x: torch.Tensor) -> torch.Tensor:
     from vlmserve.kernels import triton_gemv
     if triton_gemv.usable(x, self.weight):
         return triton_gemv.gemv(x, self.weight, self.bias)
     return nn.functional.linear(x, self.weight, self.bias)
 
 
-def route_small_batches_through_triton_gemv(model: nn.Module) -> int:
-    """On the GPU, linear layers take inputs of at most triton_gemv.MAX_ROWS rows (decode of a few
-    sequences) through the streaming GEMV of kernels/triton_gemv.py: by default on sm_90+ GPUs, where it
-    was measured faster than cuBLAS (VLMSERVE_TRITON_GEMV=0 keeps cuBLAS). Larger inputs keep cuBLAS.
+def route_single_rows_through_triton_gemv(model: nn.Module) -> int:
+    """On the GPU, linear layers take inputs of one row (triton_gemv.MAX_ROWS: single-stream decode) through
+    the streaming GEMV of kernels/triton_gemv.py: by default on sm_90+ GPUs, where it was measured faster
+    than cuBLAS (VLMSERVE_TRITON_GEMV=0 keeps cuBLAS). Larger inputs keep cuBLAS.
     Returns how many layers were routed."""
     import types
 
@@ -67,6 +67,6 @@ def route_small_batches_through_triton_gemv(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Linear) and m.weight.is_cuda and m.weight.dtype in (torch.bfloat16, torch.float16) \
                 and triton_gemv.enabled(m.weight.device):
-            m.forward = types.MethodType(_small_batch_gemv_forward, m)
+            m.forward = types.MethodType(_single_row_gemv_forward, m)
             n += 1
     return n

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from vlmserve.config import ModelConfig
-from vlmserve.layers.linear import route_linears_through_onednn, route_small_batches_through_triton_gemv
+from vlmserve.layers.linear import route_linears_through_onednn, route_single_rows_through_triton_gemv
 from vlmserve.models.registry import ModelRegistry
 from vlmserve.models.weight_utils import iterate_weights
 
@@ -33,7 +33,7 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     if device.type == "cpu":
         route_linears_through_onednn(model)
     elif device.type == "cuda":
-        route_small_batches_through_triton_gemv(model)  # sm_90+ by default; VLMSERVE_TRITON_GEMV=0: off
+        route_single_rows_through_triton_gemv(model)  # sm_90+ by default; VLMSERVE_TRITON_GEMV=0: off
     return model.eval()
 
 
