@@ -27,6 +27,22 @@ def test_matches_reference(M, N, K, bias, block_n, block_k):
     torch.testing.assert_close(got, tg.reference_gemv(x, w, b), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("M, N, K, bias", [(1, 40, 300, False), (2, 17, 1030, True)])
+def test_silu_and_mul_on_the_way_in(M, N, K, bias):
+    # the gated MLP's down projection reading [gate | up]: as the SiLU-and-mul kernel, then the GEMV
+    from vlmserve.kernels import triton_fused
+
+    g = torch.Generator().manual_seed(N + K)
+    gate_up = torch.randn(M, 2 * K, generator=g).to(DEV)
+    w = torch.randn(N, K, generator=g).to(DEV)
+    b = torch.randn(N, generator=g).to(DEV) if bias else None
+    got = tg.gemv(gate_up, w, b, block_n=8, block_k=128, silu_and_mul=True)
+    torch.testing.assert_close(got, tg.reference_gemv(gate_up, w, b, silu_and_mul=True), atol=1e-4, rtol=1e-4)
+    two_kernels = tg.gemv(triton_fused.silu_and_mul(gate_up), w, b, block_n=8, block_k=128)
+    torch.testing.assert_close(got, two_kernels, atol=0, rtol=0)
+    assert tg.usable(gate_up[:1], w, silu_and_mul=True) and not tg.usable(gate_up[:1], w)
+
+
 def test_rows_of_x_apart_in_memory():
     x = torch.randn(4, 2 * 96)[:, :96]  # a column slice: rows 192 elements apart
     w = torch.randn(40, 96)
@@ -58,6 +74,21 @@ def test_linear_layers_route_single_rows(monkeypatch):
     for rows in (1, 3):  # 3 rows: cuBLAS, through the same forward
         x = torch.randn(rows, 64, device="cuda", dtype=torch.bfloat16)
         torch.testing.assert_close(lin(x), tg.reference_gemv(x, lin.weight, lin.bias), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="routing happens for CUDA weights")
+def test_gated_down_projection_fuses_silu_for_one_row(monkeypatch):
+    from vlmserve.layers.activation import ActAndMul
+    from vlmserve.layers.linear import gated_down_proj, route_single_rows_through_triton_gemv
+
+    monkeypatch.setenv("VLMSERVE_TRITON_GEMV", "1")
+    down = torch.nn.Linear(96, 48, device="cuda", dtype=torch.bfloat16)
+    act = ActAndMul("silu")
+    assert route_single_rows_through_triton_gemv(down) == 1
+    for rows in (1, 2):  # one row: one kernel; two: SiLU-and-mul, then cuBLAS
+        gate_up = torch.randn(rows, 192, device="cuda", dtype=torch.bfloat16)
+        want = tg.reference_gemv(gate_up, down.weight, down.bias, silu_and_mul=True)
+        torch.testing.assert_close(gated_down_proj(down, act, gate_up), want, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")

@@ -51,9 +51,12 @@ def enabled(device: torch.device | str) -> bool:
     return setting == "1" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def usable(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False) -> bool:
+    """Whether gemv(x, weight, silu_and_mul=...) takes these: x of at most MAX_ROWS rows (with
+    silu_and_mul, x is [gate | up], twice weight's columns)."""
     return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and (x.is_cuda or _interpreting()) \
-        and x.dtype == weight.dtype and weight.dim() == 2 and weight.stride(1) == 1 and x.shape[1] == weight.shape[1]
+        and x.dtype == weight.dtype and weight.dim() == 2 and weight.stride(1) == 1 \
+        and x.shape[1] == weight.shape[1] * (2 if silu_and_mul else 1)
 
 
 def pdl_supported(x: torch.Tensor) -> bool:
@@ -65,7 +68,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, PDL: tl.constexpr):
         m = tl.program_id(0)  # the row of x: fastest in launch order, so a weight tile's readers run together
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = rows < N
@@ -78,8 +81,13 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             km = k0 + ks < K
             w = tl.load(w_ptrs + k0, mask=rm[:, None] & km[None, :], other=0.0)
-            x = tl.load(x_ptrs + k0, mask=km, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            if SILU_MUL:  # x = silu(gate) * up, rounded as triton_fused.silu_and_mul rounds its output
+                g = tl.load(x_ptrs + k0, mask=km, other=0.0).to(tl.float32)
+                u = tl.load(x_ptrs + K + k0, mask=km, other=0.0).to(tl.float32)
+                x = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                x = tl.load(x_ptrs + k0, mask=km, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, 1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
@@ -88,11 +96,13 @@ if triton is not None:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = BLOCK_N,
          block_k: int = BLOCK_K, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-         pdl: bool | None = None) -> torch.Tensor:
+         pdl: bool | None = None, silu_and_mul: bool = False) -> torch.Tensor:
     """x [M, K] (rows may be strided, each contiguous), weight [N, K] with contiguous rows
-    -> [M, N] in x's dtype. pdl: launch with programmatic dependent launch (default: where supported)."""
-    M, K = x.shape
-    N = weight.shape[0]
+    -> [M, N] in x's dtype. pdl: launch with programmatic dependent launch (default: where supported).
+    silu_and_mul: x is [M, 2K] = [gate | up], and the product is with silu(gate) * up (the input of a
+    gated MLP's down projection, computed as the GEMV reads it: one kernel launch fewer)."""
+    M = x.shape[0]
+    N, K = weight.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     if pdl is None:
@@ -101,12 +111,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     extra = {"launch_pdl": True} if pdl else {}
     _gemv_kernel[(M, triton.cdiv(N, block_n))](
         x, weight, bias if bias is not None else weight, y, N, K, x.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, PDL=bool(pdl), num_warps=num_warps,
-        num_stages=num_stages, **extra)
+        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_and_mul, PDL=bool(pdl),
+        num_warps=num_warps, num_stages=num_stages, **extra)
     return y
 
 
-def reference_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def reference_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   silu_and_mul: bool = False) -> torch.Tensor:
+    if silu_and_mul:
+        gate, up = x.float().chunk(2, dim=-1)
+        x = (torch.nn.functional.silu(gate) * up).to(x.dtype)
     y = x.float() @ weight.float().t()
     if bias is not None:
         y += bias.float()
