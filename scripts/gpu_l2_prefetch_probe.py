@@ -3,10 +3,11 @@
 The step is a single-stream decode's chain at a 7B model's shapes (LLaVA-1.5-7B's Llama-2, Qwen2-VL-7B's
 Qwen2), in one CUDA graph: per layer RMSNorm, the qkv GEMV, a pause for the attention (the GPU spins
 one thread, as a latency-bound attention kernel leaves memory idle), the o GEMV, residual add, RMSNorm, the
-gate_up GEMV, SiLU-and-mul, the down GEMV. Variants add kernels/triton_l2_prefetch.py's prefetches at
-points of the chain. A variant is a list of `weight[:MB][!]@site`: after `site` (qkv, o, gu, down: the
-GEMV just launched), prefetch `weight` (o, gu, d: this layer's; qkv: the next layer's), its first MB
-megabytes (all of it without), with the evict_last hint where `!` is given.
+gate_up GEMV, SiLU-and-mul, the down GEMV. Variants add bulk L2 prefetches (`prefetch` below) at
+points of the chain; every variant measured slower (BENCHMARKS.md, the 2026-12-01 05:00 section), so the
+engine has none. A variant is a list of `weight[:MB][!]@site`: after `site` (qkv, o, gu, down: the GEMV
+just launched), prefetch `weight` (o, gu, d: this layer's; qkv: the next layer's), its first MB megabytes
+(all of it without), with the evict_last hint where `!` is given.
 
     python scripts/gpu_l2_prefetch_probe.py --out l2_prefetch.json"""
 from __future__ import annotations
@@ -17,8 +18,42 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from vlmserve.kernels import triton_l2_prefetch as l2
+CHUNK = 8192
+PER_PROG = 32
+
+
+@triton.jit
+def _l2_prefetch_kernel(ptr, nbytes, CHUNK: tl.constexpr, PER_PROG: tl.constexpr, EVICT_LAST: tl.constexpr):
+    offs = (tl.program_id(0) * PER_PROG + tl.arange(0, PER_PROG)).to(tl.int64) * CHUNK
+    size = tl.minimum(nbytes - offs, CHUNK).to(tl.int32)
+    if EVICT_LAST:  # keep these lines over normal ones until read
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b64 pol; setp.gt.s32 p, $2, 0;"
+            " createpolicy.fractional.L2::evict_last.b64 pol, 1.0;"
+            " @p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }",
+            "=r,l,r", [ptr + offs, size], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [ptr + offs, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def prefetch(t: torch.Tensor, nbytes: int | None = None, evict_last: bool = False) -> None:
+    """Ask for the first `nbytes` of t's memory (all of it by default) to be brought into L2 (t: a contiguous
+    CUDA tensor on an sm_90+ GPU). The kernel issues Hopper's bulk L2 prefetches: each program asks for
+    PER_PROG chunks of CHUNK bytes and exits; nothing waits for them, and no value changes."""
+    total = t.numel() * t.element_size()
+    nbytes = total if nbytes is None else min(nbytes, total)
+    nbytes -= nbytes % 16  # bulk copies move whole 16-byte units
+    if nbytes <= 0:
+        return
+    grid = (triton.cdiv(nbytes, CHUNK * PER_PROG),)
+    _l2_prefetch_kernel[grid](t.view(torch.uint8) if t.dtype != torch.uint8 else t, nbytes, CHUNK=CHUNK,
+                              PER_PROG=PER_PROG, EVICT_LAST=evict_last, num_warps=1)
+
 
 SHAPES = {  # hidden, q size, kv size, intermediate, layers
     "llava-1.5-7b": (4096, 4096, 4096, 11008, 32),
@@ -55,9 +90,9 @@ def step(x, layers, q, inter, sites, sleep_cycles):
     def hook(site, i):
         for name, nbytes, evict_last in sites.get(site, ()):
             if name != "qkv":
-                l2.prefetch(layers[i][name], nbytes, evict_last)
+                prefetch(layers[i][name], nbytes, evict_last)
             elif i + 1 < len(layers):
-                l2.prefetch(layers[i + 1]["qkv"], nbytes, evict_last)
+                prefetch(layers[i + 1]["qkv"], nbytes, evict_last)
 
     hidden = x.shape[-1]
     for i, L in enumerate(layers):
