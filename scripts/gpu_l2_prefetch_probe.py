@@ -182,8 +182,8 @@ def main() -> int:
         del layers
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                   "rows": rows}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(),
+                   "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": rows}, f, indent=1)
     return 0
 
 
