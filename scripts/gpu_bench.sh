@@ -17,6 +17,7 @@
 #   {llava,qwen}_vlm   throughput, vlmserve only (A/B of SEQS or env settings)
 #   {llava,qwen}_noprefetch  latency with the encoder prefetch off (VLMSERVE_ENCODER_PREFETCH=0; on by default)
 #   gemv_ab        bench latency of both models, the Triton GEMV against cuBLAS (VLMSERVE_TRITON_GEMV=0)
+#   pdl_ab         bench latency of both models, programmatic dependent launch on and off (VLMSERVE_PDL=0)
 #   gemv_sweep     scripts/gpu_gemv_sweep.py: the GEMV's tiles in decode chains against cuBLAS
 #   {llava,qwen}_vattn     latency and throughput (vlmserve only) with the Triton vision attention
 #                          (VLMSERVE_TRITON_VISION_ATTENTION=1)
@@ -49,6 +50,21 @@ LLAVA_N=${LLAVA_N:-500}; LLAVA_HFB=${LLAVA_HFB:-192,256}; QWEN_N=${QWEN_N:-128};
 SEQS=${SEQS:-256}
 PARTS=${*:-check llava qwen}
 BENCH="python -m vlmserve.entrypoints.cli bench"
+
+latency_env_ab() {  # latency_env_ab TAG VAR: bench latency of both models with VAR=1 and VAR=0, alternating,
+    # AB_ROUNDS times
+    local tag=$1 var=$2 r model shape image v
+    for r in $(seq "${AB_ROUNDS:-1}"); do
+        for model in llava qwen; do
+            if [ "$model" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
+            for v in 1 0; do
+                step "${model}_latency_${tag}${v}_r$r" "${T_LAT:-110}" env "$var=$v" $BENCH latency --random-model \
+                    --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image --backends vlmserve \
+                    --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${model}_${tag}${v}_r$r.json"
+            done
+        done
+    done
+}
 
 step() {  # step NAME LIMIT_S CMD...: run under a time limit, output to the log
     local name=$1 limit=$2
@@ -106,7 +122,7 @@ for part in $PARTS; do
             step gpu_tests "${T_TESTS:-300}" python -m pytest -q -p no:cacheprovider tests/test_fresh_prefill.py \
                 tests/test_device_pixels.py tests/test_prefill_graphs.py tests/test_encoder_graphs.py \
                 tests/test_async_scheduling.py tests/test_encoder_prefetch.py tests/test_kernel_warmup.py \
-                tests/test_triton_gemv.py ;;
+                tests/test_triton_gemv.py tests/test_pdl.py ;;
         vision_sweep)  # the Triton vision attention's variants and tiles, each in its own process
             step vision_sweep "${T_VSWEEP:-400}" python scripts/gpu_vision_attention_sweep.py \
                 --out "$OUT/vision_sweep.json" ;;
@@ -138,17 +154,9 @@ for part in $PARTS; do
         llava_vattn|qwen_vattn)  # latency and throughput (vlmserve only) with the Triton vision attention
             env_ab "${part%%_*}" vattn VLMSERVE_TRITON_VISION_ATTENTION=1 ;;
         gemv_ab)  # single-stream decode, both models: the Triton GEMV (the default on sm_90+) against cuBLAS
-            # (VLMSERVE_TRITON_GEMV=0), alternating AB_ROUNDS times
-            for r in $(seq "${AB_ROUNDS:-1}"); do
-                for tag in llava qwen; do
-                    if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
-                    for g in 1 0; do
-                        step "${tag}_latency_gemv${g}_r$r" "${T_LAT:-110}" env VLMSERVE_TRITON_GEMV=$g $BENCH latency \
-                            --random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image \
-                            --backends vlmserve --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${tag}_gemv${g}_r$r.json"
-                    done
-                done
-            done ;;
+            latency_env_ab gemv VLMSERVE_TRITON_GEMV ;;
+        pdl_ab)  # the same with programmatic dependent launch on (the default on sm_90+) and off (VLMSERVE_PDL=0)
+            latency_env_ab pdl VLMSERVE_PDL ;;
         gemv_sweep)  # scripts/gpu_gemv_sweep.py: decode GEMV chains in a graph, cuBLAS against the Triton GEMV's tiles
             step gemv_sweep "${T_GSWEEP:-200}" python scripts/gpu_gemv_sweep.py --out "$OUT/gemv_sweep.json" ;;
         llava_sync|qwen_sync)  # A/B: latency and throughput (vlmserve only) with async scheduling off

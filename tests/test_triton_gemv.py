@@ -94,7 +94,9 @@ def test_gated_down_projection_fuses_silu_for_one_row(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")
 def test_dependent_launch_in_a_cuda_graph_reads_what_the_kernel_before_wrote():
     # a chain where every GEMV reads the last one's output: launched early, each must still wait for it
-    if not tg.pdl_supported(torch.empty(1, device="cuda")):
+    from vlmserve.kernels import pdl
+
+    if not pdl.enabled(torch.empty(1, device="cuda")):
         pytest.skip("no programmatic dependent launch on this GPU or Triton")
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
           for n, k in ((4096, 1024), (1024, 4096)) * 4]

@@ -13,6 +13,9 @@ try:
 except ImportError:
     triton = None
 
+from vlmserve.kernels import pdl
+from vlmserve.kernels.pdl import gdc_wait
+
 
 def available() -> bool:
     return triton is not None
@@ -36,7 +39,9 @@ if triton is not None:
 
     @triton.jit
     def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
-                        n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                        n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # launched early (kernels/pdl.py): wait for the kernel before
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         cm = c < n
@@ -48,7 +53,9 @@ if triton is not None:
 
     @triton.jit
     def _layernorm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o,
-                          stride_ro, n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                          stride_ro, n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
         # as torch's layer_norm: float32 statistics (biased variance), one rounding at the end
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
@@ -64,9 +71,11 @@ if triton is not None:
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                        stride_ct, num_q_heads, num_heads, HALF: tl.constexpr, BLOCK: tl.constexpr,
-                       HEADS: tl.constexpr):
+                       HEADS: tl.constexpr, PDL: tl.constexpr):
         # HEADS heads of one token per program (q's heads first, then k's): one head's 2 x HALF
         # values alone are too little work for a program to hide its memory latency
+        if PDL:
+            gdc_wait()
         t = tl.program_id(0)
         h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
         i = tl.arange(0, BLOCK)
@@ -126,8 +135,10 @@ def _norm_rows(kernel, x: torch.Tensor, params: tuple, eps: float, residual: tor
     res_out = torch.empty_like(x2) if residual is not None else out
     res = _unit_stride_rows(residual.reshape(-1, n)) if residual is not None else x2
     if T:
+        on = pdl.enabled(x2)
         kernel[(T,)](x2, res, *params, out, res_out, x2.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
-                     n, float(eps), HAS_RES=residual is not None, BLOCK=_pow2(n), num_warps=8 if n >= 4096 else 4)
+                     n, float(eps), HAS_RES=residual is not None, BLOCK=_pow2(n), PDL=on,
+                     num_warps=8 if n >= 4096 else 4, **pdl.launch_options(on))
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
 
@@ -146,9 +157,10 @@ def rotary_inplace(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     cos2, sin2 = cos.reshape(T, -1), sin.reshape(T, -1)
     heads = Hq + k.shape[1]
     per_program = min(16, _pow2(heads))
+    on = pdl.enabled(q)
     _rotary_kernel[(T, triton.cdiv(heads, per_program))](
         q, k, cos2, sin2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos2.stride(0), Hq, heads,
-        HALF=D // 2, BLOCK=_pow2(D // 2), HEADS=per_program)
+        HALF=D // 2, BLOCK=_pow2(D // 2), HEADS=per_program, PDL=on, **pdl.launch_options(on))
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

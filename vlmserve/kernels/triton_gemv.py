@@ -28,10 +28,8 @@ try:
 except ImportError:
     triton = None
 
-try:
-    from triton.language.extra.cuda import gdc_wait
-except ImportError:  # Triton without grid dependency control: no PDL
-    gdc_wait = None
+from vlmserve.kernels import pdl as pdl_module
+from vlmserve.kernels.pdl import gdc_wait
 
 MAX_ROWS = 1  # inputs with more rows stay with cuBLAS (faster from 2 rows on, scripts/gpu_gemv_sweep.py)
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 8, 512, 4, 3
@@ -57,11 +55,6 @@ def usable(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False) ->
     return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and (x.is_cuda or _interpreting()) \
         and x.dtype == weight.dtype and weight.dim() == 2 and weight.stride(1) == 1 \
         and x.shape[1] == weight.shape[1] * (2 if silu_and_mul else 1)
-
-
-def pdl_supported(x: torch.Tensor) -> bool:
-    return gdc_wait is not None and x.is_cuda and not _interpreting() \
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 if triton is not None:
@@ -98,7 +91,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          block_k: int = BLOCK_K, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
          pdl: bool | None = None, silu_and_mul: bool = False) -> torch.Tensor:
     """x [M, K] (rows may be strided, each contiguous), weight [N, K] with contiguous rows
-    -> [M, N] in x's dtype. pdl: launch with programmatic dependent launch (default: where supported).
+    -> [M, N] in x's dtype. pdl: launch with programmatic dependent launch (default: kernels/pdl.py's choice).
     silu_and_mul: x is [M, 2K] = [gate | up], and the product is with silu(gate) * up (the input of a
     gated MLP's down projection, computed as the GEMV reads it: one kernel launch fewer)."""
     M = x.shape[0]
@@ -106,13 +99,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x.stride(1) != 1:
         x = x.contiguous()
     if pdl is None:
-        pdl = pdl_supported(x)
+        pdl = pdl_module.enabled(x)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    extra = {"launch_pdl": True} if pdl else {}
     _gemv_kernel[(M, triton.cdiv(N, block_n))](
         x, weight, bias if bias is not None else weight, y, N, K, x.stride(0), weight.stride(0), y.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_and_mul, PDL=bool(pdl),
-        num_warps=num_warps, num_stages=num_stages, **extra)
+        num_warps=num_warps, num_stages=num_stages, **pdl_module.launch_options(pdl))
     return y
 
 

@@ -21,6 +21,9 @@ try:
 except ImportError:  # a torch build without Triton: callers use the torch backend
     triton = None
 
+from vlmserve.kernels import pdl
+from vlmserve.kernels.pdl import gdc_wait
+
 
 def available() -> bool:
     return triton is not None
@@ -40,8 +43,10 @@ if triton is not None:
     def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                          stride_kt, stride_kh, stride_vt, stride_vh,
                          stride_cb, stride_cs, stride_ch, block_size, num_heads,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
         # all KV heads of one token per program
+        if PDL:  # launched early (kernels/pdl.py): wait for the kernel before
+            gdc_wait()
         t = tl.program_id(0)
         slot = tl.load(slot_ptr + t)
         if slot >= 0:
@@ -91,7 +96,9 @@ if triton is not None:
                        stride_ot, stride_oh,
                        NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PREC: tl.constexpr):
+                       PREC: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -136,7 +143,9 @@ if triton is not None:
 
     @triton.jit
     def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_heads,
-                             NUM_SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+                             NUM_SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
         b = tl.program_id(0)
         h = tl.program_id(1)
         row = b * num_heads + h
@@ -210,10 +219,12 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     T, H, D = k.shape
     if T == 0:
         return
+    on = pdl.enabled(k)
     _store_kv_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping,
                            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1], H,
-                           D=D, BLOCK_D=_next_pow2(D), BLOCK_H=_next_pow2(H), num_warps=4 if H * D <= 2048 else 8)
+                           D=D, BLOCK_D=_next_pow2(D), BLOCK_H=_next_pow2(H), PDL=on,
+                           num_warps=4 if H * D <= 2048 else 8, **pdl.launch_options(on))
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -258,16 +269,17 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
         part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
+    on = pdl.enabled(q)
     _decode_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         float(scale), int(sliding_window or 0), k_cache.shape[1],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=D, BLOCK_D=block_d,
-        BLOCK_N=block_n, PREC=_dot_precision(k_cache), num_warps=num_warps)
+        BLOCK_N=block_n, PREC=_dot_precision(k_cache), PDL=on, num_warps=num_warps, **pdl.launch_options(on))
     if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1), Hq,
-                                      NUM_SPLITS=num_splits, D=D, BLOCK_D=block_d)
+                                      NUM_SPLITS=num_splits, D=D, BLOCK_D=block_d, PDL=on, **pdl.launch_options(on))
     return out
 
 
