@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from gpu_gemv_sweep import SHAPES, time_graph  # noqa: E402  (scripts/ is the first path when run as a script)
 
 CHUNK = 8192
 PER_PROG = 32
@@ -55,10 +56,6 @@ def prefetch(t: torch.Tensor, nbytes: int | None = None, evict_last: bool = Fals
                               PER_PROG=PER_PROG, EVICT_LAST=evict_last, num_warps=1)
 
 
-SHAPES = {  # hidden, q size, kv size, intermediate, layers
-    "llava-1.5-7b": (4096, 4096, 4096, 11008, 32),
-    "qwen2-vl-7b": (3584, 3584, 512, 18944, 28),
-}
 VARIANTS = ["", "o:0.0001@qkv", "o@qkv", "o!@qkv", "o:16@qkv", "o@qkv,gu:8@qkv", "o@qkv,gu:16@qkv", "o@qkv,gu:8@o",
             "o@qkv,d:8@gu", "o@qkv,qkv:8@down", "o@qkv,gu:8@o,d:8@gu,qkv:8@down", "o!@qkv,gu:8!@o,d:8!@gu,qkv:8!@down"]
 
@@ -122,18 +119,6 @@ def cycles_per_us() -> float:
     b.record()
     b.synchronize()
     return 2_000_000 / (a.elapsed_time(b) * 1000)
-
-
-def time_graph(graph, reps=50) -> float:
-    for _ in range(5):
-        graph.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        graph.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def main() -> int:
