@@ -40,7 +40,7 @@ def _interpreting() -> bool:
 
 
 def enabled(device: torch.device | str) -> bool:
-    """Whether linear layers on `device` should take this GEMV for small batches: by default on CUDA GPUs
+    """Whether linear layers on `device` should take this GEMV for one-row inputs: by default on CUDA GPUs
     of compute capability 9.0 and above (where it was measured faster than cuBLAS)."""
     setting = os.environ.get("VLMSERVE_TRITON_GEMV")
     device = torch.device(device)
