@@ -35,13 +35,9 @@ MAX_ROWS = 1  # inputs with more rows stay with cuBLAS (faster from 2 rows on, s
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 8, 512, 4, 3
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def enabled(device: torch.device | str) -> bool:
     """Whether linear layers on `device` should take this GEMV for one-row inputs: by default on CUDA GPUs
-    of compute capability 9.0 and above (where it was measured faster than cuBLAS)."""
+    of compute capability 9.0 and above (measured faster than cuBLAS on an H200; other sm_90+ GPUs not yet)."""
     setting = os.environ.get("VLMSERVE_TRITON_GEMV")
     device = torch.device(device)
     if triton is None or setting == "0" or device.type != "cuda":
@@ -52,7 +48,7 @@ def enabled(device: torch.device | str) -> bool:
 def usable(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False) -> bool:
     """Whether gemv(x, weight, silu_and_mul=...) takes these: x of at most MAX_ROWS rows (with
     silu_and_mul, x is [gate | up], twice weight's columns)."""
-    return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and (x.is_cuda or _interpreting()) \
+    return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") \
         and x.dtype == weight.dtype and weight.dim() == 2 and weight.stride(1) == 1 \
         and x.shape[1] == weight.shape[1] * (2 if silu_and_mul else 1)
 
