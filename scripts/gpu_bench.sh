@@ -18,7 +18,10 @@
 #   {llava,qwen}_noprefetch  latency with the encoder prefetch off (VLMSERVE_ENCODER_PREFETCH=0; on by default)
 #   gemv_ab        bench latency of both models, the Triton GEMV against cuBLAS (VLMSERVE_TRITON_GEMV=0)
 #   pdl_ab         bench latency of both models, programmatic dependent launch on and off (VLMSERVE_PDL=0)
+#   fusion_ab      bench latency of both models, norms/residual adds in the GEMVs and rotary in the KV store, on/off
 #   gemv_sweep     scripts/gpu_gemv_sweep.py: the GEMV's tiles in decode chains against cuBLAS
+#   gemv_shapes    scripts/gpu_gemv_shapes.py: each decode GEMV shape apart, tiles and fused work
+#   decode_single  gpu_check.py --single: the decode attention at single-stream shapes, splits x tiles
 #   {llava,qwen}_vattn     latency and throughput (vlmserve only) with the Triton vision attention
 #                          (VLMSERVE_TRITON_VISION_ATTENTION=1)
 # The figures of BENCHMARKS.md's table in one call (~6.5 min on an H200):
@@ -51,14 +54,16 @@ SEQS=${SEQS:-256}
 PARTS=${*:-check llava qwen}
 BENCH="python -m vlmserve.entrypoints.cli bench"
 
-latency_env_ab() {  # latency_env_ab TAG VAR: bench latency of both models with VAR=1 and VAR=0, alternating,
-    # AB_ROUNDS times
-    local tag=$1 var=$2 r model shape image v
+latency_env_ab() {  # latency_env_ab TAG VAR...: bench latency of both models with each VAR=1 and each VAR=0,
+    # alternating, AB_ROUNDS times
+    local tag=$1 r model shape image v var
+    shift
     for r in $(seq "${AB_ROUNDS:-1}"); do
         for model in llava qwen; do
             if [ "$model" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
             for v in 1 0; do
-                step "${model}_latency_${tag}${v}_r$r" "${T_LAT:-110}" env "$var=$v" $BENCH latency --random-model \
+                step "${model}_latency_${tag}${v}_r$r" "${T_LAT:-110}" env $(for var in "$@"; do echo "$var=$v"; done) \
+                    $BENCH latency --random-model \
                     --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image --backends vlmserve \
                     --num-iters 5 --num-iters-warmup 1 --output-json "$OUT/${model}_${tag}${v}_r$r.json"
             done
@@ -157,6 +162,13 @@ for part in $PARTS; do
             latency_env_ab gemv VLMSERVE_TRITON_GEMV ;;
         pdl_ab)  # the same with programmatic dependent launch on (the default on sm_90+) and off (VLMSERVE_PDL=0)
             latency_env_ab pdl VLMSERVE_PDL ;;
+        fusion_ab)  # the same with the norms and residual adds inside the GEMVs and rotary inside the KV store
+            # (the defaults) and without (VLMSERVE_GEMV_FUSION=0 VLMSERVE_ROTARY_IN_KV_STORE=0)
+            latency_env_ab fusion VLMSERVE_GEMV_FUSION VLMSERVE_ROTARY_IN_KV_STORE ;;
+        gemv_shapes)  # scripts/gpu_gemv_shapes.py: each decode GEMV shape apart, over tiles and with fused work
+            step gemv_shapes "${T_GSHAPES:-200}" python scripts/gpu_gemv_shapes.py --out "$OUT/gemv_shapes.json" ;;
+        decode_single)  # gpu_check.py --single: the decode attention kernel at single-stream shapes, splits x tiles
+            step decode_single "${T_DSINGLE:-150}" python scripts/gpu_check.py --single ;;
         gemv_sweep)  # scripts/gpu_gemv_sweep.py: decode GEMV chains in a graph, cuBLAS against the Triton GEMV's tiles
             step gemv_sweep "${T_GSWEEP:-200}" python scripts/gpu_gemv_sweep.py --out "$OUT/gemv_sweep.json" ;;
         llava_sync|qwen_sync)  # A/B: latency and throughput (vlmserve only) with async scheduling off

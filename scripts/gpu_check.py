@@ -137,6 +137,19 @@ def check_fused(rows, dtype, T, hidden, inter, hq, hkv, d):
     rows.append({"kernel": "rotary", "dtype": str(dtype), "shape": f"T={T} Hq={hq} Hkv={hkv} D={d}",
                  "rel_err": err, "ok": err < TOL[dtype], "us": 1e3 * ms})
 
+    # rotary inside the KV store (tpa.store_kv(..., rotary=)): q and k rotated in place, k and v cached
+    q, k, v = (t.view(T, -1, d) for t in qkv.normal_().split([hq * d, hkv * d, hkv * d], dim=-1))
+    rq = q.float() * cos + torch.cat((-q.float()[..., d // 2:], q.float()[..., :d // 2]), -1) * sin
+    rk = k.float() * cos + torch.cat((-k.float()[..., d // 2:], k.float()[..., :d // 2]), -1) * sin
+    kc, vc = (torch.full((T // 16 + 2, 16, hkv, d), float("nan"), device=DEV, dtype=dtype) for _ in range(2))
+    slots = torch.randperm(kc.shape[0] * 16, device=DEV)[:T]
+    tpa.store_kv(k, v, kc, vc, slots, rotary=(q, *cs))
+    err = max(rel_err(q, rq), rel_err(k, rk), rel_err(kc.view(-1, hkv, d)[slots], rk),
+              rel_err(vc.view(-1, hkv, d)[slots], v.float()))
+    ms = triton.testing.do_bench(lambda: tpa.store_kv(k, v, kc, vc, slots, rotary=(q, *cs)), return_mode="median")
+    rows.append({"kernel": "rotary+store_kv", "dtype": str(dtype), "shape": f"T={T} Hq={hq} Hkv={hkv} D={d}",
+                 "rel_err": err, "ok": err < TOL[dtype], "us": 1e3 * ms})
+
     if d == 128 and T > 1:  # Qwen2-VL's ViT: q, k views of one qkv projection, head_dim 80, float32 cos/sin
         from vlmserve.models.qwen2_vl import VisionRotary, apply_vision_rotary
 
@@ -234,19 +247,23 @@ def check_packed_attention(rows, dtype, lengths, h, d, hkv=None, causal=False, t
     rows.append(row)
 
 
-def check_gemv(rows, dtype, M, K, N, bias=False, silu_and_mul=False):
+def check_gemv(rows, dtype, M, K, N, bias=False, silu_and_mul=False, norm=False, residual=False):
     """The decode GEMV (kernels/triton_gemv.py) against its reference, timed beside cuBLAS: weight bytes
     read per microsecond is what single-stream decode is bound by. silu_and_mul: the gated MLP's down
-    projection reading [gate | up] (cuBLAS's time then includes the SiLU-and-mul kernel before it)."""
+    projection reading [gate | up] (cuBLAS's time then includes the SiLU-and-mul kernel before it); norm: an
+    RMSNorm of x inside; residual: a residual added to the product inside."""
     x = torch.randn(M, 2 * K if silu_and_mul else K, device=DEV, dtype=dtype)
     w = torch.randn(N, K, device=DEV, dtype=dtype) * K ** -0.5
     b = torch.randn(N, device=DEV, dtype=dtype) if bias else None
-    err = rel_err(tg.gemv(x, w, b, silu_and_mul=silu_and_mul), tg.reference_gemv(x, w, b, silu_and_mul))
-    ms = triton.testing.do_bench(lambda: tg.gemv(x, w, b, silu_and_mul=silu_and_mul), return_mode="median")
+    fused = dict(silu_and_mul=silu_and_mul, norm_weight=torch.rand(K, device=DEV, dtype=dtype) + 0.5 if norm else None,
+                 residual=torch.randn(M, N, device=DEV, dtype=dtype) if residual else None)
+    err = rel_err(tg.gemv(x, w, b, **fused), tg.reference_gemv(x, w, b, **fused))
+    ms = triton.testing.do_bench(lambda: tg.gemv(x, w, b, **fused), return_mode="median")
     unfused = (lambda: torch.nn.functional.linear(tf.silu_and_mul(x), w, b)) if silu_and_mul \
         else (lambda: torch.nn.functional.linear(x, w, b))
     ms_ref = triton.testing.do_bench(unfused, return_mode="median")
-    rows.append({"kernel": "gemv_silu_mul" if silu_and_mul else "gemv", "dtype": str(dtype),
+    name = "gemv" + "_silu_mul" * silu_and_mul + "_rmsnorm" * norm + "_residual" * residual
+    rows.append({"kernel": name, "dtype": str(dtype),
                  "shape": f"M={M} K={K} N={N}{' bias' if bias else ''}", "rel_err": err, "ok": err < TOL[dtype],
                  "us": 1e3 * ms, "torch_us": 1e3 * ms_ref, "tbps": w.numel() * w.element_size() / ms / 1e9,
                  "cublas_tbps": w.numel() * w.element_size() / ms_ref / 1e9})
@@ -386,9 +403,19 @@ def main() -> int:
     p.add_argument("--tiles", action="store_true", help="only time the decode kernel's tiles (tokens per tile, "
                    "warps) at the batches single-stream decode and the throughput runs give, both models, with the "
                    "split count decode_num_splits picks and with one split")
+    p.add_argument("--single", action="store_true", help="only time the decode kernel at single-stream decode's "
+                   "shapes (LLaVA: 32 heads, ~700 tokens; Qwen2-VL: GQA 28/4, ~1500) over split counts and tiles")
     args = p.parse_args()
     torch.manual_seed(0)
     rows: list[dict] = []
+    if args.single:
+        for hq, hkv, length in ((32, 32, 700), (28, 4, 1500)):
+            for splits in (1, 2, 4, 8, 16, 32):
+                for block_n, warps in ((128, 4), (64, 4), (64, 2), (32, 2), (32, 4), (16, 2)):
+                    check_decode(rows, torch.bfloat16, 1, hq, hkv, 128, length, splits=splits, min_len=length,
+                                 block_n=block_n, num_warps=warps, in_graph=True)
+        print_rows(rows)
+        return 0
     if args.tiles:
         shapes = [(1, 28, 4, 1400, 1400), (16, 28, 4, 1528, 1400), (64, 28, 4, 1528, 1400), (128, 28, 4, 1528, 1400),
                   (1, 32, 32, 700, 700), (64, 32, 32, 735, 608), (256, 32, 32, 735, 608)]
@@ -442,6 +469,10 @@ def main() -> int:
         check_gemv(rows, torch.bfloat16, M, K, N)  # Llama-2-7B's qkv, gate_up, down, o at decode
     check_gemv(rows, torch.bfloat16, 1, 3584, 4608, bias=True)  # Qwen2-7B's qkv
     check_gemv(rows, torch.bfloat16, 1, 11008, 4096, silu_and_mul=True)  # Llama-2-7B's down, reading gate_up
+    check_gemv(rows, torch.bfloat16, 1, 3584, 4608, bias=True, norm=True)  # Qwen2-7B's qkv after its RMSNorm
+    check_gemv(rows, torch.bfloat16, 1, 4096, 4096, residual=True)  # Llama-2-7B's o, adding the residual
+    check_gemv(rows, torch.bfloat16, 1, 11008, 4096, silu_and_mul=True, residual=True)  # its down
+    check_gemv(rows, torch.float32, 1, 1030, 130, norm=True)
     check_gemv(rows, torch.float16, 3, 1000, 257)
     check_gemv(rows, torch.float32, 1, 1030, 130)
     if "--sweep" in sys.argv:

@@ -101,6 +101,41 @@ def test_store_kv_skips_negative_slots():
     assert torch.equal(k_cache, kr) and torch.equal(v_cache, vr)
 
 
+@pytest.mark.parametrize("hq, hkv, d", [(4, 2, 8), (3, 3, 16), (28, 4, 32)])
+def test_store_kv_rotates_q_and_k_first(hq, hkv, d):
+    # one kernel for rotary and the KV store: as the rotary embedding, then the store
+    from vlmserve.layers.rotary import _rotate
+
+    g = torch.Generator().manual_seed(hq * 100 + d)
+    k_cache, v_cache = torch.randn(6, 4, hkv, d, generator=g), torch.randn(6, 4, hkv, d, generator=g)
+    qkv = torch.randn(5, (hq + 2 * hkv) * d, generator=g)  # the projection's rows, split as the models do
+    q, k, v = (t.view(5, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    angles = torch.rand(5, 1, d // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    slots = torch.tensor([3, 17, -1, 0, 23])
+    want_q, want_k = _rotate(q, cos, sin, d), _rotate(k, cos, sin, d)
+    kr, vr = k_cache.clone(), v_cache.clone()
+    tpa.reference_store_kv(want_k, v, kr, vr, slots)
+    v_before = v.clone()
+    tpa.store_kv(k, v, k_cache, v_cache, slots, rotary=(q, cos, sin))
+    torch.testing.assert_close(q, want_q, **TOL)  # in place, the padded row's too
+    torch.testing.assert_close(k, want_k, **TOL)
+    assert torch.equal(v, v_before)
+    torch.testing.assert_close(k_cache, kr, **TOL)
+    assert torch.equal(v_cache, vr)
+
+
+def test_store_kv_odd_head_size():
+    g = torch.Generator().manual_seed(4)
+    k_cache, v_cache = torch.randn(3, 4, 2, 7, generator=g), torch.randn(3, 4, 2, 7, generator=g)
+    k, v = torch.randn(2, 2, 7, generator=g), torch.randn(2, 2, 7, generator=g)
+    slots = torch.tensor([5, 0])
+    kr, vr = k_cache.clone(), v_cache.clone()
+    tpa.reference_store_kv(k, v, kr, vr, slots)
+    tpa.store_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, kr) and torch.equal(v_cache, vr)
+
+
 def test_backend_warm_up_runs_every_split_count_and_leaves_the_cache(monkeypatch):
     """The CUDA backend's startup compile (TritonPagedAttentionBackend.warm_up): every decode split
     count and the prefill kernel run, once per kind of layer, reading the cache without writing it."""

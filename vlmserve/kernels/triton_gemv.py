@@ -56,8 +56,9 @@ def usable(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False) ->
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, PDL: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, stride_xm, stride_wn, stride_rm, stride_ym,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                     RMS_NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         m = tl.program_id(0)  # the row of x: fastest in launch order, so a weight tile's readers run together
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = rows < N
@@ -67,6 +68,7 @@ if triton is not None:
         if PDL:  # launched before the kernel that writes x has finished: wait for it
             gdc_wait()
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        sq = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             km = k0 + ks < K
             w = tl.load(w_ptrs + k0, mask=rm[:, None] & km[None, :], other=0.0)
@@ -76,40 +78,66 @@ if triton is not None:
                 x = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
             else:
                 x = tl.load(x_ptrs + k0, mask=km, other=0.0).to(tl.float32)
+            if RMS_NORM:  # W (g * x) now, the 1 / rms(x) factor once x's squares are all summed
+                sq += x * x
+                x = x * tl.load(g_ptr + k0 + ks, mask=km, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, 1)
+        if RMS_NORM:
+            y = y * tl.rsqrt(tl.sum(sq, 0) / K + eps)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+        if RESIDUAL:  # rounded as the product then torch's add of the residual would be
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32) \
+                + tl.load(r_ptr + m * stride_rm + rows, mask=rm, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rm)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = BLOCK_N,
          block_k: int = BLOCK_K, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-         pdl: bool | None = None, silu_and_mul: bool = False) -> torch.Tensor:
+         pdl: bool | None = None, silu_and_mul: bool = False, norm_weight: torch.Tensor | None = None,
+         eps: float = 1e-6, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (rows may be strided, each contiguous), weight [N, K] with contiguous rows
     -> [M, N] in x's dtype. pdl: launch with programmatic dependent launch (default: kernels/pdl.py's choice).
-    silu_and_mul: x is [M, 2K] = [gate | up], and the product is with silu(gate) * up (the input of a
-    gated MLP's down projection, computed as the GEMV reads it: one kernel launch fewer)."""
+    Work fused into the GEMV, each a kernel launch fewer in a decode layer:
+    - silu_and_mul: x is [M, 2K] = [gate | up], and the product is with silu(gate) * up (a gated MLP's down
+      projection);
+    - norm_weight: the product is with RMSNorm(x) (weight norm_weight, eps), computed as W (norm_weight * x) / rms(x),
+      the sum of squares gathered in the same pass; not rounded to x's dtype between norm and product as the
+      norm kernel rounds, so equal to norm-then-GEMV to within that rounding (no extra pass over x);
+    - residual [M, N]: returns the product plus residual, rounded as the GEMV then torch's add round."""
     M = x.shape[0]
     N, K = weight.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     if pdl is None:
         pdl = pdl_module.enabled(x)
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _gemv_kernel[(M, triton.cdiv(N, block_n))](
-        x, weight, bias if bias is not None else weight, y, N, K, x.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_and_mul, PDL=bool(pdl),
+        x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
+        residual if residual is not None else y, y, N, K, float(eps), x.stride(0), weight.stride(0),
+        residual.stride(0) if residual is not None else 0, y.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_and_mul,
+        RMS_NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=bool(pdl),
         num_warps=num_warps, num_stages=num_stages, **pdl_module.launch_options(pdl))
     return y
 
 
 def reference_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   silu_and_mul: bool = False) -> torch.Tensor:
+                   silu_and_mul: bool = False, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+    """gemv's computation in float32 torch ops, rounded where the kernel rounds."""
     if silu_and_mul:
         gate, up = x.float().chunk(2, dim=-1)
         x = (torch.nn.functional.silu(gate) * up).to(x.dtype)
-    y = x.float() @ weight.float().t()
+    xf = x.float()
+    if norm_weight is not None:
+        xf = xf * norm_weight.float() * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = xf @ weight.float().t()
     if bias is not None:
         y += bias.float()
+    if residual is not None:
+        y = y.to(x.dtype).float() + residual.float()
     return y.to(x.dtype)

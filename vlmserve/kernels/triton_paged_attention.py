@@ -4,7 +4,7 @@ k_cache, v_cache [num_blocks, block_size, Hkv, D], a block table per sequence.
 Three kernels, each with its torch reference below (tests run the kernels on the CPU through
 Triton's interpreter, TRITON_INTERPRET=1; scripts/gpu_check.py compares them on the GPU):
 - `store_kv`: writes a step's k, v at their slots; a negative slot (a padded row of a CUDA graph
-  batch) is skipped.
+  batch) is skipped. It can rotate q and k (rotary embedding) first, in the same kernel.
 - `paged_decode_attention`: one query token per sequence. Programs split over (sequence, KV head,
   part of the context); each handles all query heads of its KV head (GQA group), so K and V are read
   once per group. With more than one split, a second kernel merges the parts by their log-sum-exp.
@@ -40,25 +40,44 @@ if triton is not None:
     # in the middle of a run (seconds each). They are plain runtime values instead.
 
     @triton.jit(do_not_specialize_on_alignment=["slot_ptr"])
-    def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
-                         stride_kt, stride_kh, stride_vt, stride_vh,
-                         stride_cb, stride_cs, stride_ch, block_size, num_heads,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-        # all KV heads of one token per program
+    def _store_kv_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, cos_ptr, sin_ptr,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
+                         stride_cb, stride_cs, stride_ch, block_size, num_q_heads, num_heads, D,
+                         HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr, ROTARY: tl.constexpr,
+                         PDL: tl.constexpr):
+        # HEADS heads of one token per program, each head as its two halves (the neox rotary layout). Heads
+        # 0..num_q_heads-1 are q's (ROTARY only: rotated in place), the rest k's (rotated in place where ROTARY,
+        # then cached, with v's head of the same index).
         if PDL:  # launched early (kernels/pdl.py): wait for the kernel before
             gdc_wait()
         t = tl.program_id(0)
+        h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+        i = tl.arange(0, BLOCK)
+        is_k = (h >= num_q_heads) & (h < num_heads)
+        kvh = tl.where(is_k, h - num_q_heads, 0)
+        m1 = (h < num_heads)[:, None] & (i < HALF)[None, :]
+        m2 = m1 & (i + HALF < D)[None, :]  # an odd D (no rotary then) has one more element in the first half
+        base = tl.where(is_k, k_ptr + t * stride_kt + kvh * stride_kh, q_ptr + t * stride_qt + h * stride_qh)
+        base = base[:, None] + i[None, :]
+        x1 = tl.load(base, mask=m1, other=0.0)
+        x2 = tl.load(base + HALF, mask=m2, other=0.0)
+        if ROTARY:  # as triton_fused.rotary_inplace: float32, rounded to the tensors' dtype
+            cos = tl.load(cos_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+            sin = tl.load(sin_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+            a, b = x1.to(tl.float32), x2.to(tl.float32)
+            x1, x2 = (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
+            tl.store(base, x1, mask=m1)
+            tl.store(base + HALF, x2, mask=m2)
         slot = tl.load(slot_ptr + t)
         if slot >= 0:
-            h = tl.arange(0, BLOCK_H)
-            d = tl.arange(0, BLOCK_D)
-            m = (h < num_heads)[:, None] & (d < D)[None, :]
+            ck = is_k[:, None] & m1
             dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs \
-                + h[:, None] * stride_ch + d[None, :]
-            k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=m)
-            v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=m)
-            tl.store(kc_ptr + dst, k, mask=m)
-            tl.store(vc_ptr + dst, v, mask=m)
+                + kvh[:, None] * stride_ch + i[None, :]
+            tl.store(kc_ptr + dst, x1, mask=ck)
+            tl.store(kc_ptr + dst + HALF, x2, mask=ck & m2)
+            v = v_ptr + t * stride_vt + kvh[:, None] * stride_vh + i[None, :]
+            tl.store(vc_ptr + dst, tl.load(v, mask=ck, other=0.0), mask=ck)
+            tl.store(vc_ptr + dst + HALF, tl.load(v + HALF, mask=ck & m2, other=0.0), mask=ck & m2)
 
     @triton.jit
     def _attend_tile(q, kc_ptr, vc_ptr, table_ptr, toks, tm, keep, kvh, block_size, stride_cb, stride_cs,
@@ -213,18 +232,31 @@ if triton is not None:
 
 # ---- launchers -----------------------------------------------------------------------------------
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """k, v: [T, Hkv, D] (last dim contiguous); k_cache, v_cache [num_blocks, block_size, Hkv, D]
-    with equal strides; slot_mapping [T], negative for rows to skip."""
+    with equal strides; slot_mapping [T], negative for rows to skip. rotary = (q [T, Hq, D], cos, sin [T, 1, D]
+    from RotaryEmbedding.lookup): first rotate q and k in place over all of D, as triton_fused.rotary_inplace
+    does, in the same kernel (a launch fewer per layer)."""
     T, H, D = k.shape
     if T == 0:
         return
+    q = k
+    Hq = stride_ct = 0
+    cos = sin = slot_mapping  # not read without rotary
+    if rotary is not None:
+        q, cos, sin = rotary
+        cos, sin = cos.reshape(T, -1), sin.reshape(T, -1)
+        Hq, stride_ct = q.shape[1], cos.stride(0)
+        if D % 2 or q.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(0) != stride_ct:
+            raise ValueError("rotary in store_kv: even head size, contiguous heads and cos/sin rows")
+    heads = Hq + H
+    per_program = min(16, _next_pow2(heads))
     on = pdl.enabled(k)
-    _store_kv_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping,
-                           k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1], H,
-                           D=D, BLOCK_D=_next_pow2(D), BLOCK_H=_next_pow2(H), PDL=on,
-                           num_warps=4 if H * D <= 2048 else 8, **pdl.launch_options(on))
+    _store_kv_kernel[(T, triton.cdiv(heads, per_program))](
+        q, k, v, k_cache, v_cache, slot_mapping, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), stride_ct, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.shape[1], Hq, heads, D, HALF=(D + 1) // 2, BLOCK=_next_pow2((D + 1) // 2), HEADS=per_program,
+        ROTARY=rotary is not None, PDL=on, **pdl.launch_options(on))
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:

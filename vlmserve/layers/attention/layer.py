@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -22,12 +24,26 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None  # bound by the model runner
         self.backend = get_attention_backend()
 
+    def rotates_in_kv_store(self, q: torch.Tensor, rotary) -> bool:
+        """Whether forward(..., rotary=cos_sin) can rotate q and k for `rotary` (a RotaryEmbedding) as the
+        backend stores k and v: the Triton backend's store kernel does both in one launch, for rotary over
+        the whole head. VLMSERVE_ROTARY_IN_KV_STORE=0: never (the rotary kernel, then the store)."""
+        if not getattr(self.backend, "rotates_in_kv_store", False) or not q.is_cuda \
+                or rotary.rotary_dim != self.head_dim or os.environ.get("VLMSERVE_ROTARY_IN_KV_STORE") == "0":
+            return False
+        from vlmserve.layers.layernorm import fused_kernels_enabled
+        return fused_kernels_enabled()
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, Hq*D], k, v: [T, Hkv*D] -> [T, Hq*D]."""
+                meta: AttentionMetadata, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """q: [T, Hq*D], k, v: [T, Hkv*D] -> [T, Hq*D]. rotary: cos, sin from RotaryEmbedding.lookup, to rotate
+        q and k by first (in place), where rotates_in_kv_store says so."""
         T = q.shape[0]
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(self, q, k, v, self.kv_cache, meta)
+        if rotary is None:
+            out = self.backend.forward(self, q, k, v, self.kv_cache, meta)
+        else:
+            out = self.backend.forward(self, q, k, v, self.kv_cache, meta, rotary=rotary)
         return out.reshape(T, self.num_heads * self.head_dim)

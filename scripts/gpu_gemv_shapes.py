@@ -1,0 +1,101 @@
+"""Each decode GEMV shape of a 7B model on its own: a chain of one layer's GEMV of that shape per layer (distinct
+weights, so nothing stays in L2) in one CUDA graph, cuBLAS against kernels/triton_gemv.py over tiles, and the
+default tile with the work fused into it (RMSNorm before qkv and gate_up and the LM head, the residual add
+after o and down, SiLU-and-mul before down). Weight bytes streamed per second, one row of x, PDL on.
+
+    python scripts/gpu_gemv_shapes.py --out gemv_shapes.json"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_gemv_sweep import SHAPES, time_graph  # noqa: E402
+
+from vlmserve.kernels import triton_gemv as tg  # noqa: E402
+
+VOCAB = {"llava-1.5-7b": (32000, 4), "qwen2-vl-7b": (152064, 2)}  # LM head rows, copies in its chain
+# block_n, block_k, warps, stages
+TILES = ((8, 512, 4, 3), (4, 512, 4, 3), (16, 512, 4, 3), (8, 256, 4, 3), (8, 1024, 4, 3), (8, 512, 8, 3),
+         (4, 1024, 4, 3), (16, 256, 4, 3), (8, 512, 4, 4), (4, 512, 2, 3), (16, 512, 8, 3))
+FUSED = {"qkv": ("norm",), "gu": ("norm",), "head": ("norm",), "o": ("residual",),
+         "d": ("silu", "silu+residual", "residual")}
+
+
+def kinds(shape: str) -> dict[str, tuple[int, int, int]]:
+    hidden, q, kv, inter, n = SHAPES[shape]
+    vocab, copies = VOCAB[shape]
+    return {"qkv": (q + 2 * kv, hidden, n), "o": (hidden, q, n), "gu": (2 * inter, hidden, n), "d": (hidden, inter, n),
+            "head": (vocab, hidden, copies)}
+
+
+def run_chain(ws, x, cfg, fused, norm_w, res, gate_up):
+    for w in ws:
+        if cfg is None:
+            F.linear(x, w)
+            continue
+        kw = dict(block_n=cfg[0], block_k=cfg[1], num_warps=cfg[2], num_stages=cfg[3], pdl=True)
+        if fused == "norm":
+            kw["norm_weight"] = norm_w
+        if "residual" in fused:
+            kw["residual"] = res
+        tg.gemv(gate_up if "silu" in fused else x, w, silu_and_mul="silu" in fused, **kw)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="gemv_shapes.json")
+    p.add_argument("--shapes", default="llava-1.5-7b,qwen2-vl-7b")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape in args.shapes.split(","):
+        for kind, (N, K, n) in kinds(shape).items():
+            ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * K ** -0.5 for _ in range(n)]
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g)
+            gate_up = torch.randn(1, 2 * K, device="cuda", dtype=torch.bfloat16, generator=g)
+            norm_w = torch.rand(K, device="cuda", dtype=torch.bfloat16, generator=g) + 0.5
+            res = torch.randn(1, N, device="cuda", dtype=torch.bfloat16, generator=g)
+            variants = [(None, "")] + [(t, "") for t in TILES] + [(TILES[0], f) for f in FUSED[kind]]
+            graphs = {}
+            for v in variants:
+                try:
+                    run_chain(ws, x, v[0], v[1], norm_w, res, gate_up)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        run_chain(ws, x, v[0], v[1], norm_w, res, gate_up)
+                    graphs[v] = graph
+                except Exception as e:  # noqa: BLE001  a variant that fails is a row
+                    rows.append({"shape": shape, "kind": kind, "cfg": v[0], "fused": v[1],
+                                 "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    print(json.dumps(rows[-1]), flush=True)
+            times: dict = {v: [] for v in graphs}
+            for _ in range(args.rounds):
+                for v, graph in graphs.items():
+                    times[v].append(time_graph(graph, reps=30))
+            wbytes = n * N * K * 2
+            for v, ts in times.items():
+                row = {"shape": shape, "kind": kind, "N": N, "K": K, "chain": n, "cfg": v[0] or "cublas",
+                       "fused": v[1], "us_per_gemv": round(1e3 * min(ts) / n, 2),
+                       "TBps": round(wbytes / (min(ts) * 1e-3) / 1e12, 3)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del graphs, ws
+            torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__,
+                   "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
