@@ -180,3 +180,14 @@ def test_backend_warm_up_compiles_the_packed_kernel_where_fresh_prompts_take_it(
     backend.fresh_path = True
     backend.warm_up([layer, layer])
     assert calls == ([(4, 2, {"causal": True})] if packed else [])
+
+
+def test_single_stream_decode_splits_and_tiles():
+    # one sequence: up to 16 splits of >= 64 tokens; 64-token tiles where there are many KV heads (gpu_check --single)
+    assert tpa.decode_num_splits(1, 32, 700, 132) == 16 and tpa.decode_num_splits(1, 4, 32768, 132) == 16
+    assert tpa.decode_num_splits(1, 32, 100, 132) == 2
+    assert tpa.decode_num_splits(2, 32, 700, 132) == 4  # batches keep the rule that fills the GPU once
+    bf16 = torch.empty(1, 16, 32, 128, dtype=torch.bfloat16)
+    assert tpa.decode_tiles(bf16, 1) == (64, 2) and tpa.decode_tiles(bf16, 2) == (128, 4)
+    assert tpa.decode_tiles(bf16[:, :, :4], 1) == (128, 4)
+    assert tpa.decode_tiles(bf16.float(), 1) == (64, 4)

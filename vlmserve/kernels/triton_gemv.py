@@ -32,7 +32,7 @@ from vlmserve.kernels import pdl as pdl_module
 from vlmserve.kernels.pdl import gdc_wait
 
 MAX_ROWS = 1  # inputs with more rows stay with cuBLAS (faster from 2 rows on, scripts/gpu_gemv_sweep.py)
-BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 8, 512, 4, 3
+BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 8, 1024, 4, 3
 
 
 def enabled(device: torch.device | str) -> bool:
@@ -57,21 +57,23 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, stride_xm, stride_wn, stride_rm, stride_ym,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-                     RMS_NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU_MUL: tl.constexpr, RMS_NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         m = tl.program_id(0)  # the row of x: fastest in launch order, so a weight tile's readers run together
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = rows < N
-        ks = tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+        # a tile's columns as [BLOCK_K / VEC, VEC]: a thread's VEC neighbours (16 bytes, one load) are summed in
+        # its registers each step, so the running sums take BLOCK_N x BLOCK_K / VEC floats, not BLOCK_N x BLOCK_K
+        ks = tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+        w_ptrs = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn + ks[None, :, :]
         x_ptrs = x_ptr + m * stride_xm + ks
         if PDL:  # launched before the kernel that writes x has finished: wait for it
             gdc_wait()
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        sq = tl.zeros([BLOCK_K], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], tl.float32)
+        sq = tl.zeros([BLOCK_K // VEC, VEC], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             km = k0 + ks < K
-            w = tl.load(w_ptrs + k0, mask=rm[:, None] & km[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=rm[:, None, None] & km[None, :, :], other=0.0)
             if SILU_MUL:  # x = silu(gate) * up, rounded as triton_fused.silu_and_mul rounds its output
                 g = tl.load(x_ptrs + k0, mask=km, other=0.0).to(tl.float32)
                 u = tl.load(x_ptrs + K + k0, mask=km, other=0.0).to(tl.float32)
@@ -81,10 +83,10 @@ if triton is not None:
             if RMS_NORM:  # W (g * x) now, the 1 / rms(x) factor once x's squares are all summed
                 sq += x * x
                 x = x * tl.load(g_ptr + k0 + ks, mask=km, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
+            acc += tl.sum(w.to(tl.float32) * x[None, :, :], 2)
         y = tl.sum(acc, 1)
         if RMS_NORM:
-            y = y * tl.rsqrt(tl.sum(sq, 0) / K + eps)
+            y = y * tl.rsqrt(tl.sum(tl.sum(sq, 1), 0) / K + eps)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
         if RESIDUAL:  # rounded as the product then torch's add of the residual would be
@@ -119,7 +121,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         residual if residual is not None else y, y, N, K, float(eps), x.stride(0), weight.stride(0),
         residual.stride(0) if residual is not None else 0, y.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_and_mul,
+        BLOCK_N=block_n, BLOCK_K=block_k, VEC=min(block_k, 16 // weight.element_size()), HAS_BIAS=bias is not None,
+        SILU_MUL=silu_and_mul,
         RMS_NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=bool(pdl),
         num_warps=num_warps, num_stages=num_stages, **pdl_module.launch_options(pdl))
     return y

@@ -265,7 +265,12 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     within 5% of it at every batch measured: Qwen2-VL-7B (4 KV heads) at 1, 16, 64 and 128
     sequences of ~1400-1530 tokens (128: 1 split 100 us, 2 splits 108), LLaVA (32 heads) at 1, 64
     and 256. Filling it four times over, as before, split too often at middle batches (64: 4 splits
-    65 us against 54 with 1)."""
+    65 us against 54 with 1).
+    One sequence (single-stream decode) takes up to 16 splits of at least 64 tokens: `gpu_check.py --single` on
+    the H200, in CUDA graphs with the merge, Qwen2-VL at 1500 tokens 5.8 us with 16 splits against 7.5 with 8;
+    LLaVA at 700 tokens 7.3 us (16 splits, decode_tiles' 64-token tiles) against 7.9 (8 splits of 128)."""
+    if num_seqs == 1:
+        return max(1, min(16, _next_pow2(-(-max_seq_len // 64))))
     want = -(-num_sms // max(1, num_seqs * num_kv_heads))
     return max(1, min(16, _next_pow2(want), _next_pow2(-(-max_seq_len // 256))))
 
@@ -276,6 +281,17 @@ def default_decode_tiles(cache: torch.Tensor) -> tuple[int, int]:
     tiles; LLaVA at 256: 656 against 677); 64 for float32, whose 128-token tiles, three stages
     deep, would not fit in shared memory."""
     return (128, 4) if cache.element_size() <= 2 else (64, 4)
+
+
+def decode_tiles(cache: torch.Tensor, num_seqs: int) -> tuple[int, int]:
+    """(tokens per tile, warps) for a decode step: default_decode_tiles, but 64-token tiles with 2 warps for one
+    sequence with 16 or more KV heads in a 16-bit cache. A split is whole tiles, so small ones leave fewer splits
+    empty; with many heads each split still has programs enough. `gpu_check.py --single`, 16 splits: LLaVA (32
+    heads, 700 tokens) 7.3 us against 8.7 with 128-token tiles; Qwen2-VL (4 KV heads, 1500) 7.4 against 5.8, so
+    it keeps them."""
+    if cache.element_size() <= 2 and num_seqs == 1 and cache.shape[2] >= 16:
+        return 64, 2
+    return default_decode_tiles(cache)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float,

@@ -77,7 +77,7 @@ class TritonPagedAttentionBackend:
 
     def warm_up(self, layers) -> None:
         """Compile now every decode-kernel variant a step can pick, one per KV split count (1-16:
-        decode_num_splits chooses by batch and context length), and the prefill kernel over cached
+        decode_num_splits chooses by batch and context length) and tile (decode_tiles), and the prefill kernel over cached
         context, for each kind of attention layer. Otherwise the first mixed step of a new batch
         size, or the first chunk after a cached one, compiles a kernel in the middle of a run: a
         Triton compile took ~0.5 s on the H200 (BENCHMARKS.md). Triton's cache on disk makes this
@@ -96,8 +96,10 @@ class TritonPagedAttentionBackend:
             tables = torch.zeros((1, 1), dtype=torch.long, device=k_cache.device)  # block 0, slot 0: read only
             seq_lens = torch.ones(1, dtype=torch.long, device=k_cache.device)
             for splits in (1, 2, 4, 8, 16):
-                tpa.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, layer.scale,
-                                           layer.sliding_window, num_splits=splits)
+                for block_n, warps in {tpa.default_decode_tiles(k_cache), tpa.decode_tiles(k_cache, 1)}:
+                    tpa.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, layer.scale,
+                                               layer.sliding_window, num_splits=splits, block_n=block_n,
+                                               num_warps=warps)
             qsl = torch.tensor([0, 1], dtype=torch.int32, device=k_cache.device)
             tpa.paged_prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, layer.scale,
                                         layer.sliding_window, max_query_len=1)
@@ -160,9 +162,10 @@ class TritonPagedAttentionBackend:
         out = torch.empty_like(q)
         if nd:
             splits = tpa.decode_num_splits(nd, k_cache.shape[2], self._max_decode_len, self.num_sms)
+            block_n, warps = tpa.decode_tiles(k_cache, nd)
             tpa.paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
                                        meta.seq_lens_tensor[:nd], layer.scale, layer.sliding_window,
-                                       num_splits=splits, out=out[:nd])
+                                       num_splits=splits, out=out[:nd], block_n=block_n, num_warps=warps)
         if fresh_from > nd:
             max_len = self._paged_max_len if fresh_from < B else self._prefill_max_len
             tpa.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, self._qsl,
