@@ -18,7 +18,7 @@
 #   {llava,qwen}_noprefetch  latency with the encoder prefetch off (VLMSERVE_ENCODER_PREFETCH=0; on by default)
 #   gemv_ab        bench latency of both models, the Triton GEMV against cuBLAS (VLMSERVE_TRITON_GEMV=0)
 #   pdl_ab         bench latency of both models, programmatic dependent launch on and off (VLMSERVE_PDL=0)
-#   fusion_ab      bench latency of both models, norms/residual adds in the GEMVs and rotary in the KV store, on/off
+#   rotary_ab      bench latency of both models, rotary inside the KV store's kernel on/off
 #   gemv_sweep     scripts/gpu_gemv_sweep.py: the GEMV's tiles in decode chains against cuBLAS
 #   gemv_shapes    scripts/gpu_gemv_shapes.py: each decode GEMV shape apart, tiles and fused work
 #   decode_single  gpu_check.py --single: the decode attention at single-stream shapes, splits x tiles
@@ -162,9 +162,9 @@ for part in $PARTS; do
             latency_env_ab gemv VLMSERVE_TRITON_GEMV ;;
         pdl_ab)  # the same with programmatic dependent launch on (the default on sm_90+) and off (VLMSERVE_PDL=0)
             latency_env_ab pdl VLMSERVE_PDL ;;
-        fusion_ab)  # the same with the norms and residual adds inside the GEMVs and rotary inside the KV store
-            # (the defaults) and without (VLMSERVE_GEMV_FUSION=0 VLMSERVE_ROTARY_IN_KV_STORE=0)
-            latency_env_ab fusion VLMSERVE_GEMV_FUSION VLMSERVE_ROTARY_IN_KV_STORE ;;
+        rotary_ab)  # the same with rotary inside the KV store's kernel (the default) and in its own
+            # (VLMSERVE_ROTARY_IN_KV_STORE=0)
+            latency_env_ab rotary VLMSERVE_ROTARY_IN_KV_STORE ;;
         gemv_shapes)  # scripts/gpu_gemv_shapes.py: each decode GEMV shape apart, over tiles and with fused work
             step gemv_shapes "${T_GSHAPES:-200}" python scripts/gpu_gemv_shapes.py --out "$OUT/gemv_shapes.json" ;;
         decode_single)  # gpu_check.py --single: the decode attention kernel at single-stream shapes, splits x tiles

@@ -1,7 +1,7 @@
 """Each decode GEMV shape of a 7B model on its own: a chain of one layer's GEMV of that shape per layer (distinct
-weights, so nothing stays in L2) in one CUDA graph, cuBLAS against kernels/triton_gemv.py over tiles, and the
-first tiles with the work fused into them (RMSNorm before qkv and gate_up and the LM head, the residual add
-after o and down, SiLU-and-mul before down). Weight bytes streamed per second, one row of x, PDL on.
+weights, so nothing stays in L2) in one CUDA graph, cuBLAS against kernels/triton_gemv.py over tiles (None:
+tiles_for's choice). Weight bytes streamed per second, one row of x, PDL on. (Its first version, 57ae62c, also
+timed an RMSNorm, SiLU-and-mul and a residual add inside the GEMV: BENCHMARKS.md.)
 
     python scripts/gpu_gemv_shapes.py --out gemv_shapes.json"""
 from __future__ import annotations
@@ -22,11 +22,9 @@ from gpu_gemv_sweep import SHAPES, time_graph  # noqa: E402
 from vlmserve.kernels import triton_gemv as tg  # noqa: E402
 
 VOCAB = {"llava-1.5-7b": (32000, 4), "qwen2-vl-7b": (152064, 2)}  # LM head rows, copies in its chain
-# block_n, block_k, warps, stages
-TILES = ((8, 1024, 4, 3), (8, 512, 4, 3), (4, 1024, 4, 3), (4, 2048, 4, 3), (8, 2048, 8, 3), (8, 1024, 8, 3),
-         (4, 512, 4, 3), (16, 1024, 8, 3), (16, 512, 4, 3), (2, 2048, 4, 3), (2, 1024, 2, 3))
-FUSED = {"qkv": ("norm",), "gu": ("norm",), "head": ("norm",), "o": ("residual",),
-         "d": ("silu", "silu+residual", "residual")}
+# block_n, block_k, warps
+TILES = (None, (2, 2048, 4), (2, 1024, 2), (4, 2048, 4), (4, 1024, 4), (1, 2048, 4), (2, 4096, 4), (2, 2048, 2),
+         (1, 1024, 2), (4, 512, 4))
 
 
 def kinds(shape: str) -> dict[str, tuple[int, int, int]]:
@@ -36,17 +34,14 @@ def kinds(shape: str) -> dict[str, tuple[int, int, int]]:
             "head": (vocab, hidden, copies)}
 
 
-def run_chain(ws, x, cfg, fused, norm_w, res, gate_up):
+def run_chain(ws, x, cfg):
     for w in ws:
-        if cfg is None:
+        if cfg == "cublas":
             F.linear(x, w)
-            continue
-        kw = dict(block_n=cfg[0], block_k=cfg[1], num_warps=cfg[2], num_stages=cfg[3], pdl=True)
-        if fused == "norm":
-            kw["norm_weight"] = norm_w
-        if "residual" in fused:
-            kw["residual"] = res
-        tg.gemv(gate_up if "silu" in fused else x, w, silu_and_mul="silu" in fused, **kw)
+        elif cfg is None:
+            tg.gemv(x, w, pdl=True)
+        else:
+            tg.gemv(x, w, block_n=cfg[0], block_k=cfg[1], num_warps=cfg[2], pdl=True)
 
 
 def main() -> int:
@@ -61,21 +56,17 @@ def main() -> int:
         for kind, (N, K, n) in kinds(shape).items():
             ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * K ** -0.5 for _ in range(n)]
             x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g)
-            gate_up = torch.randn(1, 2 * K, device="cuda", dtype=torch.bfloat16, generator=g)
-            norm_w = torch.rand(K, device="cuda", dtype=torch.bfloat16, generator=g) + 0.5
-            res = torch.randn(1, N, device="cuda", dtype=torch.bfloat16, generator=g)
-            variants = [(None, "")] + [(t, "") for t in TILES] + [(t, f) for t in TILES[:3] for f in FUSED[kind]]
             graphs = {}
-            for v in variants:
+            for v in ("cublas",) + TILES:
                 try:
-                    run_chain(ws, x, v[0], v[1], norm_w, res, gate_up)
+                    run_chain(ws, x, v)
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
-                        run_chain(ws, x, v[0], v[1], norm_w, res, gate_up)
+                        run_chain(ws, x, v)
                     graphs[v] = graph
                 except Exception as e:  # noqa: BLE001  a variant that fails is a row
-                    rows.append({"shape": shape, "kind": kind, "cfg": v[0], "fused": v[1],
+                    rows.append({"shape": shape, "kind": kind, "cfg": v,
                                  "error": f"{type(e).__name__}: {str(e)[:200]}"})
                     print(json.dumps(rows[-1]), flush=True)
             times: dict = {v: [] for v in graphs}
@@ -84,9 +75,9 @@ def main() -> int:
                     times[v].append(time_graph(graph, reps=30))
             wbytes = n * N * K * 2
             for v, ts in times.items():
-                row = {"shape": shape, "kind": kind, "N": N, "K": K, "chain": n, "cfg": v[0] or "cublas",
-                       "fused": v[1], "us_per_gemv": round(1e3 * min(ts) / n, 2),
-                       "TBps": round(wbytes / (min(ts) * 1e-3) / 1e12, 3)}
+                row = {"shape": shape, "kind": kind, "N": N, "K": K, "chain": n,
+                       "cfg": v if v is not None else f"default {tg.tiles_for(K)}",
+                       "us_per_gemv": round(1e3 * min(ts) / n, 2), "TBps": round(wbytes / (min(ts) * 1e-3) / 1e12, 3)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del graphs, ws

@@ -1,8 +1,10 @@
 """The decode GEMVs of a 7B model in a chain (qkv, o, gate_up, down, layer after layer, each reading the
 last one's output) in one CUDA graph: cuBLAS against kernels/triton_gemv.py over tiles, with and without
 programmatic dependent launch, for x of 1, 2 and 4 rows. Weight bytes streamed per second is what
-single-stream decode is bound by. (The first version of this script, c850bdb, also tried loading a
-GEMV's first weights before its wait, and letting the next GEMV in early: both slower.)
+single-stream decode is bound by. (Stages no longer apply: the kernel's loop is not software-pipelined. The
+tiles below were the first kernel's; gpu_gemv_shapes.py times the current one's, shape by shape. The first
+version of this script, c850bdb, also tried loading a GEMV's first weights before its wait, and letting the
+next GEMV in early: both slower.)
 
     python scripts/gpu_gemv_sweep.py --out gemv_sweep.json"""
 from __future__ import annotations
@@ -39,7 +41,7 @@ def make_layers(shape: str, dtype=torch.bfloat16):
 
 def chain(x, layers, q, inter, cfg):
     lin = F.linear if cfg is None else (lambda a, w: tg.gemv(a, w, block_n=cfg[0], block_k=cfg[1],
-                                                             num_warps=cfg[2], num_stages=cfg[3], pdl=cfg[4]))
+                                                             num_warps=cfg[2], pdl=cfg[4]))
     for L in layers:
         y = lin(x, L["qkv"])
         y = lin(y[:, :q], L["o"])

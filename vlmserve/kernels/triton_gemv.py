@@ -2,20 +2,30 @@
 
 Single-stream decode reads every weight once per step, so a step is as fast as its linear layers stream
 their weights. Each program here streams BLOCK_N rows of W [N, K] across all of K in BLOCK_N x BLOCK_K
-tiles and multiply-adds them with one row of x on the CUDA cores, in float32, reducing over K once at the
-end: no split-K pass, no shared-memory staging. The kernel takes several rows of x (the programs of one
-weight tile for the rows of x are neighbours in launch order), but for 2 and 4 rows cuBLAS streamed
-faster (3.5 against 2.9 and 2.0 TB/s), so linear layers route inputs of one row (MAX_ROWS) here.
+tiles and multiply-adds them with one row of x on the CUDA cores, in float32: no split-K pass, no
+shared-memory staging of W. A tile's columns are laid out as [BLOCK_K / VEC, VEC], VEC elements being 16
+bytes, one load: each step sums a thread's VEC products in its registers, so the running sums take
+BLOCK_N x BLOCK_K / VEC floats. The loop is not software-pipelined (Triton pipelines loads feeding tensor-core
+dots only), so the bytes in flight are the tiles of the programs resident on an SM, and those are set by the
+registers a program takes: 40 at 2-4 rows against 80 when the sums were BLOCK_N x BLOCK_K floats (8 x 512).
 
-In a CUDA graph of Llama-2-7B's decode GEMVs (qkv, o, gate_up, down, 32 layers, each reading the last
-one's output), 8 x 512 tiles with 4 warps and 3 stages streamed 3.85 TB/s on an H200 against cuBLAS's
-3.53 (Qwen2-VL-7B's: 3.96 against 3.51; scripts/gpu_gemv_sweep.py, BENCHMARKS.md). With programmatic
-dependent launch (`pdl`, Hopper and later) a GEMV is let onto the GPU while the kernel before it
-finishes, and waits (griddepcontrol.wait) before it reads x or writes y: ~1% of that chain.
+Tiles (`tiles_for`, chosen in scripts/gpu_gemv_shapes.py on an H200, each shape in a CUDA-graph chain of its
+own, BENCHMARKS.md): 2 rows x 2048 columns with 4 warps; 2 x 1024 with 2 warps for K over 8192 (the down
+projections). Llama-2-7B's gate_up streamed at 4.41 TB/s (cuBLAS 4.10, the 8 x 512 tiles before 4.06), its
+down projection at 4.15 (3.38, 3.80), Qwen2-VL-7B's gate_up at 4.51 (3.97, 4.31). Wider tiles of this layout
+were slower (8 x 1024: 3.44 TB/s for Llama's gate_up). With programmatic dependent launch (`pdl`, Hopper and
+later) a GEMV is let onto the GPU while the kernel before it finishes, and waits (griddepcontrol.wait) before
+it reads x or writes y.
 
-Linear layers on sm_90+ GPUs take it by default (`route_single_rows_through_triton_gemv`);
-`VLMSERVE_TRITON_GEMV=0` keeps cuBLAS, `=1` uses it on other GPUs too. `reference_gemv` is the torch
-computation it is tested against."""
+The kernel takes several rows of x, but for 2 and 4 rows cuBLAS streamed faster (measured with the 8 x 512
+tiles), so linear layers route inputs of one row (MAX_ROWS) here: by default on sm_90+ GPUs
+(`route_single_rows_through_triton_gemv`); `VLMSERVE_TRITON_GEMV=0` keeps cuBLAS, `=1` uses it on other GPUs
+too. `reference_gemv` is the torch computation it is tested against.
+
+Measured and not taken (BENCHMARKS.md): computing a norm or SiLU-and-mul of x inside the GEMV, as it reads x,
+was slower than their own kernels (every program reads x, so each extra vector read per tile costs L2
+traffic and registers): RMSNorm +2.8-4.7 us on a 25-45 us GEMV, SiLU-and-mul +1.8-2.6 us, against ~1.3-2.3 us
+for the kernels themselves."""
 from __future__ import annotations
 
 import os
@@ -32,7 +42,11 @@ from vlmserve.kernels import pdl as pdl_module
 from vlmserve.kernels.pdl import gdc_wait
 
 MAX_ROWS = 1  # inputs with more rows stay with cuBLAS (faster from 2 rows on, scripts/gpu_gemv_sweep.py)
-BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 8, 1024, 4, 3
+
+
+def tiles_for(K: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) for a weight of K columns (module docstring)."""
+    return (2, 1024, 2) if K > 8192 else (2, 2048, 4)
 
 
 def enabled(device: torch.device | str) -> bool:
@@ -45,102 +59,60 @@ def enabled(device: torch.device | str) -> bool:
     return setting == "1" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False) -> bool:
-    """Whether gemv(x, weight, silu_and_mul=...) takes these: x of at most MAX_ROWS rows (with
-    silu_and_mul, x is [gate | up], twice weight's columns)."""
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether gemv(x, weight) takes these: x of at most MAX_ROWS rows."""
     return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") \
-        and x.dtype == weight.dtype and weight.dim() == 2 and weight.stride(1) == 1 \
-        and x.shape[1] == weight.shape[1] * (2 if silu_and_mul else 1)
+        and x.dtype == weight.dtype and weight.dim() == 2 and weight.stride(1) == 1 and x.shape[1] == weight.shape[1]
 
 
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, stride_xm, stride_wn, stride_rm, stride_ym,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU_MUL: tl.constexpr, RMS_NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
-        m = tl.program_id(0)  # the row of x: fastest in launch order, so a weight tile's readers run together
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # axis 0: up to 2^31 - 1 tiles (a 152k vocab)
+        m = tl.program_id(1)  # the row of x
         rm = rows < N
-        # a tile's columns as [BLOCK_K / VEC, VEC]: a thread's VEC neighbours (16 bytes, one load) are summed in
-        # its registers each step, so the running sums take BLOCK_N x BLOCK_K / VEC floats, not BLOCK_N x BLOCK_K
-        ks = tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+        ks = tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [BLOCK_K / VEC, VEC]
         w_ptrs = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn + ks[None, :, :]
         x_ptrs = x_ptr + m * stride_xm + ks
         if PDL:  # launched before the kernel that writes x has finished: wait for it
             gdc_wait()
         acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], tl.float32)
-        sq = tl.zeros([BLOCK_K // VEC, VEC], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             km = k0 + ks < K
             w = tl.load(w_ptrs + k0, mask=rm[:, None, None] & km[None, :, :], other=0.0)
-            if SILU_MUL:  # x = silu(gate) * up, rounded as triton_fused.silu_and_mul rounds its output
-                g = tl.load(x_ptrs + k0, mask=km, other=0.0).to(tl.float32)
-                u = tl.load(x_ptrs + K + k0, mask=km, other=0.0).to(tl.float32)
-                x = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
-            else:
-                x = tl.load(x_ptrs + k0, mask=km, other=0.0).to(tl.float32)
-            if RMS_NORM:  # W (g * x) now, the 1 / rms(x) factor once x's squares are all summed
-                sq += x * x
-                x = x * tl.load(g_ptr + k0 + ks, mask=km, other=0.0).to(tl.float32)
-            acc += tl.sum(w.to(tl.float32) * x[None, :, :], 2)
+            x = tl.load(x_ptrs + k0, mask=km, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :, :], 2)  # a thread's VEC neighbours: in its registers
         y = tl.sum(acc, 1)
-        if RMS_NORM:
-            y = y * tl.rsqrt(tl.sum(tl.sum(sq, 1), 0) / K + eps)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
-        if RESIDUAL:  # rounded as the product then torch's add of the residual would be
-            y = y.to(y_ptr.dtype.element_ty).to(tl.float32) \
-                + tl.load(r_ptr + m * stride_rm + rows, mask=rm, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rm)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = BLOCK_N,
-         block_k: int = BLOCK_K, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-         pdl: bool | None = None, silu_and_mul: bool = False, norm_weight: torch.Tensor | None = None,
-         eps: float = 1e-6, residual: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int | None = None,
+         block_k: int | None = None, num_warps: int | None = None, pdl: bool | None = None) -> torch.Tensor:
     """x [M, K] (rows may be strided, each contiguous), weight [N, K] with contiguous rows
-    -> [M, N] in x's dtype. pdl: launch with programmatic dependent launch (default: kernels/pdl.py's choice).
-    Work fused into the GEMV, each a kernel launch fewer in a decode layer:
-    - silu_and_mul: x is [M, 2K] = [gate | up], and the product is with silu(gate) * up (a gated MLP's down
-      projection);
-    - norm_weight: the product is with RMSNorm(x) (weight norm_weight, eps), computed as W (norm_weight * x) / rms(x),
-      the sum of squares gathered in the same pass; not rounded to x's dtype between norm and product as the
-      norm kernel rounds, so equal to norm-then-GEMV to within that rounding (no extra pass over x);
-    - residual [M, N]: returns the product plus residual, rounded as the GEMV then torch's add round."""
+    -> [M, N] in x's dtype. Tiles: tiles_for(K) where not given. pdl: launch with programmatic dependent
+    launch (default: kernels/pdl.py's choice)."""
     M = x.shape[0]
     N, K = weight.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     if pdl is None:
         pdl = pdl_module.enabled(x)
-    if residual is not None and residual.stride(1) != 1:
-        residual = residual.contiguous()
+    tiles = tiles_for(K)
+    block_n, block_k, num_warps = block_n or tiles[0], block_k or tiles[1], num_warps or tiles[2]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _gemv_kernel[(M, triton.cdiv(N, block_n))](
-        x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
-        residual if residual is not None else y, y, N, K, float(eps), x.stride(0), weight.stride(0),
-        residual.stride(0) if residual is not None else 0, y.stride(0),
+    _gemv_kernel[(triton.cdiv(N, block_n), M)](
+        x, weight, bias if bias is not None else weight, y, N, K, x.stride(0), weight.stride(0), y.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, VEC=min(block_k, 16 // weight.element_size()), HAS_BIAS=bias is not None,
-        SILU_MUL=silu_and_mul,
-        RMS_NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=bool(pdl),
-        num_warps=num_warps, num_stages=num_stages, **pdl_module.launch_options(pdl))
+        PDL=bool(pdl), num_warps=num_warps, **pdl_module.launch_options(pdl))
     return y
 
 
-def reference_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   silu_and_mul: bool = False, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                   residual: torch.Tensor | None = None) -> torch.Tensor:
-    """gemv's computation in float32 torch ops, rounded where the kernel rounds."""
-    if silu_and_mul:
-        gate, up = x.float().chunk(2, dim=-1)
-        x = (torch.nn.functional.silu(gate) * up).to(x.dtype)
-    xf = x.float()
-    if norm_weight is not None:
-        xf = xf * norm_weight.float() * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = xf @ weight.float().t()
+def reference_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    y = x.float() @ weight.float().t()
     if bias is not None:
         y += bias.float()
-    if residual is not None:
-        y = y.to(x.dtype).float() + residual.float()
     return y.to(x.dtype)

@@ -1,7 +1,4 @@
-"""Linear layers whose weight is several checkpoint tensors stacked (q|k|v, gate|up), and the routes of linear
-layers through faster kernels (oneDNN on the CPU, the Triton GEMV for one row on the GPU)."""
-import os
-
+"""Linear layers whose weight is several checkpoint tensors stacked (q|k|v, gate|up)."""
 import torch
 from torch import nn
 
@@ -35,6 +32,7 @@ def route_linears_through_onednn(model: nn.Module) -> int:
     the default BLAS path for the shapes of LLM layers (see BENCHMARKS.md). Same weights, no copy.
     Returns how many layers were routed (0 where oneDNN is missing or VLMSERVE_DISABLE_CPU_KERNELS
     is set)."""
+    import os
     import types
 
     if os.environ.get("VLMSERVE_DISABLE_CPU_KERNELS") or not torch.backends.mkldnn.is_available() \
@@ -70,42 +68,5 @@ def route_single_rows_through_triton_gemv(model: nn.Module) -> int:
         if isinstance(m, nn.Linear) and m.weight.is_cuda and m.weight.dtype in (torch.bfloat16, torch.float16) \
                 and triton_gemv.enabled(m.weight.device):
             m.forward = types.MethodType(_single_row_gemv_forward, m)
-            m.single_row_gemv = True  # for gated_down_proj
             n += 1
     return n
-
-
-def gemv_fusion_enabled(x: torch.Tensor, *linears: nn.Linear) -> bool:
-    """Whether x, one row on the GPU, goes through all of `linears` on the Triton GEMV, so that the norms before
-    them and the residual adds after them can run inside them (norm_linear, linear_add, gated_down_proj's
-    residual): single-stream decode, a launch fewer for each. VLMSERVE_GEMV_FUSION=0 keeps those apart."""
-    if os.environ.get("VLMSERVE_GEMV_FUSION") == "0" or not x.is_cuda or x.dim() != 2 or x.shape[0] != 1:
-        return False
-    return all(getattr(lin, "single_row_gemv", False) and lin.weight.dtype == x.dtype for lin in linears)
-
-
-def norm_linear(norm: nn.Module, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """linear(norm(x)) for an RMSNorm `norm`, in one GEMV that normalizes x as it reads it (gemv_fusion_enabled
-    must hold; kernels/triton_gemv.py says how the rounding differs from the norm kernel's)."""
-    from vlmserve.kernels import triton_gemv
-    return triton_gemv.gemv(x, linear.weight, linear.bias, norm_weight=norm.weight, eps=norm.eps)
-
-
-def linear_add(linear: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """linear(x) + residual in one GEMV, rounded as the two ops (gemv_fusion_enabled must hold)."""
-    from vlmserve.kernels import triton_gemv
-    return triton_gemv.gemv(x, linear.weight, linear.bias, residual=residual)
-
-
-def gated_down_proj(down: nn.Linear, act: nn.Module, gate_up: torch.Tensor,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
-    """down(act(gate) * up) (+ residual) for a gated MLP's [gate | up] projection `gate_up` (act: an ActAndMul).
-    A single row on the GPU, where `down` takes the Triton GEMV and the activation is SiLU in its fused kernel,
-    runs as one kernel: the GEMV computes silu(gate) * up as it reads its input (a launch fewer per layer of
-    single-stream decode, same rounding), and adds the residual as it writes."""
-    if getattr(down, "single_row_gemv", False) and gate_up.is_cuda and act.fused_silu():
-        from vlmserve.kernels import triton_gemv
-        if triton_gemv.usable(gate_up, down.weight, silu_and_mul=True):
-            return triton_gemv.gemv(gate_up, down.weight, down.bias, silu_and_mul=True, residual=residual)
-    out = down(act(gate_up))
-    return out if residual is None else out + residual

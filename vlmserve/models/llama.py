@@ -10,7 +10,7 @@ from torch import nn
 from vlmserve.layers.activation import ActAndMul
 from vlmserve.layers.attention import Attention, AttentionMetadata
 from vlmserve.layers.layernorm import RMSNorm
-from vlmserve.layers.linear import MergedLinear, gated_down_proj, gemv_fusion_enabled, linear_add, norm_linear
+from vlmserve.layers.linear import MergedLinear
 from vlmserve.layers.rotary import RotaryEmbedding, get_rope, rope_parameters
 from vlmserve.models.weight_utils import load_weights
 
@@ -34,7 +34,7 @@ class LlamaMLP(nn.Module):
         self.act = ActAndMul(config.hidden_act)
 
     def forward(self, x):
-        return gated_down_proj(self.down_proj, self.act, self.gate_up_proj(x))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaAttention(nn.Module):
@@ -60,18 +60,13 @@ class LlamaAttention(nn.Module):
         return bool(getattr(config, "attention_bias", False))
 
     def forward(self, cos_sin, x, meta: AttentionMetadata):
-        return self.o_proj(self.attend(cos_sin, self.qkv_proj(x), meta))
-
-    def attend(self, cos_sin, qkv, meta: AttentionMetadata):
-        """Attention of the projected [q | k | v] rows, before o_proj: rotary, then the KV cache and attention
-        (the Triton backend rotates as it stores k and v: one kernel)."""
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        T = qkv.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        T = x.shape[0]
         q, k = q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim)
-        if self.attn.rotates_in_kv_store(q, self.rotary):
-            return self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta, rotary=cos_sin)
+        if self.attn.rotates_in_kv_store(q, self.rotary):  # the Triton backend: rotary and KV store in one kernel
+            return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta, rotary=cos_sin))
         q, k = self.rotary(cos_sin, q, k)
-        return self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta)
+        return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -86,27 +81,14 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, cos_sin, x, residual, meta):
-        """(x, residual) -> (x, residual) of the next layer; residual None: x is the whole hidden state."""
-        attn, mlp = self.self_attn, self.mlp
-        if gemv_fusion_enabled(x, attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-            return self.forward_one_row(cos_sin, x if residual is None else x + residual, meta), None
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = attn(cos_sin, x, meta)
+        x = self.self_attn(cos_sin, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
-        return mlp(x), residual
-
-    def forward_one_row(self, cos_sin, h, meta):
-        """Single-stream decode on the Triton GEMV: both norms run inside the projections after them and both
-        residual adds inside the projections before them (layers/linear.py), two launches fewer a layer.
-        h: the hidden state -> the next layer's."""
-        attn, mlp = self.self_attn, self.mlp
-        h = linear_add(attn.o_proj, attn.attend(cos_sin, norm_linear(self.input_layernorm, attn.qkv_proj, h), meta), h)
-        gate_up = norm_linear(self.post_attention_layernorm, mlp.gate_up_proj, h)
-        return gated_down_proj(mlp.down_proj, mlp.act, gate_up, residual=h)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -128,7 +110,8 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer(cos_sin, x, residual, meta)
-        return self.norm(x) if residual is None else self.norm(x, residual)[0]
+        x, _ = self.norm(x, residual)
+        return x
 
 
 class LlamaForCausalLM(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 from vlmserve.device_utils import to_device
 from vlmserve.layers.activation import ActAndMul
 from vlmserve.layers.layernorm import RMSNorm
-from vlmserve.layers.linear import MergedLinear, gated_down_proj
+from vlmserve.layers.linear import MergedLinear
 from vlmserve.layers.vision_attention import Segments, graph_safe_segments
 from vlmserve.models.qwen2_vl import (PatchEmbed, PatchMerger, Qwen2VLForConditionalGeneration,
                                       Qwen2VLMultiModalProcessor, VisionBlock, VisionRotary, _vision_rope_theta,
@@ -45,7 +45,7 @@ class SwiGLUMLP(nn.Module):
         self.act = ActAndMul(act)
 
     def forward(self, x):
-        return gated_down_proj(self.down_proj, self.act, self.gate_up_proj(x))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 def window_order(grids: list[tuple[int, int, int]], merge: int, window: int) -> tuple[torch.Tensor, list[int]]:

@@ -77,8 +77,8 @@ class TritonPagedAttentionBackend:
 
     def warm_up(self, layers) -> None:
         """Compile now every decode-kernel variant a step can pick, one per KV split count (1-16:
-        decode_num_splits chooses by batch and context length) and tile (decode_tiles), and the prefill kernel over cached
-        context, for each kind of attention layer. Otherwise the first mixed step of a new batch
+        decode_num_splits chooses by batch and context length) and tile (decode_tiles), and the prefill
+        kernel over cached context, for each kind of attention layer. Otherwise the first mixed step of a new batch
         size, or the first chunk after a cached one, compiles a kernel in the middle of a run: a
         Triton compile took ~0.5 s on the H200 (BENCHMARKS.md). Triton's cache on disk makes this
         quick from the second start on. Where fresh prompts take the packed causal kernel, it is
