@@ -247,18 +247,21 @@ def check_packed_attention(rows, dtype, lengths, h, d, hkv=None, causal=False, t
     rows.append(row)
 
 
-def check_gemv(rows, dtype, M, K, N, bias=False):
+def check_gemv(rows, dtype, M, K, N, bias=False, silu_and_mul=False):
     """The decode GEMV (kernels/triton_gemv.py) against its reference, timed beside cuBLAS: weight bytes
-    read per microsecond is what single-stream decode is bound by."""
+    read per microsecond is what single-stream decode is bound by. silu_and_mul: a gated MLP's [gate; up]
+    projection writing silu(gate) * up (cuBLAS's time then includes the SiLU-and-mul kernel after it)."""
     x = torch.randn(M, K, device=DEV, dtype=dtype)
     w = torch.randn(N, K, device=DEV, dtype=dtype) * K ** -0.5
     b = torch.randn(N, device=DEV, dtype=dtype) if bias else None
-    err = rel_err(tg.gemv(x, w, b), tg.reference_gemv(x, w, b))
-    ms = triton.testing.do_bench(lambda: tg.gemv(x, w, b), return_mode="median")
-    ms_ref = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w, b), return_mode="median")
-    rows.append({"kernel": "gemv", "dtype": str(dtype), "shape": f"M={M} K={K} N={N}{' bias' if bias else ''}",
-                 "rel_err": err, "ok": err < TOL[dtype], "us": 1e3 * ms, "torch_us": 1e3 * ms_ref,
-                 "tbps": w.numel() * w.element_size() / ms / 1e9,
+    err = rel_err(tg.gemv(x, w, b, silu_and_mul=silu_and_mul), tg.reference_gemv(x, w, b, silu_and_mul))
+    ms = triton.testing.do_bench(lambda: tg.gemv(x, w, b, silu_and_mul=silu_and_mul), return_mode="median")
+    unfused = (lambda: tf.silu_and_mul(torch.nn.functional.linear(x, w, b))) if silu_and_mul \
+        else (lambda: torch.nn.functional.linear(x, w, b))
+    ms_ref = triton.testing.do_bench(unfused, return_mode="median")
+    rows.append({"kernel": "gemv_silu_mul" if silu_and_mul else "gemv", "dtype": str(dtype),
+                 "shape": f"M={M} K={K} N={N}{' bias' if bias else ''}", "rel_err": err, "ok": err < TOL[dtype],
+                 "us": 1e3 * ms, "torch_us": 1e3 * ms_ref, "tbps": w.numel() * w.element_size() / ms / 1e9,
                  "cublas_tbps": w.numel() * w.element_size() / ms_ref / 1e9})
 
 
@@ -462,6 +465,7 @@ def main() -> int:
         check_gemv(rows, torch.bfloat16, M, K, N)  # Llama-2-7B's qkv, gate_up, down, o at decode
     check_gemv(rows, torch.bfloat16, 1, 3584, 4608, bias=True)  # Qwen2-7B's qkv
     check_gemv(rows, torch.bfloat16, 1, 3584, 152064)  # Qwen2-7B's LM head: 76032 tiles of 2 rows
+    check_gemv(rows, torch.bfloat16, 1, 4096, 22016, silu_and_mul=True)  # Llama-2-7B's gate_up, writing the activation
     check_gemv(rows, torch.float16, 3, 1000, 257)
     check_gemv(rows, torch.float32, 1, 1030, 130)
     if "--sweep" in sys.argv:

@@ -1,6 +1,7 @@
 """Each decode GEMV shape of a 7B model on its own: a chain of one layer's GEMV of that shape per layer (distinct
 weights, so nothing stays in L2) in one CUDA graph, cuBLAS against kernels/triton_gemv.py over tiles (None:
-tiles_for's choice). Weight bytes streamed per second, one row of x, PDL on. (Its first version, 57ae62c, also
+tiles_for's choice; "silu": gate_up writing silu(gate) * up). Weight bytes streamed per second, one row of x,
+PDL on. (Its first version, 57ae62c, also
 timed an RMSNorm, SiLU-and-mul and a residual add inside the GEMV: BENCHMARKS.md.)
 
     python scripts/gpu_gemv_shapes.py --out gemv_shapes.json"""
@@ -40,6 +41,8 @@ def run_chain(ws, x, cfg):
             F.linear(x, w)
         elif cfg is None:
             tg.gemv(x, w, pdl=True)
+        elif cfg == "silu":  # gate_up writing silu(gate) * up
+            tg.gemv(x, w, pdl=True, silu_and_mul=True)
         else:
             tg.gemv(x, w, block_n=cfg[0], block_k=cfg[1], num_warps=cfg[2], pdl=True)
 
@@ -57,7 +60,7 @@ def main() -> int:
             ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * K ** -0.5 for _ in range(n)]
             x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g)
             graphs = {}
-            for v in ("cublas",) + TILES:
+            for v in ("cublas",) + TILES + (("silu",) if kind == "gu" else ()):
                 try:
                     run_chain(ws, x, v)
                     torch.cuda.synchronize()

@@ -37,6 +37,29 @@ def test_default_tiles(N, K, dtype):
     torch.testing.assert_close(tg.gemv(x, w), tg.reference_gemv(x, w), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("M, N, K, bias, block_n", [(1, 40, 300, False, 2), (2, 34, 1030, True, 4)])
+def test_silu_and_mul_on_the_way_out(M, N, K, bias, block_n):
+    # a gated MLP's [gate; up] projection writing silu(gate) * up: as the GEMV, then the SiLU-and-mul kernel
+    from vlmserve.kernels import triton_fused
+
+    g = torch.Generator().manual_seed(N + K)
+    x = torch.randn(M, K, generator=g).to(DEV)
+    w = (torch.randn(N, K, generator=g) * K ** -0.5).to(DEV)
+    b = torch.randn(N, generator=g).to(DEV) if bias else None
+    got = tg.gemv(x, w, b, block_n=block_n, block_k=128, silu_and_mul=True)
+    assert got.shape == (M, N // 2)
+    torch.testing.assert_close(got, tg.reference_gemv(x, w, b, silu_and_mul=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, triton_fused.silu_and_mul(tg.gemv(x, w, b, block_n=block_n, block_k=128)),
+                               atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="even"):
+        tg.gemv(x, w[:-1], silu_and_mul=True)
+    if torch.cuda.is_available():  # bfloat16 on the GPU: bit for bit the two kernels
+        xb, wb = x.bfloat16(), w.bfloat16()
+        torch.testing.assert_close(tg.gemv(xb, wb, block_n=block_n, block_k=128, silu_and_mul=True),
+                                   triton_fused.silu_and_mul(tg.gemv(xb, wb, block_n=block_n, block_k=128)),
+                                   atol=0, rtol=0)
+
+
 def test_rows_of_x_apart_in_memory():
     x = torch.randn(4, 2 * 96)[:, :96]  # a column slice: rows 192 elements apart
     w = torch.randn(40, 96)
@@ -70,6 +93,21 @@ def test_linear_layers_route_single_rows(monkeypatch):
         torch.testing.assert_close(lin(x), tg.reference_gemv(x, lin.weight, lin.bias), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="routing happens for CUDA weights")
+def test_gated_mlp_activation_in_the_gate_up_gemv_for_one_row(monkeypatch):
+    from vlmserve.layers.activation import ActAndMul
+    from vlmserve.layers.linear import MergedLinear, gated_act, route_single_rows_through_triton_gemv
+
+    monkeypatch.setenv("VLMSERVE_TRITON_GEMV", "1")
+    gate_up = MergedLinear(96, {"gate": 48, "up": 48}, bias=True).cuda().bfloat16()
+    act = ActAndMul("silu")
+    assert route_single_rows_through_triton_gemv(gate_up) == 1
+    for rows in (1, 2):  # one row: one kernel; two: cuBLAS, then SiLU-and-mul
+        x = torch.randn(rows, 96, device="cuda", dtype=torch.bfloat16)
+        want = tg.reference_gemv(x, gate_up.weight, gate_up.bias, silu_and_mul=True)
+        torch.testing.assert_close(gated_act(gate_up, act, x), want, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")
 def test_dependent_launch_in_a_cuda_graph_reads_what_the_kernel_before_wrote():
     # a chain where every GEMV reads the last one's output: launched early, each must still wait for it
@@ -100,8 +138,9 @@ def test_dependent_launch_in_a_cuda_graph_reads_what_the_kernel_before_wrote():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="single-stream decode's kernels run on a GPU")
 def test_single_stream_decode_kernels_keep_tokens_and_logprobs(tmp_path, monkeypatch):
-    # the engine's decode graphs with this GEMV and rotary inside the KV store (the default on sm_90+) against
-    # cuBLAS and the rotary kernel: the same greedy tokens (but at a near tie), logprobs within bf16's rounding
+    # the engine's decode graphs with this GEMV (SiLU-and-mul in the gate_up projection's) and rotary inside the
+    # KV store (the defaults on sm_90+) against cuBLAS, the SiLU-and-mul kernel and the rotary kernel: the same
+    # greedy tokens (but at a near tie), logprobs within bf16's rounding
     from vlmserve import LLM, SamplingParams
     from vlmserve.testing.checkpoints import make_text_checkpoint
 

@@ -22,8 +22,11 @@ tiles), so linear layers route inputs of one row (MAX_ROWS) here: by default on 
 (`route_single_rows_through_triton_gemv`); `VLMSERVE_TRITON_GEMV=0` keeps cuBLAS, `=1` uses it on other GPUs
 too. `reference_gemv` is the torch computation it is tested against.
 
-Measured and not taken (BENCHMARKS.md): computing a norm or SiLU-and-mul of x inside the GEMV, as it reads x,
-was slower than their own kernels (every program reads x, so each extra vector read per tile costs L2
+A gated MLP's gate_up projection can write silu(gate) * up itself (`silu_and_mul`): its tiles pair gate row j
+with up row j, so the activation costs the GEMV nothing and saves the SiLU-and-mul kernel after it.
+
+Measured and not taken (BENCHMARKS.md): computing an RMSNorm or SiLU-and-mul of x inside the GEMV, as it reads
+x, was slower than their own kernels (every program reads x, so each extra vector read per tile costs L2
 traffic and registers): RMSNorm +2.8-4.7 us on a 25-45 us GEMV, SiLU-and-mul +1.8-2.6 us, against ~1.3-2.3 us
 for the kernels themselves."""
 from __future__ import annotations
@@ -69,10 +72,17 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # axis 0: up to 2^31 - 1 tiles (a 152k vocab)
+                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                     PDL: tl.constexpr):
+        t = tl.arange(0, BLOCK_N)
+        if SILU_MUL:  # W = [gate; up]: a tile pairs gate row j with up row j, and writes silu(gate) * up at j
+            outs = tl.program_id(0) * (BLOCK_N // 2) + t // 2
+            rows = outs + (t % 2) * (N // 2)
+            rm = outs < N // 2
+        else:
+            rows = tl.program_id(0) * BLOCK_N + t  # axis 0: up to 2^31 - 1 tiles (a 152k vocab)
+            rm = rows < N
         m = tl.program_id(1)  # the row of x
-        rm = rows < N
         ks = tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [BLOCK_K / VEC, VEC]
         w_ptrs = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn + ks[None, :, :]
         x_ptrs = x_ptr + m * stride_xm + ks
@@ -87,14 +97,23 @@ if triton is not None:
         y = tl.sum(acc, 1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rm)
+        if SILU_MUL:  # rounded to the dtype first, as triton_fused.silu_and_mul reads the projection's output
+            gate, up = tl.split(tl.reshape(y.to(y_ptr.dtype.element_ty).to(tl.float32), [BLOCK_N // 2, 2]))
+            outs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(y_ptr + m * stride_ym + outs, (gate / (1.0 + tl.exp(-gate)) * up).to(y_ptr.dtype.element_ty),
+                     mask=outs < N // 2)
+        else:
+            tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rm)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int | None = None,
-         block_k: int | None = None, num_warps: int | None = None, pdl: bool | None = None) -> torch.Tensor:
+         block_k: int | None = None, num_warps: int | None = None, pdl: bool | None = None,
+         silu_and_mul: bool = False) -> torch.Tensor:
     """x [M, K] (rows may be strided, each contiguous), weight [N, K] with contiguous rows
     -> [M, N] in x's dtype. Tiles: tiles_for(K) where not given. pdl: launch with programmatic dependent
-    launch (default: kernels/pdl.py's choice)."""
+    launch (default: kernels/pdl.py's choice). silu_and_mul: weight is a gated MLP's [gate; up] (N even), and
+    the result is silu(gate) * up, [M, N / 2], computed as the GEMV writes (a launch fewer per layer of
+    single-stream decode, the same rounding as the SiLU-and-mul kernel after the GEMV)."""
     M = x.shape[0]
     N, K = weight.shape
     if x.stride(1) != 1:
@@ -103,16 +122,22 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         pdl = pdl_module.enabled(x)
     tiles = tiles_for(K)
     block_n, block_k, num_warps = block_n or tiles[0], block_k or tiles[1], num_warps or tiles[2]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(N, block_n), M)](
+    if silu_and_mul and (N % 2 or block_n % 2):
+        raise ValueError(f"silu_and_mul: [gate; up] of {N} rows in tiles of {block_n} rows (both must be even)")
+    y = torch.empty((M, N // 2 if silu_and_mul else N), dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(y.shape[1], block_n // 2 if silu_and_mul else block_n), M)](
         x, weight, bias if bias is not None else weight, y, N, K, x.stride(0), weight.stride(0), y.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, VEC=min(block_k, 16 // weight.element_size()), HAS_BIAS=bias is not None,
-        PDL=bool(pdl), num_warps=num_warps, **pdl_module.launch_options(pdl))
+        SILU_MUL=silu_and_mul, PDL=bool(pdl), num_warps=num_warps, **pdl_module.launch_options(pdl))
     return y
 
 
-def reference_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def reference_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   silu_and_mul: bool = False) -> torch.Tensor:
     y = x.float() @ weight.float().t()
     if bias is not None:
         y += bias.float()
+    if silu_and_mul:  # on the projection rounded to x's dtype, as the SiLU-and-mul kernel reads it
+        gate, up = y.to(x.dtype).float().chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
     return y.to(x.dtype)

@@ -37,10 +37,14 @@ class ActAndMul(nn.Module):
         super().__init__()
         self.act = get_act_fn(act)
 
+    def fused_silu(self) -> bool:
+        """Whether CUDA inputs take SiLU-and-mul's Triton kernel (kernels/triton_fused.py)."""
+        from vlmserve.layers.layernorm import fused_kernels_enabled
+        return self.act is F.silu and fused_kernels_enabled()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.act is F.silu:
-            from vlmserve.layers.layernorm import fused_kernels_enabled
-            if fused_kernels_enabled():
+            if self.fused_silu():
                 from vlmserve.kernels.triton_fused import silu_and_mul
                 return silu_and_mul(x)
         elif self.act is F.silu and x.dim() == 2 and x.stride(-1) == 1 and fused_cpu.usable(x):

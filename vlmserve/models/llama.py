@@ -10,7 +10,7 @@ from torch import nn
 from vlmserve.layers.activation import ActAndMul
 from vlmserve.layers.attention import Attention, AttentionMetadata
 from vlmserve.layers.layernorm import RMSNorm
-from vlmserve.layers.linear import MergedLinear
+from vlmserve.layers.linear import MergedLinear, gated_act
 from vlmserve.layers.rotary import RotaryEmbedding, get_rope, rope_parameters
 from vlmserve.models.weight_utils import load_weights
 
@@ -34,7 +34,7 @@ class LlamaMLP(nn.Module):
         self.act = ActAndMul(config.hidden_act)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(gated_act(self.gate_up_proj, self.act, x))
 
 
 class LlamaAttention(nn.Module):
