@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_gemv_sweep import SHAPES, time_graph  # noqa: E402
+from gpu_gemv_sweep import SHAPES, time_graph, write_rows  # noqa: E402
 
 from vlmserve.kernels import triton_gemv as tg  # noqa: E402
 
@@ -85,9 +83,7 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
             del graphs, ws
             torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__,
-                   "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": rows}, f, indent=1)
+    write_rows(args.out, rows)
     return 0
 
 

@@ -62,6 +62,12 @@ def time_graph(graph, reps=50) -> float:
     return a.elapsed_time(b) / reps
 
 
+def write_rows(path: str, rows: list) -> None:
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__,
+                   "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": rows}, f, indent=1)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gemv_sweep.json")
@@ -105,9 +111,7 @@ def main() -> int:
             del graphs
         del layers
         torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__,
-                   "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": rows}, f, indent=1)
+    write_rows(args.out, rows)
     return 0
 
 
