@@ -64,7 +64,7 @@ class LlamaAttention(nn.Module):
         T = x.shape[0]
         q, k = q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim)
         if self.attn.rotates_in_kv_store(q, self.rotary):  # the Triton backend: rotary and KV store in one kernel
-            return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta, rotary=cos_sin))
+            return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta, cos_sin=cos_sin))
         q, k = self.rotary(cos_sin, q, k)
         return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta))
 

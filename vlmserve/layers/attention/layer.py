@@ -25,7 +25,7 @@ class Attention(nn.Module):
         self.backend = get_attention_backend()
 
     def rotates_in_kv_store(self, q: torch.Tensor, rotary) -> bool:
-        """Whether forward(..., rotary=cos_sin) can rotate q and k for `rotary` (a RotaryEmbedding) as the
+        """Whether forward(..., cos_sin=) can rotate q and k for `rotary` (a RotaryEmbedding) as the
         backend stores k and v: the Triton backend's store kernel does both in one launch, for rotary over
         the whole head. VLMSERVE_ROTARY_IN_KV_STORE=0: never (the rotary kernel, then the store)."""
         if not getattr(self.backend, "rotates_in_kv_store", False) or not q.is_cuda \
@@ -35,15 +35,15 @@ class Attention(nn.Module):
         return fused_kernels_enabled()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """q: [T, Hq*D], k, v: [T, Hkv*D] -> [T, Hq*D]. rotary: cos, sin from RotaryEmbedding.lookup, to rotate
-        q and k by first (in place), where rotates_in_kv_store says so."""
+                meta: AttentionMetadata, cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """q: [T, Hq*D], k, v: [T, Hkv*D] -> [T, Hq*D]. cos_sin: from RotaryEmbedding.lookup, to rotate q and k
+        by first (in place), where rotates_in_kv_store says so."""
         T = q.shape[0]
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if rotary is None:
+        if cos_sin is None:
             out = self.backend.forward(self, q, k, v, self.kv_cache, meta)
         else:
-            out = self.backend.forward(self, q, k, v, self.kv_cache, meta, rotary=rotary)
+            out = self.backend.forward(self, q, k, v, self.kv_cache, meta, cos_sin=cos_sin)
         return out.reshape(T, self.num_heads * self.head_dim)

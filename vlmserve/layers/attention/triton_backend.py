@@ -147,13 +147,13 @@ class TritonPagedAttentionBackend:
                     self._paged_max_len = max(qsl[i + 1] - qsl[i] for i in range(nd, fresh_from))
         self._meta = meta
 
-    rotates_in_kv_store = True  # forward's rotary: store_kv rotates q and k in the same kernel
+    rotates_in_kv_store = True  # forward's cos_sin: store_kv rotates q and k in the same kernel
 
-    def forward(self, layer, q, k, v, kv_cache, meta, rotary=None):
+    def forward(self, layer, q, k, v, kv_cache, meta, cos_sin=None):
         """q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache as kv_cache_shape(); returns [T, Hq, D].
-        rotary: (cos, sin) [T, 1, D] to rotate q and k by (in place) before anything else."""
+        cos_sin: [T, 1, D] each, to rotate q and k by (in place) before anything else."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        tpa.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, rotary=None if rotary is None else (q, *rotary))
+        tpa.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, rotary=None if cos_sin is None else (q, *cos_sin))
         self._step_info(meta)
         nd, B = meta.num_decodes, meta.num_seqs
         fresh_from = self._fresh_from if B > nd and fresh_prefill_usable(layer, q) else B
