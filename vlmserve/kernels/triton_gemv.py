@@ -99,9 +99,9 @@ if triton is not None:
             y += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
         if SILU_MUL:  # rounded to the dtype first, as triton_fused.silu_and_mul reads the projection's output
             gate, up = tl.split(tl.reshape(y.to(y_ptr.dtype.element_ty).to(tl.float32), [BLOCK_N // 2, 2]))
-            outs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-            tl.store(y_ptr + m * stride_ym + outs, (gate / (1.0 + tl.exp(-gate)) * up).to(y_ptr.dtype.element_ty),
-                     mask=outs < N // 2)
+            cols = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # the tile's outs, once each
+            tl.store(y_ptr + m * stride_ym + cols, (gate / (1.0 + tl.exp(-gate)) * up).to(y_ptr.dtype.element_ty),
+                     mask=cols < N // 2)
         else:
             tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rm)
 

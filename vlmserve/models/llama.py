@@ -63,10 +63,12 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         T = x.shape[0]
         q, k = q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim)
-        if self.attn.rotates_in_kv_store(q, self.rotary):  # the Triton backend: rotary and KV store in one kernel
-            return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta, cos_sin=cos_sin))
-        q, k = self.rotary(cos_sin, q, k)
-        return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta))
+        if self.attn.rotates_in_kv_store(q, self.rotary):  # the Triton backend: rotary and store, one kernel
+            store_cos_sin = cos_sin
+        else:
+            q, k = self.rotary(cos_sin, q, k)
+            store_cos_sin = None
+        return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta, cos_sin=store_cos_sin))
 
 
 class LlamaDecoderLayer(nn.Module):
