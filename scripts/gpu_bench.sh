@@ -19,6 +19,8 @@
 #   gemv_ab        bench latency of both models, the Triton GEMV against cuBLAS (VLMSERVE_TRITON_GEMV=0)
 #   pdl_ab         bench latency of both models, programmatic dependent launch on and off (VLMSERVE_PDL=0)
 #   rotary_ab      bench latency of both models, rotary inside the KV store's kernel on/off
+#   variants       bench latency of VARIANT_MODELS (llava qwen) under each setting of VARIANTS
+#                  ("name:VAR=V,VAR=V;name:-" , - for none), AB_ROUNDS rounds, all rows in variants.jsonl
 #   gemv_sweep     scripts/gpu_gemv_sweep.py: the GEMV's tiles in decode chains against cuBLAS
 #   gemv_shapes    scripts/gpu_gemv_shapes.py: each decode GEMV shape apart, tiles and fused work
 #   decode_single  gpu_check.py --single: the decode attention at single-stream shapes, splits x tiles
@@ -165,6 +167,23 @@ for part in $PARTS; do
         rotary_ab)  # the same with rotary inside the KV store's kernel (the default) and in its own
             # (VLMSERVE_ROTARY_IN_KV_STORE=0)
             latency_env_ab rotary VLMSERVE_ROTARY_IN_KV_STORE ;;
+        variants)
+            IFS=';' read -ra settings <<< "${VARIANTS:-base:-}"
+            for r in $(seq "${AB_ROUNDS:-1}"); do
+                for model in ${VARIANT_MODELS:-llava qwen}; do
+                    if [ "$model" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
+                    for setting in "${settings[@]}"; do
+                        name=${setting%%:*}; vars=${setting#*:}; [ "$vars" = - ] && vars=
+                        step "${model}_latency_${name}_r$r" "${T_LAT:-110}" env ${vars//,/ } $BENCH latency --random-model \
+                            --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image \
+                            --backends vlmserve --num-iters "${LAT_ITERS:-5}" --num-iters-warmup 1 --output-json "$OUT/one.json"
+                        python -c "import json, sys; d = json.load(open(sys.argv[1])); print(json.dumps(
+                            {'model': sys.argv[2], 'variant': sys.argv[3], 'round': sys.argv[4], 'settings': sys.argv[5],
+                             'result': d}))" "$OUT/one.json" "$model" "$name" "$r" "$vars" >> "$OUT/variants.jsonl"
+                        rm -f "$OUT/one.json"
+                    done
+                done
+            done ;;
         gemv_shapes)  # scripts/gpu_gemv_shapes.py: each decode GEMV shape apart, over tiles and with fused work
             step gemv_shapes "${T_GSHAPES:-200}" python scripts/gpu_gemv_shapes.py --out "$OUT/gemv_shapes.json" ;;
         decode_single)  # gpu_check.py --single: the decode attention kernel at single-stream shapes, splits x tiles

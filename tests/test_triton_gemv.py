@@ -60,6 +60,19 @@ def test_silu_and_mul_on_the_way_out(M, N, K, bias, block_n):
                                    atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("K", [100, 256, 700])  # inside the first tile, whole tiles, a partial last one
+def test_first_tile_read_before_the_wait_gives_the_same_sums(K):
+    # early (pdl.early("LINEAR")): the first tile of W is read before the wait, out of the loop
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(1, K, generator=g).to(DEV)
+    w = torch.randn(37, K, generator=g).to(DEV)
+    for silu in (False, True):
+        w_ = w[:36] if silu else w
+        torch.testing.assert_close(tg.gemv(x, w_, block_n=4, block_k=128, early=True, silu_and_mul=silu),
+                                   tg.gemv(x, w_, block_n=4, block_k=128, early=False, silu_and_mul=silu),
+                                   atol=0, rtol=0)
+
+
 def test_rows_of_x_apart_in_memory():
     x = torch.randn(4, 2 * 96)[:, :96]  # a column slice: rows 192 elements apart
     w = torch.randn(40, 96)

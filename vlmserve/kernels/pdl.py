@@ -6,8 +6,13 @@ kernel has completed and its writes are visible. Single-stream decode is a chain
 step, so the launch latency hidden at each boundary adds up (the GEMV chain: ~1%, BENCHMARKS.md).
 
 Rule for a kernel taking a PDL constexpr: when it is set, the kernel calls `gdc_wait()` before its first
-load or store. A PDL kernel that skipped it could complete before the kernel it follows, and the kernel
-after it would no longer be ordered after that one.
+store, and before its first load of anything the kernel before it may write. A PDL kernel that skipped it
+could complete before the kernel it follows, and the kernel after it would no longer be ordered after that one.
+
+Starting early (`early`): a kernel lets the next one in (`gdc_launch_dependents`) right after its own wait
+returns, instead of at its end, and reads before its wait what the kernel before does not write (weights, the
+step's tables, cached K and V), so those loads overlap the kernel before. When a kernel runs its code before
+the wait, every kernel but the one just before it has completed (each lets the next in only after its own wait).
 
 `VLMSERVE_PDL=0` launches every kernel the ordinary way."""
 from __future__ import annotations
@@ -17,9 +22,31 @@ import os
 import torch
 
 try:
-    from triton.language.extra.cuda import gdc_wait  # noqa: F401  (re-exported for the kernels)
-except ImportError:  # a Triton without grid dependency control
-    gdc_wait = None
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+try:  # re-exported for the kernels
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+except ImportError:  # a Triton without grid dependency control: kernels launch with PDL off
+    gdc_wait = gdc_launch_dependents = None
+
+if triton is not None:
+
+    @triton.jit
+    def wait_unless_early(PDL: tl.constexpr, EARLY: tl.constexpr):
+        """A PDL kernel's first line: wait for the kernel before, unless it starts early."""
+        if PDL and not EARLY:
+            gdc_wait()
+
+    @triton.jit
+    def wait_if_early(PDL: tl.constexpr, EARLY: tl.constexpr):
+        """An early kernel's line after its prefetches: wait for the kernel before, then let the next one in."""
+        if PDL and EARLY:
+            gdc_wait()
+            gdc_launch_dependents()
+else:
+    wait_unless_early = wait_if_early = None
 
 _capable: dict[int, bool] = {}
 
@@ -39,3 +66,11 @@ def enabled(t: torch.Tensor) -> bool:
 def launch_options(on: bool) -> dict:
     """The launch keyword for a kernel call: PDL on or off."""
     return {"launch_pdl": True} if on else {}
+
+
+def early(part: str) -> bool:
+    """Whether a part's kernels start early (module docstring), where they launch with PDL: ATTENTION (the KV
+    store lets the decode attention in, which reads its block tables before its wait), NORM (RMSNorm and LayerNorm
+    read their weights, then let the next kernel in), GEMV (the first tile of W, likewise).
+    VLMSERVE_PDL_EARLY_<part>=0 turns a part off."""
+    return os.environ.get(f"VLMSERVE_PDL_EARLY_{part}", "1") != "0"

@@ -14,7 +14,7 @@ except ImportError:
     triton = None
 
 from vlmserve.kernels import pdl
-from vlmserve.kernels.pdl import gdc_wait
+from vlmserve.kernels.pdl import gdc_wait, wait_if_early, wait_unless_early
 
 
 def available() -> bool:
@@ -39,33 +39,34 @@ if triton is not None:
 
     @triton.jit
     def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
-                        n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # launched early (kernels/pdl.py): wait for the kernel before
-            gdc_wait()
+                        n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         cm = c < n
+        wait_unless_early(PDL, EARLY)  # EARLY (pdl.early("NORM")): the weight is read before the wait
+        w = tl.load(w_ptr + c, mask=cm, other=0.0)
+        wait_if_early(PDL, EARLY)
         x = _row_plus_residual(x_ptr, res_ptr, res_out_ptr, row, stride_x, stride_r, stride_ro, c, cm, HAS_RES)
         h = x.to(tl.float32)
         h = h * tl.rsqrt(tl.sum(h * h, 0) / n + eps)
-        w = tl.load(w_ptr + c, mask=cm, other=0.0)
         tl.store(out_ptr + row * stride_o + c, (w * h.to(x.dtype)).to(out_ptr.dtype.element_ty), mask=cm)
 
     @triton.jit
     def _layernorm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o,
-                          stride_ro, n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            gdc_wait()
+                          stride_ro, n, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                          EARLY: tl.constexpr):
         # as torch's layer_norm: float32 statistics (biased variance), one rounding at the end
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         cm = c < n
+        wait_unless_early(PDL, EARLY)  # EARLY (pdl.early("NORM")): the weight and bias are read before the wait
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        wait_if_early(PDL, EARLY)
         x = _row_plus_residual(x_ptr, res_ptr, res_out_ptr, row, stride_x, stride_r, stride_ro, c, cm, HAS_RES)
         h = x.to(tl.float32)
         d = tl.where(cm, h - tl.sum(h, 0) / n, 0.0)
         y = d * tl.rsqrt(tl.sum(d * d, 0) / n + eps)
-        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_o + c, (y * w + b).to(out_ptr.dtype.element_ty), mask=cm)
 
     @triton.jit
@@ -138,6 +139,7 @@ def _norm_rows(kernel, x: torch.Tensor, params: tuple, eps: float, residual: tor
         on = pdl.enabled(x2)
         kernel[(T,)](x2, res, *params, out, res_out, x2.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
                      n, float(eps), HAS_RES=residual is not None, BLOCK=_pow2(n), PDL=on,
+                     EARLY=on and pdl.early("NORM"),
                      num_warps=8 if n >= 4096 else 4, **pdl.launch_options(on))
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))

@@ -42,7 +42,7 @@ except ImportError:
     triton = None
 
 from vlmserve.kernels import pdl as pdl_module
-from vlmserve.kernels.pdl import gdc_wait
+from vlmserve.kernels.pdl import wait_if_early, wait_unless_early
 
 MAX_ROWS = 1  # inputs with more rows stay with cuBLAS (faster from 2 rows on, scripts/gpu_gemv_sweep.py)
 
@@ -73,7 +73,7 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PDL: tl.constexpr, EARLY: tl.constexpr):
         t = tl.arange(0, BLOCK_N)
         if SILU_MUL:  # W = [gate; up]: a tile pairs gate row j with up row j, and writes silu(gate) * up at j
             outs = tl.program_id(0) * (BLOCK_N // 2) + t // 2
@@ -86,10 +86,17 @@ if triton is not None:
         ks = tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [BLOCK_K / VEC, VEC]
         w_ptrs = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn + ks[None, :, :]
         x_ptrs = x_ptr + m * stride_xm + ks
-        if PDL:  # launched before the kernel that writes x has finished: wait for it
-            gdc_wait()
         acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_first = 0
+        if EARLY:  # pdl.early("GEMV"): the first tile of W is read before waiting for the kernel that writes x
+            w = tl.load(w_ptrs, mask=rm[:, None, None] & (ks < K)[None, :, :], other=0.0)
+            wait_if_early(PDL, EARLY)
+            x = tl.load(x_ptrs, mask=ks < K, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :, :], 2)
+            k_first = BLOCK_K
+        else:  # launched before the kernel that writes x has finished: wait for it
+            wait_unless_early(PDL, EARLY)
+        for k0 in range(k_first, K, BLOCK_K):
             km = k0 + ks < K
             w = tl.load(w_ptrs + k0, mask=rm[:, None, None] & km[None, :, :], other=0.0)
             x = tl.load(x_ptrs + k0, mask=km, other=0.0).to(tl.float32)
@@ -108,18 +115,22 @@ if triton is not None:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int | None = None,
          block_k: int | None = None, num_warps: int | None = None, pdl: bool | None = None,
-         silu_and_mul: bool = False) -> torch.Tensor:
+         silu_and_mul: bool = False, early: bool | None = None) -> torch.Tensor:
     """x [M, K] (rows may be strided, each contiguous), weight [N, K] with contiguous rows
     -> [M, N] in x's dtype. Tiles: tiles_for(K) where not given. pdl: launch with programmatic dependent
     launch (default: kernels/pdl.py's choice). silu_and_mul: weight is a gated MLP's [gate; up] (N even), and
     the result is silu(gate) * up, [M, N / 2], computed as the GEMV writes (a launch fewer per layer of
-    single-stream decode, the same rounding as the SiLU-and-mul kernel after the GEMV)."""
+    single-stream decode, the same rounding as the SiLU-and-mul kernel after the GEMV). early: read the first
+    tile of W before waiting for the kernel before, and let the next one in after (default: with PDL, unless
+    pdl.early("GEMV") is off); the same sums either way."""
     M = x.shape[0]
     N, K = weight.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     if pdl is None:
         pdl = pdl_module.enabled(x)
+    if early is None:
+        early = bool(pdl) and pdl_module.early("GEMV")
     tiles = tiles_for(K)
     block_n, block_k, num_warps = block_n or tiles[0], block_k or tiles[1], num_warps or tiles[2]
     if silu_and_mul and (N % 2 or block_n % 2):
@@ -128,7 +139,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(y.shape[1], block_n // 2 if silu_and_mul else block_n), M)](
         x, weight, bias if bias is not None else weight, y, N, K, x.stride(0), weight.stride(0), y.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, VEC=min(block_k, 16 // weight.element_size()), HAS_BIAS=bias is not None,
-        SILU_MUL=silu_and_mul, PDL=bool(pdl), num_warps=num_warps, **pdl_module.launch_options(pdl))
+        SILU_MUL=silu_and_mul, PDL=bool(pdl), EARLY=bool(early), num_warps=num_warps,
+        **pdl_module.launch_options(pdl))
     return y
 
 
