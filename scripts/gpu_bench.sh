@@ -81,7 +81,7 @@ step() {  # step NAME LIMIT_S CMD...: run under a time limit, output to the log
     echo "== $name: exit ${PIPESTATUS[0]} ($(date -u +%H:%M:%S))" | tee -a "$LOG"
     # COPY_TO (the device tool's $OUT, where at most 8 files come back): the log and the JSONs so far,
     # after every step, so that a call cut off by its time limit still returns what it finished
-    if [ -n "$COPY_TO" ]; then cp "$LOG" "$OUT"/*.json "$COPY_TO"/ 2>/dev/null; fi
+    if [ -n "$COPY_TO" ]; then cp "$LOG" "$OUT"/*.json "$OUT"/*.jsonl "$COPY_TO"/ 2>/dev/null; fi
 }
 
 model_run() {  # model_run TAG SHAPE IMAGE N HFB
