@@ -9,6 +9,7 @@
 #                  CPU preprocessing, measured beside them
 #   gpu_tests      the pytest files with GPU-only tests
 #   vision_sweep   scripts/gpu_vision_attention_sweep.py: the Triton vision attention's variants and tiles
+#                  (VSWEEP_CONFIGS: its --configs)
 #   check_sweep    scripts/gpu_check.py with the tile-size sweeps (--sweep)
 #   {llava,qwen}_{latency,throughput,profile,trace}
 #                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
@@ -132,7 +133,7 @@ for part in $PARTS; do
                 tests/test_triton_gemv.py tests/test_pdl.py ;;
         vision_sweep)  # the Triton vision attention's variants and tiles, each in its own process
             step vision_sweep "${T_VSWEEP:-400}" python scripts/gpu_vision_attention_sweep.py \
-                --out "$OUT/vision_sweep.json" ;;
+                --out "$OUT/vision_sweep.json" ${VSWEEP_CONFIGS:+--configs "$VSWEEP_CONFIGS"} ;;
         check_sweep)  # the kernel checks, plus tile-size sweeps of the decode attention and GEMV kernels
             step gpu_check "${T_CHECK:-240}" python scripts/gpu_check.py --sweep --out "$OUT/gpu_check.json" ;;
         llava_latency|qwen_latency|llava_throughput|qwen_throughput|llava_profile|qwen_profile|llava_trace|qwen_trace)

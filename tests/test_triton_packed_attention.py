@@ -202,3 +202,70 @@ def test_qwen2_5_vl_windowed_tower_with_the_kernel_equals_sdpa(monkeypatch):
         monkeypatch.setenv("VLMSERVE_TRITON_VISION_ATTENTION", "1")
         got = tower(x, grids)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("exp_mode", [2, 3])
+@pytest.mark.parametrize("causal, heads, kv_heads, d, lengths", [
+    (False, 2, 2, 80, [1, 16, 70, 5, 33]), (False, 2, 2, 48, [64, 64, 64]), (True, 4, 2, 64, [37, 70])])
+def test_polynomial_exp_variants_match_reference(exp_mode, causal, heads, kv_heads, d, lengths):
+    """exp_mode 2 (half the unmasked tiles' exponentials by the polynomial, half by tl.exp2) and 3 (all
+    by the polynomial) within variant 0's float32 tolerance (float32 inputs: the degree-4 polynomial)."""
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    g = torch.Generator().manual_seed(d + exp_mode)
+    q = torch.randn(cu[-1], heads, d, generator=g)
+    k, v = torch.randn(cu[-1], 2, kv_heads, d, generator=g).unbind(1)
+    scale = d ** -0.5
+    got = tpk.packed_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale, block_m=16,
+                               block_n=16, num_warps=4, causal=causal, exp_mode=exp_mode)
+    torch.testing.assert_close(got, tpk.reference_packed_attention(q, k, v, cu, scale, causal=causal), **TOL)
+
+
+@pytest.mark.parametrize("exp_mode", [2, 3])
+def test_polynomial_exp_variants_in_float16(exp_mode):
+    """The degree-3 polynomial (16-bit inputs; bfloat16 does not run in the interpreter): exp_mode 2
+    and 3 within the 16-bit tolerance variant 0 meets against the float32 reference."""
+    cu = [0, 1, 17, 87, 92, 125]
+    q, k, v = _qkv(cu[-1], 2, 80, seed=exp_mode)
+    q, k, v = q.half(), k.half(), v.half()
+    ref = tpk.reference_packed_attention(q.float(), k.float(), v.float(), cu, 80 ** -0.5)
+    for mode in (0, exp_mode):
+        got = tpk.packed_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), 70, 80 ** -0.5, block_m=16,
+                                   block_n=16, num_warps=4, exp_mode=mode)
+        torch.testing.assert_close(got.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("f32, bound", [(False, 2e-4), (True, 1e-5)])
+def test_polynomial_exp2_accuracy(f32, bound):
+    """_exp2_poly against exp2 over [-30, 0] (integers and half-integers, where n's rounding turns,
+    included): relative error under 2e-4 at degree 3 (the minimax bound is 7.5e-5), 1e-5 at degree 4
+    (float32 inputs; 2.7e-6); below -126 (clamped) a non-negative value no larger than 2^-125."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def poly_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr, F32: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tpk._exp2_poly(tl.load(x_ptr + offs), F32))
+
+    x = torch.cat([torch.linspace(-30, 0, 4000), torch.arange(-30, 0.5, 0.5), torch.tensor([-1e-7, -0.0])])
+    x = torch.cat([x, torch.zeros(4096 - x.numel())])
+    y = torch.empty_like(x)
+    poly_kernel[(1,)](x, y, BLOCK=4096, F32=f32)
+    want = torch.exp2(x.double())
+    assert ((y.double() - want).abs() / want).max() < bound
+    far = torch.tensor([-126.0, -126.7, -127.0, -150.0, -1e4, -1e30] + [0.0] * 10)
+    y = torch.empty_like(far)
+    poly_kernel[(1,)](far, y, BLOCK=16, F32=f32)
+    assert (y[:6] >= 0).all() and (y[:6] <= 2.0 ** -125).all()
+
+
+def test_exp_modes_refused_where_they_cannot_run():
+    """exp_mode 1 is inline PTX (ex2.approx.f16x2): not on the CPU, not in Triton's interpreter."""
+    q, k, v = _qkv(8, 1, 80)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="exp_mode 1"):
+        tpk.packed_attention(q, k, v, cu, 8, 1.0, exp_mode=1)
+    with pytest.raises(ValueError, match="exp_mode 4"):
+        tpk.packed_attention(q, k, v, cu, 8, 1.0, exp_mode=4)
