@@ -7,13 +7,7 @@ against SDPA's result (what the towers run now) and both times, at Qwen2-VL's 10
 step of prompts, a lone prompt), against torch's FlashAttention varlen op (what eager prefill steps
 run now) and, for a lone prompt, dense SDPA (cuDNN: what a prefill graph runs).
 
-A configuration is "bm,bn,warps,stages,split_tail[,exp_mode[,max_registers]]": exp_mode the unmasked
-key tiles' exponential (packed_attention's exp_mode: 0 tl.exp2, the default; 1 packed float16 ex2;
-2 half by a polynomial on the FMA pipe; 3 all by it), max_registers a cap per thread (0 or left out:
-ptxas's choice; 128 keeps two blocks of 8 warps an SM).
-
-    python scripts/gpu_vision_attention_sweep.py --out /tmp/vision_sweep.json [--causal]
-    python scripts/gpu_vision_attention_sweep.py --configs '128,64,8,3,1,0;128,64,8,3,1,2;128,64,8,3,1,2,128'"""
+    python scripts/gpu_vision_attention_sweep.py --out /tmp/vision_sweep.json [--causal]"""
 from __future__ import annotations
 
 import argparse
@@ -42,7 +36,7 @@ def one(config: str, causal: bool) -> None:
     from vlmserve.layers.vision_attention import varlen_attention
 
     os.environ["VLMSERVE_TRITON_VISION_ATTENTION"] = "0"  # varlen_attention: the SDPA path, to compare with
-    bm, bn, warps, stages, split, exp_mode, max_registers = ([int(x) for x in config.split(",")] + [0, 0])[:7]
+    bm, bn, warps, stages, split = (int(x) for x in config.split(","))
     for nseq, L, h, d, hkv in CAUSAL_SHAPES if causal else SHAPES:
         if causal:  # as the language models make them: q apart, k and v from one buffer
             q = torch.randn(nseq * L, h, d, device="cuda", dtype=torch.bfloat16)
@@ -65,14 +59,10 @@ def one(config: str, causal: bool) -> None:
             ref = varlen_attention(q, k, v, cu_list, scale)
             others["sdpa_us"] = lambda: varlen_attention(q, k, v, cu_list, scale)
         run = lambda: tpk.packed_attention(q, k, v, cu, L, scale, block_m=bm, block_n=bn, num_warps=warps,  # noqa: E731
-                                           num_stages=stages, split_tail=bool(split), causal=causal,
-                                           exp_mode=exp_mode, max_registers=max_registers or None)
+                                           num_stages=stages, split_tail=bool(split), causal=causal)
         got = run().double()
-        row = {"config": config, "exp_mode": exp_mode,
-               "shape": f"{nseq}x{L} H={h}/{hkv} D={d}" + (" causal" if causal else ""),
+        row = {"config": config, "shape": f"{nseq}x{L} H={h}/{hkv} D={d}" + (" causal" if causal else ""),
                "rel_err": float((got - ref.double()).norm() / ref.double().norm())}
-        if max_registers:
-            row["max_registers"] = max_registers
         ms = triton.testing.do_bench(run, return_mode="median")
         flops = 4 * nseq * L * L * h * d / (2 if causal else 1)
         row.update(us=1e3 * ms, tflops=flops / ms / 1e9)
@@ -84,7 +74,7 @@ def one(config: str, causal: bool) -> None:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="vision_sweep.json")
-    p.add_argument("--one", help="bm,bn,warps,stages,split[,exp_mode[,max_registers]]: one configuration, here")
+    p.add_argument("--one", help="bm,bn,warps,stages,split: one configuration, here")
     p.add_argument("--configs", help="configurations to run, ';'-separated (default: all of TILES)")
     p.add_argument("--causal", action="store_true", help="the language models' prefill shapes")
     args = p.parse_args()

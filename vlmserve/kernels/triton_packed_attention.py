@@ -66,54 +66,14 @@ def usable(q: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _exp2_f16x2(x):
-        """2^x (float16) for float32 x <= 0 by ex2.approx.f16x2, two values in one 32-bit register (though
-        ptxas for sm_90 makes it two MUFU.EX2.F16, one a value). The float16 argument is off by at most
-        |x| * 2^-11, which keeps p's error under the 16-bit rounding of p the PV dot takes anyway.
-        Inline PTX: compiled kernels only, not Triton's interpreter."""
-        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                         dtype=tl.float16, is_pure=True, pack=2)
-
-    @triton.jit
-    def _exp2_poly(x, F32: tl.constexpr):
-        """2^x for float32 x <= 0 on the FMA pipe rather than the special-function unit (FlashAttention-4's
-        trick): x = n + f, n = round(x) (adding and taking away 1.5 * 2^23 rounds to an integer, left in
-        the low bits), f in [-1/2, 1/2]; 2^f by a minimax polynomial, times 2^n by adding n to the exponent
-        bits; clamped at -126, where the exponent stays >= 0. Degree 3 (relative error 7.5e-5, under the
-        16-bit rounding of p), or 4 (2.7e-6) where p stays float32 (F32: float32 inputs)."""
-        x = tl.maximum(x, -126.0)
-        j = x + 12582912.0
-        f = x - (j - 12582912.0)
-        if F32:
-            p = (((0.009570102207362652 * f + 0.05591785907745361) * f + 0.240247443318367) * f
-                 + 0.6931217908859253) * f + 0.9999992847442627
-        else:
-            p = ((0.0551716685295105 * f + 0.2426111251115799) * f + 0.6932609677314758) * f + 0.9999280571937561
-        return (p.to(tl.int32, bitcast=True) + (j.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _exp2_unmasked(x, EXP: tl.constexpr, F32: tl.constexpr):
-        """2^x (float32) for the unmasked tiles' exponents x <= 0 in the form EXP (1, 2, 3) picks: 1
-        _exp2_f16x2; 2 tl.exp2 (MUFU.EX2) for the even columns, _exp2_poly for the odd ones (each thread
-        holds both of a pair: no data moves); 3 _exp2_poly for all. (0, tl.exp2 for all, stays inline.)"""
-        if EXP == 1:
-            p = _exp2_f16x2(x).to(tl.float32)
-        elif EXP == 2:
-            even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
-            p = tl.reshape(tl.join(tl.exp2(even), _exp2_poly(odd, F32)), [x.shape[0], x.shape[1]])
-        else:
-            p = _exp2_poly(x, F32)
-        return p
-
-    @triton.jit
     def _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt, stride_vt, lo, hi, length,
                       qk_scale, DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, EXP: tl.constexpr):
+                      MASKED: tl.constexpr, CAUSAL: tl.constexpr):
         """The online softmax (log2 units) of one block of rows over key tiles lo, lo + BLOCK_N, ... < hi.
         MASKED tiles may run past the segment's end: their key rows are clamped to it (every address
         stays inside) and the scores past it, or (CAUSAL) past each row's own position, are pushed to
         -1e30. Unmasked tiles lie wholly inside and before every row, and their scale folds into the
-        exponent's subtraction (one FMA a score); their exponential takes the form EXP (_exp2_unmasked)."""
+        exponent's subtraction (one FMA a score)."""
         da = tl.arange(0, DA)
         db = DA + tl.arange(0, DB if DB > 0 else 16)  # DB == 0: placeholders, never read
         for n0 in range(lo, hi, BLOCK_N):
@@ -134,10 +94,7 @@ if triton is not None:
                 p = tl.exp2(s - m_new[:, None])
             else:
                 m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
-                if EXP == 0:  # inline, not through _exp2_unmasked: the compiled kernel stays today's
-                    p = tl.exp2(s * qk_scale - m_new[:, None])
-                else:
-                    p = _exp2_unmasked(s * qk_scale - m_new[:, None], EXP, v_base.dtype.element_ty == tl.float32)
+                p = tl.exp2(s * qk_scale - m_new[:, None])
             alpha = tl.exp2(m - m_new)
             l = l * alpha + tl.sum(p, 1)
             p = p.to(v_base.dtype.element_ty)
@@ -153,11 +110,10 @@ if triton is not None:
                                  stride_ot, stride_oh,
                                  DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_TAIL: tl.constexpr,
-                                 CAUSAL: tl.constexpr, GROUP: tl.constexpr, EXP: tl.constexpr = 0):
+                                 CAUSAL: tl.constexpr, GROUP: tl.constexpr):
         """FlashAttention over one segment, for BLOCK_M of its rows and query head h (key head
         h // GROUP). SPLIT_TAIL: the key tiles that need no mask in one loop, the rest (the partial
-        tile; CAUSAL: the tiles from the block's first row on) in a second loop; else every tile masked.
-        EXP: the unmasked tiles' exponential (_exp2_unmasked)."""
+        tile; CAUSAL: the tiles from the block's first row on) in a second loop; else every tile masked."""
         tile = tl.program_id(0)
         if CAUSAL:  # the last blocks of a segment have the most keys: start them first
             tile = tl.num_programs(0) - 1 - tile
@@ -191,10 +147,10 @@ if triton is not None:
                     unmasked_end = tl.minimum(unmasked_end, ((tile * BLOCK_M) // BLOCK_N) * BLOCK_N)
                 acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
                                                    stride_vt, 0, unmasked_end, length, qk_scale, DA, DB, BLOCK_N,
-                                                   PREC, False, CAUSAL, EXP)
+                                                   PREC, False, CAUSAL)
             acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
                                                stride_vt, unmasked_end, end, length, qk_scale, DA, DB, BLOCK_N,
-                                               PREC, True, CAUSAL, 0)
+                                               PREC, True, CAUSAL)
             rm = rows < length
             o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh
             tl.store(o_rows + da[None, :], (acc_a / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
@@ -205,8 +161,7 @@ if triton is not None:
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_len: int, scale: float, block_m: int | None = None, block_n: int = 64,
                      num_warps: int | None = None, num_stages: int | None = None, split_tail: bool = True,
-                     causal: bool = False, out: torch.Tensor | None = None,
-                     exp_mode: int | None = None, max_registers: int | None = None) -> torch.Tensor:
+                     causal: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [N, H, D]; k, v: [N, Hkv, D] with H a multiple of Hkv (query heads share key heads in
     groups); last dims contiguous, rows may be strided (views of a fused qkv); cu_seqlens: [S + 1]
     int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1]; max_len: the
@@ -217,20 +172,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Tiles, by the H200 sweeps: 128 rows, 8 warps and 3 stages for images; 64 rows and 4 warps where
     no segment is longer than 64 (Qwen2.5-VL's 64-patch windows: 29 against 41 us for an image's 86
     windows, where half of each 128-row tile would be empty); causal prompts 64 rows, 4 warps and 2
-    stages (the fastest or within 6% of it at 607 and 1400 tokens, head_dim 128).
-
-    exp_mode: the form of the unmasked key tiles' exponential (_exp2_unmasked), variants to time:
-    0 (None) tl.exp2 in float32; 1 packed float16 ex2 (inline PTX: CUDA tensors, not the interpreter);
-    2 half tl.exp2, half a polynomial on the FMA pipe; 3 all by the polynomial. max_registers: a cap
-    per thread (ptxas's maxnreg; None: ptxas's choice). At 128 rows and 8 warps for sm_90, exp_mode 0
-    takes 126 registers (two blocks an SM), 2 and 3 take 161 and 158 (one) uncapped, 127 and 128
-    with no spills capped at 128."""
-    exp_mode = 0 if exp_mode is None else exp_mode
-    if exp_mode not in (0, 1, 2, 3):
-        raise ValueError(f"exp_mode {exp_mode} is not one of 0, 1, 2, 3")
-    if exp_mode == 1 and (not q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError("exp_mode 1 (inline PTX ex2.approx.f16x2) runs compiled on CUDA tensors only, "
-                         "not on the CPU or in Triton's interpreter")
+    stages (the fastest or within 6% of it at 607 and 1400 tokens, head_dim 128)."""
     if block_m is None:
         block_m = 64 if max_len <= 64 or causal else 128
     if num_warps is None:
@@ -256,8 +198,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_TAIL=split_tail, CAUSAL=causal,
-        GROUP=H // k.shape[1], EXP=exp_mode, num_warps=num_warps, num_stages=num_stages,
-        **({"maxnreg": max_registers} if max_registers else {}))
+        GROUP=H // k.shape[1], num_warps=num_warps, num_stages=num_stages)
     return out
 
 
