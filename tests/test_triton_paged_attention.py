@@ -54,28 +54,6 @@ def test_decode_matches_reference(heads, kv_heads, head_dim, window, num_splits)
     torch.testing.assert_close(out, ref, **TOL)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-@pytest.mark.parametrize("merge_in_kernel", [False, True])
-@pytest.mark.parametrize("window", [None, 20])
-def test_decode_first_tile_before_the_wait_and_merge_in_the_kernel(prefetch, merge_in_kernel, window):
-    # prefetch: the first tile's cached K and V are read before the wait for store_kv, but for the newest token's,
-    # read after it. merge_in_kernel: the last split of each (sequence, KV head) merges; its counter goes back to 0
-    g = torch.Generator().manual_seed(7)
-    lens = [1, 16, 33, 70, 0]
-    k, v, tables = _paged_cache(lens[:-1], 8, 2, 32, g)
-    tables = torch.cat([tables, torch.zeros_like(tables[:1])])
-    q = torch.randn(len(lens), 6, 32, generator=g)
-    seq_lens = torch.tensor(lens)
-    ref = tpa.reference_paged_decode_attention(q[:-1], k, v, tables[:-1], seq_lens[:-1], 0.2, window)
-    for splits in (1, 4, 8):
-        for _ in range(2):  # a second launch finds the counters zeroed again
-            out = tpa.paged_decode_attention(q, k, v, tables, seq_lens, 0.2, window, num_splits=splits, block_n=16,
-                                             merge_in_kernel=merge_in_kernel, prefetch=prefetch)
-            torch.testing.assert_close(out[:-1], ref, **TOL)
-            assert (out[-1] == 0).all()
-    assert not tpa.split_counters(q.device).any()
-
-
 def test_decode_padded_rows_give_zeros():
     g = torch.Generator().manual_seed(1)
     k, v, tables = _paged_cache([5, 12], 4, 2, 16, g)

@@ -7,15 +7,11 @@ Triton's interpreter, TRITON_INTERPRET=1; scripts/gpu_check.py compares them on 
   batch) is skipped. It can rotate q and k (rotary embedding) first, in the same kernel.
 - `paged_decode_attention`: one query token per sequence. Programs split over (sequence, KV head,
   part of the context); each handles all query heads of its KV head (GQA group), so K and V are read
-  once per group. With more than one split, the parts are merged by their log-sum-exp: by the last split of
-  each (sequence, KV head) to finish, found through an atomic count (no second kernel to launch), or by a
-  second kernel.
+  once per group. With more than one split, a second kernel merges the parts by their log-sum-exp.
 - `paged_prefill_attention`: query tiles of prefill chunks attending over the paged context and
   causally within the chunk (chunked prefill and prefix-cache hits read what the cache holds).
 Sliding windows are supported in both."""
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -26,7 +22,7 @@ except ImportError:  # a torch build without Triton: callers use the torch backe
     triton = None
 
 from vlmserve.kernels import pdl
-from vlmserve.kernels.pdl import gdc_wait, wait_if_early, wait_unless_early
+from vlmserve.kernels.pdl import gdc_wait
 
 
 def available() -> bool:
@@ -48,13 +44,12 @@ if triton is not None:
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
                          stride_cb, stride_cs, stride_ch, block_size, num_q_heads, num_heads, D,
                          HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr, ROTARY: tl.constexpr,
-                         PDL: tl.constexpr, EARLY: tl.constexpr):
+                         PDL: tl.constexpr):
         # HEADS heads of one token per program, each head as its two halves (the neox rotary layout). Heads
         # 0..num_q_heads-1 are q's (ROTARY only: rotated in place), the rest k's (rotated in place where ROTARY,
         # then cached, with v's head of the same index).
-        # EARLY (kernels/pdl.py): the slot, cos and sin (made before the kernel before) are read before the wait,
-        # and the kernel after (the decode attention, which prefetches its cached tiles) is let in after it.
-        wait_unless_early(PDL, EARLY)
+        if PDL:  # launched early (kernels/pdl.py): wait for the kernel before
+            gdc_wait()
         t = tl.program_id(0)
         h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
         i = tl.arange(0, BLOCK)
@@ -64,18 +59,16 @@ if triton is not None:
         m2 = m1 & (i + HALF < D)[None, :]  # an odd D (no rotary then) has one more element in the first half
         base = tl.where(is_k, k_ptr + t * stride_kt + kvh * stride_kh, q_ptr + t * stride_qt + h * stride_qh)
         base = base[:, None] + i[None, :]
-        slot = tl.load(slot_ptr + t)
-        if ROTARY:
-            cos = tl.load(cos_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
-            sin = tl.load(sin_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
-        wait_if_early(PDL, EARLY)
         x1 = tl.load(base, mask=m1, other=0.0)
         x2 = tl.load(base + HALF, mask=m2, other=0.0)
         if ROTARY:  # as triton_fused.rotary_inplace: float32, rounded to the tensors' dtype
+            cos = tl.load(cos_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+            sin = tl.load(sin_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
             a, b = x1.to(tl.float32), x2.to(tl.float32)
             x1, x2 = (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
             tl.store(base, x1, mask=m1)
             tl.store(base + HALF, x2, mask=m2)
+        slot = tl.load(slot_ptr + t)
         if slot >= 0:
             ck = is_k[:, None] & m1
             dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs \
@@ -87,18 +80,24 @@ if triton is not None:
             tl.store(vc_ptr + dst + HALF, tl.load(v + HALF, mask=ck & m2, other=0.0), mask=ck & m2)
 
     @triton.jit
-    def _kv_offsets(table_ptr, toks, tm, kvh, block_size, stride_cb, stride_cs, stride_ch, MASKED: tl.constexpr):
-        """Where tokens `toks` (valid where `tm`) of a sequence sit in the caches, through its block table."""
+    def _attend_tile(q, kc_ptr, vc_ptr, table_ptr, toks, tm, keep, kvh, block_size, stride_cb, stride_cs,
+                     stride_ch, d, dm, m, l, acc, PREC: tl.constexpr, MASKED: tl.constexpr = True):
+        """One tile of the online softmax shared by both attention kernels: gather the K and V rows
+        of tokens `toks` (valid where `tm`) through the sequence's block table, score them against
+        q, drop the scores outside `keep`, and fold the tile into the running max m, sum l and acc.
+        MASKED=False: every token is valid and kept (tm and keep are not read): no masks but the head
+        dim's."""
         if MASKED:
             blk = tl.load(table_ptr + toks // block_size, mask=tm, other=0)
         else:
             blk = tl.load(table_ptr + toks // block_size)
-        return blk.to(tl.int64) * stride_cb + (toks % block_size) * stride_cs + kvh * stride_ch
-
-    @triton.jit
-    def _fold_tile(q, k, v, keep, m, l, acc, PREC: tl.constexpr, MASKED: tl.constexpr):
-        """Score a tile's K rows against q, drop the scores outside `keep` (MASKED), and fold the tile into
-        the online softmax's running max m, sum l and acc."""
+        off = blk.to(tl.int64) * stride_cb + (toks % block_size) * stride_cs + kvh * stride_ch
+        if MASKED:
+            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+        else:
+            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=dm[None, :], other=0.0)
+            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=dm[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if MASKED:
             s = tl.where(keep, s, float("-inf"))
@@ -109,58 +108,19 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         return m_new, l, acc
 
-    @triton.jit
-    def _attend_tile(q, kc_ptr, vc_ptr, table_ptr, toks, tm, keep, kvh, block_size, stride_cb, stride_cs,
-                     stride_ch, d, dm, m, l, acc, PREC: tl.constexpr, MASKED: tl.constexpr = True):
-        """One tile of the online softmax shared by both attention kernels: gather the K and V rows
-        of tokens `toks` (valid where `tm`) through the sequence's block table, score them against
-        q, drop the scores outside `keep`, and fold the tile into the running max m, sum l and acc.
-        MASKED=False: every token is valid and kept (tm and keep are not read): no masks but the head
-        dim's."""
-        off = _kv_offsets(table_ptr, toks, tm, kvh, block_size, stride_cb, stride_cs, stride_ch, MASKED)
-        if MASKED:
-            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-        else:
-            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=dm[None, :], other=0.0)
-            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=dm[None, :], other=0.0)
-        return _fold_tile(q, k, v, keep, m, l, acc, PREC, MASKED)
-
-    @triton.jit
-    def _merge_head(part_out_ptr, part_lse_ptr, row, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One head's output from its splits' parts (rows row * NUM_SPLITS..), weighted by their log-sum-exp.
-        The parts are read from L2 (.cg): when the decode kernel merges, other programs wrote them."""
-        s = tl.arange(0, NUM_SPLITS)
-        lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, cache_modifier=".cg")
-        top = tl.max(lse, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.exp(lse - top)
-        parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :],
-                        cache_modifier=".cg")
-        return tl.sum(parts * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-
-    @triton.jit
-    def _gpu_fence():
-        # fence.acq_rel.gpu by every thread: its stores are visible GPU-wide before the program's atomic
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-
     @triton.jit(do_not_specialize=["stride_tb"], do_not_specialize_on_alignment=["tables_ptr", "seq_lens_ptr"])
     def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-                       count_ptr, scale, window, block_size,
+                       scale, window, block_size,
                        stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb,
                        stride_ot, stride_oh,
                        NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PREC: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, MERGE: tl.constexpr,
-                       FENCE: tl.constexpr):
-        wait_unless_early(PDL, PREFETCH)
+                       PREC: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        # Before the wait (PREFETCH), read what the kernel before (store_kv) does not write: the step's length and
-        # the first tile's block-table entries. After it, one round trip reads q, K and V (the first tile's K and V
-        # held from before the wait cost ~2x the registers, and spilled: ptxas, sm_90).
         seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
         start = 0
         if window > 0:
@@ -170,35 +130,22 @@ if triton is not None:
         per_split = tl.cdiv(tiles, NUM_SPLITS) * BLOCK_N
         lo = start + split * per_split
         hi = tl.minimum(lo + per_split, seq_len)
-        table_ptr = tables_ptr + b * stride_tb
 
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         gm = g < GROUP
         dm = d < D
         heads = kvh * GROUP + g
-        toks = lo + tl.arange(0, BLOCK_N)
-        tm = toks < hi
-        if PREFETCH:
-            off = _kv_offsets(table_ptr, toks, tm, kvh, block_size, stride_cb, stride_cs, stride_ch, True)
-        if PDL and PREFETCH:
-            gdc_wait()  # (the kernel after is not let in early: it reads this one's output at once)
         q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
                     mask=gm[:, None] & dm[None, :], other=0.0)
         q = (q * scale).to(kc_ptr.dtype.element_ty)
         m = tl.full([BLOCK_G], -1.0e30, tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        if PREFETCH:  # the first tile (an empty split's is all masked and changes nothing)
-            kv_mask = tm[:, None] & dm[None, :]
-            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            m, l, acc = _fold_tile(q, k, v, tm[None, :], m, l, acc, PREC, True)
-            lo += BLOCK_N
         for n0 in range(lo, hi, BLOCK_N):
             toks = n0 + tl.arange(0, BLOCK_N)
             tm = toks < hi
-            m, l, acc = _attend_tile(q, kc_ptr, vc_ptr, table_ptr, toks, tm, tm[None, :], kvh,
+            m, l, acc = _attend_tile(q, kc_ptr, vc_ptr, tables_ptr + b * stride_tb, toks, tm, tm[None, :], kvh,
                                      block_size, stride_cb, stride_cs, stride_ch, d, dm, m, l, acc, PREC)
         safe_l = tl.where(l > 0, l, 1.0)
         if NUM_SPLITS == 1:
@@ -212,18 +159,6 @@ if triton is not None:
                      mask=gm[:, None])
             lse = tl.where(l > 0, m + tl.log(safe_l), float("-inf"))
             tl.store(part_lse_ptr + row, lse, mask=gm)
-            if MERGE:  # the last of the group's splits to finish merges them all (no merge kernel to launch)
-                if FENCE:
-                    _gpu_fence()
-                tl.debug_barrier()  # every thread's parts are stored before the count goes up
-                counter = count_ptr + b * tl.num_programs(1) + kvh
-                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                    tl.store(counter, 0)  # zero again for the next layer's launch
-                    for i in range(GROUP):  # a head at a time: [NUM_SPLITS, BLOCK_D] floats
-                        o = _merge_head(part_out_ptr, part_lse_ptr, b * tl.num_programs(1) * GROUP + kvh * GROUP + i,
-                                        NUM_SPLITS, BLOCK_D)
-                        tl.store(out_ptr + b * stride_ot + (kvh * GROUP + i) * stride_oh + d,
-                                 o.to(out_ptr.dtype.element_ty), mask=dm)
 
     @triton.jit
     def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_heads,
@@ -232,8 +167,15 @@ if triton is not None:
             gdc_wait()
         b = tl.program_id(0)
         h = tl.program_id(1)
+        row = b * num_heads + h
+        s = tl.arange(0, NUM_SPLITS)
         d = tl.arange(0, BLOCK_D)
-        o = _merge_head(part_out_ptr, part_lse_ptr, b * num_heads + h, NUM_SPLITS, BLOCK_D)
+        lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s)
+        top = tl.max(lse, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(lse - top)
+        parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s)[:, None] * BLOCK_D + d[None, :])
+        o = tl.sum(parts * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
         tl.store(out_ptr + b * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
     @triton.jit(do_not_specialize=["first_seq", "stride_tb"],
@@ -314,7 +256,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         q, k, v, k_cache, v_cache, slot_mapping, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), stride_ct, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         k_cache.shape[1], Hq, heads, D, HALF=(D + 1) // 2, BLOCK=_next_pow2((D + 1) // 2), HEADS=per_program,
-        ROTARY=rotary is not None, PDL=on, EARLY=on and pdl.early("ATTENTION"), **pdl.launch_options(on))
+        ROTARY=rotary is not None, PDL=on, **pdl.launch_options(on))
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -352,35 +294,13 @@ def decode_tiles(cache: torch.Tensor, num_seqs: int) -> tuple[int, int]:
     return default_decode_tiles(cache)
 
 
-_split_counters: dict[torch.device, torch.Tensor] = {}
-_COUNTERS = 1 << 16  # (sequence, KV head) pairs a launch can merge in the kernel: 256 KB of int32
-
-
-def split_counters(device: torch.device) -> torch.Tensor | None:
-    """The zeroed int32 counters through which a decode launch's last split of a (sequence, KV head) finds
-    itself (each merger zeroes its own again), one buffer per device for every layer and step: launches run
-    one after another in a stream. Made on first use, never during a CUDA graph capture (warm_up's
-    launches make it first); None where it would have to be."""
-    device = torch.device(device)
-    if device not in _split_counters:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _split_counters[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
-    return _split_counters[device]
-
-
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float,
                            sliding_window: int | None = None, num_splits: int = 1,
                            out: torch.Tensor | None = None, block_n: int | None = None,
-                           num_warps: int | None = None, merge_in_kernel: bool | None = None,
-                           prefetch: bool | None = None) -> torch.Tensor:
+                           num_warps: int | None = None) -> torch.Tensor:
     """q: [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, >= blocks of the
     longest sequence]; seq_lens [B] (the query is the token at seq_len - 1; 0: a padded row, output
-    zeros). Returns [B, Hq, D].
-    merge_in_kernel: with several splits, the last to finish merges them (no second kernel; default unless
-    VLMSERVE_DECODE_MERGE_IN_KERNEL=0). prefetch: read the lengths and the first tile's block-table entries before
-    waiting for the kernel before (with programmatic dependent launch, pdl.early("ATTENTION")), which must not
-    write them."""
+    zeros). Returns [B, Hq, D]."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     group = Hq // Hkv
@@ -392,29 +312,20 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     if B == 0:
         return out
     num_splits = _next_pow2(num_splits)
-    counters = None
     if num_splits > 1:
         part_out = torch.empty((B, Hq, num_splits, block_d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
-        if merge_in_kernel is None:
-            merge_in_kernel = os.environ.get("VLMSERVE_DECODE_MERGE_IN_KERNEL", "1") != "0"
-        if merge_in_kernel \
-                and B * Hkv <= _COUNTERS:
-            counters = split_counters(q.device)
     else:
         part_out = part_lse = out  # unused
     on = pdl.enabled(q)
-    if prefetch is None:
-        prefetch = on and pdl.early("ATTENTION")
     _decode_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
-        counters if counters is not None else seq_lens, float(scale), int(sliding_window or 0), k_cache.shape[1],
+        float(scale), int(sliding_window or 0), k_cache.shape[1],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=D, BLOCK_D=block_d,
-        BLOCK_N=block_n, PREC=_dot_precision(k_cache), PDL=on, PREFETCH=bool(prefetch), MERGE=counters is not None,
-        FENCE=q.is_cuda, num_warps=num_warps, **pdl.launch_options(on))
-    if num_splits > 1 and counters is None:
+        BLOCK_N=block_n, PREC=_dot_precision(k_cache), PDL=on, num_warps=num_warps, **pdl.launch_options(on))
+    if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1), Hq,
                                       NUM_SPLITS=num_splits, D=D, BLOCK_D=block_d, PDL=on, **pdl.launch_options(on))
     return out
