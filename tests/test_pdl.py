@@ -58,4 +58,3 @@ def test_a_decode_layers_kernels_in_a_graph_match_ordinary_launches(monkeypatch)
         want = layer()
         graph.replay()
         torch.testing.assert_close(got, want, atol=0, rtol=0)
-

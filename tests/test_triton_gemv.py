@@ -62,7 +62,7 @@ def test_silu_and_mul_on_the_way_out(M, N, K, bias, block_n):
 
 @pytest.mark.parametrize("K", [100, 256, 700])  # inside the first tile, whole tiles, a partial last one
 def test_first_tile_read_before_the_wait_gives_the_same_sums(K):
-    # early (pdl.early("LINEAR")): the first tile of W is read before the wait, out of the loop
+    # early (pdl.early("GEMV")): the first tile of W is read before the wait, out of the loop
     g = torch.Generator().manual_seed(K)
     x = torch.randn(1, K, generator=g).to(DEV)
     w = torch.randn(37, K, generator=g).to(DEV)
