@@ -181,7 +181,9 @@ for part in $PARTS; do
                         python -c "import json, sys; d = json.load(open(sys.argv[1])); print(json.dumps(
                             {'model': sys.argv[2], 'variant': sys.argv[3], 'round': sys.argv[4], 'settings': sys.argv[5],
                              'result': d}))" "$OUT/one.json" "$model" "$name" "$r" "$vars" >> "$OUT/variants.jsonl"
-                        rm -f "$OUT/one.json"
+                        rm -f "$OUT/one.json" "${COPY_TO:-/nonexistent}/one.json"
+                        # (step copied before this row was added: copy again, or a call's last row stays behind)
+                        if [ -n "$COPY_TO" ]; then cp "$OUT/variants.jsonl" "$COPY_TO"/; fi
                     done
                 done
             done ;;
