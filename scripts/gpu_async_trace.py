@@ -2,6 +2,10 @@
 workload of `vlmserve bench throughput` through `LLM.generate`, with the runner's `launch` (host
 work that queues a step) and `collect` (the wait for the step before it) timed, and every place
 where launching made the host wait for the device (torch's sync debug mode) counted.
+--step-gaps: CUDA events around each launch, on the step's stream, give where the device waited for the
+host in the run itself: the gap between one step's last queued work and the next step's first, and
+the time from the run's start to its first step (an event completes only once the work queued
+before it has, so a gap is time the stream had nothing to run).
 
 If the device never idles, the run's time is the waits plus the host work that overlaps them; a
 launch that syncs turns that step's host work into device idle time. --profile-decode N profiles N
@@ -17,11 +21,29 @@ import json
 import tempfile
 import time
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gpu_profile import gpu_timeline, kernel_table  # noqa: E402  (scripts/ is on the path as a script)
 from gpu_step_trace import make_workload, workload_args  # noqa: E402
 from vlmserve.testing.sync_watch import sync_sites
+
+
+def step_gaps(run_start, events) -> dict:
+    """Device time by step kind: spans (first to last queued work of a step, idle inside it
+    included) and gaps before each step (the stream idle, waiting for the host), in seconds."""
+    out: dict = {"before_first_step_s": run_start.elapsed_time(events[0][1]) / 1e3}
+    gaps = []
+    for i, (kind, start, end) in enumerate(events):
+        span = start.elapsed_time(end) / 1e3
+        out[f"{kind} spans s"] = out.get(f"{kind} spans s", 0.0) + span
+        if i:
+            gap = events[i - 1][2].elapsed_time(start) / 1e3
+            out[f"gaps before {kind} s"] = out.get(f"gaps before {kind} s", 0.0) + gap
+            gaps.append((gap, i, kind))
+    out["largest_gaps"] = [{"s": g, "step": i, "kind": k} for g, i, k in sorted(gaps, reverse=True)[:12]]
+    out["first_to_last_s"] = events[0][1].elapsed_time(events[-1][2]) / 1e3
+    return out
 
 
 def main() -> int:
@@ -30,6 +52,7 @@ def main() -> int:
     p.add_argument("--watch-syncs", type=int, default=1, help="0: time only (the watch costs host time)")
     p.add_argument("--profile-decode", type=int, default=0, help="decode steps to profile (0: none)")
     p.add_argument("--profile-after", type=int, default=40, help="decode steps before the profiled ones")
+    p.add_argument("--step-gaps", type=int, default=0, help="1: events around each launch (device idle)")
     p.add_argument("--out", default="async_trace.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -60,11 +83,16 @@ def main() -> int:
             kinds[kind] += 1
             t0 = time.perf_counter()
             n0 = len(sites)
+            if args.step_gaps:
+                events.append((kind, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                events[-1][1].record()
             if args.watch_syncs:
                 with sync_sites(sites):
                     out = launch(sched, *a, **k)
             else:
                 out = launch(sched, *a, **k)
+            if args.step_gaps:
+                events[-1][2].record()
             t[f"launch {kind} s"] += time.perf_counter() - t0
             if len(sites) > n0:
                 kinds[f"{kind} launches that synced"] += 1
@@ -78,14 +106,20 @@ def main() -> int:
             return collect(step)
 
         runner.launch, runner.collect = timed_launch, timed_collect
+        events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        run_start = torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
+        run_start.record()
         llm.generate(inputs, sp, use_tqdm=False)
+        torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
     res = {"model_shape": args.model_shape, "image_size": args.image_size, "num_prompts": args.num_prompts,
            "async_scheduling": engine.async_scheduling, "watch_syncs": bool(args.watch_syncs),
            "elapsed_s": elapsed, "req_per_s": args.num_prompts / elapsed, "steps": dict(kinds),
            "times_s": dict(t), "other_host_s": elapsed - sum(t.values()),
            "sync_sites": collections.Counter(sites).most_common(20)}
+    if events:
+        res["step_gaps"] = step_gaps(run_start, events)
     if "wall_ms" in prof_box:  # N decode steps, launch to launch
         busy, top = kernel_table(prof_box["prof"], args.profile_decode, top=16)
         res.update(decode_profile_batch=prof_box["batch"], decode_profile_wall_ms_per_step=prof_box["wall_ms"],

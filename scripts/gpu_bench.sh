@@ -31,7 +31,8 @@
 #   llava_latency qwen_latency llava_throughput qwen_throughput check gpu_tests
 #   preprocess     scripts/gpu_preprocess_profile.py, LLaVA and Qwen2-VL images
 #   async_test     tests/test_async_scheduling.py alone
-#   {llava,qwen}_async scripts/gpu_async_trace.py: the host's launch and wait times, syncs in launches (ASYNC_N)
+#   {llava,qwen}_async scripts/gpu_async_trace.py: the host's launch and wait times, syncs in launches (ASYNC_N;
+#                      ASYNC_ARGS: more options, e.g. "--watch-syncs 0 --step-gaps 1")
 #   llava_ab       LLaVA throughput, vlmserve only, media processed serially vs in the pipeline
 #   llava_profile  the LLaVA profile alone
 #   fastpath       issue 5's fast path, LLaVA: profiles now (encoder graphs checked against eager) and
@@ -200,7 +201,7 @@ for part in $PARTS; do
             if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; n=${ASYNC_N:-300}
             else shape=qwen2-vl-7b; image=1024x1024; n=${ASYNC_N:-96}; fi
             step "$part" "${T_TRACE:-150}" python scripts/gpu_async_trace.py --model-shape "$shape" --image-size "$image" \
-                --num-prompts "$n" --max-num-seqs "$SEQS" --out "$OUT/$part.json" ;;
+                --num-prompts "$n" --max-num-seqs "$SEQS" --out "$OUT/$part.json" $ASYNC_ARGS ;;
         llava_vlm|qwen_vlm)  # throughput, vlmserve only (for A/B of engine settings: SEQS, env)
             tag=${part%%_*}
             if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; n=$LLAVA_N
