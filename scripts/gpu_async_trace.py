@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import tempfile
 import time
@@ -108,16 +109,30 @@ def main() -> int:
         runner.launch, runner.collect = timed_launch, timed_collect
         events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         run_start = torch.cuda.Event(enable_timing=True)
+        pauses: dict[int, list[float]] = collections.defaultdict(list)  # the garbage collector's, by generation
+        gc_t0 = [0.0]
+
+        def on_gc(phase, info):
+            if phase == "start":
+                gc_t0[0] = time.perf_counter()
+            else:
+                pauses[info["generation"]].append(time.perf_counter() - gc_t0[0])
+
+        gc.callbacks.append(on_gc)
         t0 = time.perf_counter()
         run_start.record()
         llm.generate(inputs, sp, use_tqdm=False)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
+        gc.callbacks.remove(on_gc)
     res = {"model_shape": args.model_shape, "image_size": args.image_size, "num_prompts": args.num_prompts,
            "async_scheduling": engine.async_scheduling, "watch_syncs": bool(args.watch_syncs),
            "elapsed_s": elapsed, "req_per_s": args.num_prompts / elapsed, "steps": dict(kinds),
            "times_s": dict(t), "other_host_s": elapsed - sum(t.values()),
-           "sync_sites": collections.Counter(sites).most_common(20)}
+           "sync_sites": collections.Counter(sites).most_common(20),
+           "gc_pauses": {f"gen{g}": {"n": len(v), "total_s": sum(v), "max_s": max(v)}
+                         for g, v in sorted(pauses.items())},
+           "gc_frozen_objects": gc.get_freeze_count()}
     if events:
         res["step_gaps"] = step_gaps(run_start, events)
     if "wall_ms" in prof_box:  # N decode steps, launch to launch

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from vlmserve.config import CacheConfig, ModelConfig, ModelLoadError, SchedulerConfig, text_config
 from vlmserve.engine.block_manager import BlockManager
 from vlmserve.engine.detokenizer import init_offsets
+from vlmserve.engine.heap import freeze_startup_heap, release_frozen_heap
 from vlmserve.engine.output_processor import OutputProcessor
 from vlmserve.engine.scheduler import Scheduler
 from vlmserve.engine.sequence import Sequence
@@ -146,6 +147,12 @@ class LLMEngine:
         # VLMSERVE_ENCODER_PREFETCH=0 turns it off.
         self.prefetch_encoders = os.environ.get("VLMSERVE_ENCODER_PREFETCH", "1") != "0"
         self._seq_ids = itertools.count()
+        # out of the garbage collector's full walks (engine/heap.py): one cost a throughput run ~0.23 s
+        self._froze_heap = freeze_startup_heap()
+
+    def __del__(self):
+        if getattr(self, "_froze_heap", False):
+            release_frozen_heap()
 
     # ---- requests ------------------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
