@@ -1,12 +1,11 @@
 """A built engine freezes the heap it was built on (engine/heap.py), so the garbage collector's full
 walks skip it; deleting the engine gives its cycles back to the collector, and VLMSERVE_GC_FREEZE=0
 leaves the collector alone. On a GPU (the default device there) the same checks hold for an engine
-with CUDA graphs, and the deleted model's memory comes back."""
+with CUDA graphs."""
 import gc
 import weakref
 
 import numpy as np
-import torch
 from PIL import Image
 
 from vlmserve import LLM, SamplingParams
@@ -27,15 +26,11 @@ def test_engine_freezes_its_heap_and_a_deleted_engine_is_collected(llava_dir):
     assert frozen > 10_000 and gc.is_tracked(model)
     _generate(llm)
     model.cycle = model  # a cycle through frozen objects: collectable only once they are unfrozen
-    gone = weakref.ref(model)
-    cuda = next(model.parameters()).is_cuda
+    gone = [weakref.ref(model), weakref.ref(next(model.parameters())), weakref.ref(llm.llm_engine.runner.kv_caches[0])]
     del model, llm
     gc.collect()
-    assert gone() is None, "the deleted engine's model is still alive"
+    assert [r() is None for r in gone] == [True] * 3, "the deleted engine's model, weights or KV cache are alive"
     assert gc.get_freeze_count() < frozen
-    if cuda:  # the model's weights and the KV cache came back
-        torch.cuda.empty_cache()
-        assert torch.cuda.memory_allocated() < 64 << 20
 
 
 def test_switch_leaves_the_collector_alone(llava_dir, monkeypatch):
