@@ -23,6 +23,7 @@ SHAPES = ((1, 5476, 16, 80, 16), (6, 5476, 16, 80, 16), (86, 64, 16, 80, 16))
 # 16384-token step and one alone; Qwen2-VL-7B's 1400-token prompts (GQA 28 / 4), 11 and one
 CAUSAL_SHAPES = ((27, 607, 32, 128, 32), (1, 607, 32, 128, 32), (11, 1400, 28, 128, 4), (1, 1400, 28, 128, 4))
 # bm, bn, warps, stages, split_tail (1: full key tiles unmasked, the partial one after; 0: all masked)
+# [, pair (1: bm rows as two blocks of bm / 2 whose full key tiles go through one loop)]
 TILES = ((128, 64, 8, 3, 1), (128, 64, 8, 3, 0), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 128, 8, 2, 1),
          (64, 64, 4, 3, 1), (128, 32, 4, 3, 1), (64, 128, 4, 2, 1))
 
@@ -36,7 +37,8 @@ def one(config: str, causal: bool) -> None:
     from vlmserve.layers.vision_attention import varlen_attention
 
     os.environ["VLMSERVE_TRITON_VISION_ATTENTION"] = "0"  # varlen_attention: the SDPA path, to compare with
-    bm, bn, warps, stages, split = (int(x) for x in config.split(","))
+    bm, bn, warps, stages, split, *more = (int(x) for x in config.split(","))
+    pair = bool(more and more[0])
     for nseq, L, h, d, hkv in CAUSAL_SHAPES if causal else SHAPES:
         if causal:  # as the language models make them: q apart, k and v from one buffer
             q = torch.randn(nseq * L, h, d, device="cuda", dtype=torch.bfloat16)
@@ -59,7 +61,7 @@ def one(config: str, causal: bool) -> None:
             ref = varlen_attention(q, k, v, cu_list, scale)
             others["sdpa_us"] = lambda: varlen_attention(q, k, v, cu_list, scale)
         run = lambda: tpk.packed_attention(q, k, v, cu, L, scale, block_m=bm, block_n=bn, num_warps=warps,  # noqa: E731
-                                           num_stages=stages, split_tail=bool(split), causal=causal)
+                                           num_stages=stages, split_tail=bool(split), causal=causal, pair=pair)
         got = run().double()
         row = {"config": config, "shape": f"{nseq}x{L} H={h}/{hkv} D={d}" + (" causal" if causal else ""),
                "rel_err": float((got - ref.double()).norm() / ref.double().norm())}

@@ -40,25 +40,39 @@ def test_split_head_dim():
         assert tpk.split_head_dim(d) is None
 
 
-@pytest.mark.parametrize("split_tail", [True, False])
+@pytest.mark.parametrize("tiles", ["split", "masked", "paired"])
 @pytest.mark.parametrize("d", [80, 64, 48])
 @pytest.mark.parametrize("lengths", [[37], [1, 16, 70, 5, 33], [64, 64, 64]])
-def test_kernel_matches_reference(d, lengths, split_tail):
+def test_kernel_matches_reference(d, lengths, tiles):
+    """split: full key tiles unmasked, the partial one after; masked: every tile masked; paired: the
+    rows as two blocks of 16 whose full tiles share a loop (what images take on a GPU, at 2 x 64)."""
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
     q, k, v = _qkv(cu[-1], 3, d, seed=d + len(lengths))
     scale = d ** -0.5
-    got = tpk.packed_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale,
-                               block_m=16, block_n=16, num_warps=4, split_tail=split_tail)
+    kw = dict(block_m=32 if tiles == "paired" else 16, block_n=16, num_warps=4, split_tail=tiles != "masked",
+              pair=tiles == "paired")
+    got = tpk.packed_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale, **kw)
     ref = tpk.reference_packed_attention(q, k, v, cu, scale)
     torch.testing.assert_close(got, ref, **TOL)
     # each segment attends to itself only: changing one segment's keys leaves the others' rows alone
     k2 = k.clone()
     k2[cu[0]:cu[1]] += 1.0
-    got2 = tpk.packed_attention(q, k2, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale,
-                                block_m=16, block_n=16, num_warps=4, split_tail=split_tail)
+    got2 = tpk.packed_attention(q, k2, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale, **kw)
     torch.testing.assert_close(got2[cu[1]:], got[cu[1]:], atol=0, rtol=0)
+
+
+def test_pairs_only_bidirectional_split_tiles():
+    q, k, v = _qkv(40, 2, 80)
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    for bad in (dict(causal=True), dict(split_tail=False), dict(block_m=16)):
+        with pytest.raises(ValueError, match="paired blocks"):
+            tpk.packed_attention(q, k, v, cu, 40, 0.1, pair=True, **{"block_m": 32, **bad})
+    # by default images (blocks of 128 rows) pair; windows (64) and causal prompts do not
+    assert tpk.default_tiles(5476, causal=False)[:2] == (128, True)
+    assert tpk.default_tiles(64, causal=False)[:2] == (64, False)
+    assert tpk.default_tiles(5476, causal=True)[:2] == (64, False)
 
 
 @pytest.mark.parametrize("block_m, block_n", [(16, 16), (32, 16), (16, 32)])

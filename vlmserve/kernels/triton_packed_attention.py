@@ -9,13 +9,14 @@ two for PV, with no padding, and no execution plan to build per batch shape as c
 
 Where it runs (H200 figures in BENCHMARKS.md; `scripts/gpu_vision_attention_sweep.py` times the tiles):
 - vision attention at head sizes cuDNN pads, on CUDA in 16 bits (`preferred_for_vision`): 1024x1024
-  images (5476 tokens, 16 heads), 2308 us against cuDNN's 2546 for six, 430 against 443 for one;
+  images (5476 tokens, 16 heads), 2226 us against cuDNN's 2573 for six, 422 against 443 for one;
 - several fresh prefill chunks in one step (layers/attention/triton_backend.py): 27 LLaVA prompts of
   607 tokens take 358 us against 539 in torch's FlashAttention varlen op, 11 Qwen2-VL prompts of
   1400 (GQA 28 / 4) 443 against 594. A lone prompt in a prefill graph keeps dense SDPA (cuDNN: 23
   against 27 us at 607 tokens).
 Most of that comes from the key tiles that need no mask (inside the segment; causal: before the
-block's first row) running in their own loop, their scale folded into the exponent.
+block's first row) running in their own loop, their scale folded into the exponent. For images two
+blocks of rows share that loop, so that one's value dots overlap the other's softmax.
 `reference_packed_attention` is the torch computation it is tested against (on the CPU through
 Triton's interpreter)."""
 from __future__ import annotations
@@ -66,10 +67,19 @@ def usable(q: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _load_values(v_rows, DA: tl.constexpr, DB: tl.constexpr):
+        """Columns :DA and DA:DA + DB of a tile of rows (DB == 0: the first again, never read)."""
+        va = tl.load(v_rows + tl.arange(0, DA)[None, :])
+        vb = va
+        if DB > 0:
+            vb = tl.load(v_rows + DA + tl.arange(0, DB)[None, :])
+        return va, vb
+
+    @triton.jit
     def _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt, stride_vt, lo, hi, length,
                       qk_scale, DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                       MASKED: tl.constexpr, CAUSAL: tl.constexpr):
-        """The online softmax (log2 units) of one block of rows over key tiles lo, lo + BLOCK_N, ... < hi.
+        """The online softmax of one block of rows over key tiles lo, lo + BLOCK_N, ... < hi.
         MASKED tiles may run past the segment's end: their key rows are clamped to it (every address
         stays inside) and the scores past it, or (CAUSAL) past each row's own position, are pushed to
         -1e30. Unmasked tiles lie wholly inside and before every row, and their scale folds into the
@@ -81,28 +91,79 @@ if triton is not None:
             if MASKED:
                 cols = tl.minimum(cols, length - 1)
             k_rows = k_base + cols[:, None].to(tl.int64) * stride_kt
-            v_rows = v_base + cols[:, None].to(tl.int64) * stride_vt
             s = tl.dot(qa, tl.trans(tl.load(k_rows + da[None, :])), input_precision=PREC)
             if DB > 0:
                 s = tl.dot(qb, tl.trans(tl.load(k_rows + db[None, :])), s, input_precision=PREC)
+            scale = qk_scale
             if MASKED:
                 keep = (n0 + tl.arange(0, BLOCK_N) < length)[None, :]
                 if CAUSAL:
                     keep = keep & ((n0 + tl.arange(0, BLOCK_N))[None, :] <= rows[:, None])
                 s = tl.where(keep, s * qk_scale, -1.0e30)
-                m_new = tl.maximum(m, tl.max(s, 1))
-                p = tl.exp2(s - m_new[:, None])
-            else:
-                m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
-                p = tl.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m - m_new)
-            l = l * alpha + tl.sum(p, 1)
-            p = p.to(v_base.dtype.element_ty)
-            acc_a = tl.dot(p, tl.load(v_rows + da[None, :]), acc_a * alpha[:, None], input_precision=PREC)
-            if DB > 0:
-                acc_b = tl.dot(p, tl.load(v_rows + db[None, :]), acc_b * alpha[:, None], input_precision=PREC)
-            m = m_new
+                scale = 1.0
+            va, vb = _load_values(v_base + cols[:, None].to(tl.int64) * stride_vt, DA, DB)
+            acc_a, acc_b, l, m = _fold_tile(s, scale, m, l, acc_a, acc_b, va, vb, DB, PREC)
         return acc_a, acc_b, l, m
+
+    @triton.jit
+    def _fold_tile(s, scale, m, l, acc_a, acc_b, va, vb, DB: tl.constexpr, PREC: tl.constexpr):
+        """One key tile into a block of rows' online softmax (log2 units): its scores s, times
+        `scale`, update the running max m and sum l; the outputs take its values va, vb (DB > 0)."""
+        m_new = tl.maximum(m, tl.max(s, 1) * scale)
+        p = tl.exp2(s * scale - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        p = p.to(va.dtype)
+        acc_a = tl.dot(p, va, acc_a * alpha[:, None], input_precision=PREC)
+        if DB > 0:
+            acc_b = tl.dot(p, vb, acc_b * alpha[:, None], input_precision=PREC)
+        return acc_a, acc_b, l, m_new
+
+    @triton.jit
+    def _attend_full_tiles_paired(acc_a0, acc_b0, l0, m0, acc_a1, acc_b1, l1, m1, qa0, qb0, qa1, qb1, k_base,
+                                  v_base, stride_kt, stride_vt, lo, hi, qk_scale, DA: tl.constexpr,
+                                  DB: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+        """`_attend_tiles` over unmasked tiles for two blocks of rows at once, sharing each tile's
+        loads: both blocks' score dots go first, then one block's value dots run on the tensor cores
+        while the other's softmax runs."""
+        da = tl.arange(0, DA)
+        db = DA + tl.arange(0, DB if DB > 0 else 16)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = (n0 + tl.arange(0, BLOCK_N))[:, None].to(tl.int64)
+            k_rows = k_base + cols * stride_kt
+            ka = tl.trans(tl.load(k_rows + da[None, :]))
+            s0 = tl.dot(qa0, ka, input_precision=PREC)
+            s1 = tl.dot(qa1, ka, input_precision=PREC)
+            if DB > 0:
+                kb = tl.trans(tl.load(k_rows + db[None, :]))
+                s0 = tl.dot(qb0, kb, s0, input_precision=PREC)
+                s1 = tl.dot(qb1, kb, s1, input_precision=PREC)
+            va, vb = _load_values(v_base + cols * stride_vt, DA, DB)
+            acc_a0, acc_b0, l0, m0 = _fold_tile(s0, qk_scale, m0, l0, acc_a0, acc_b0, va, vb, DB, PREC)
+            acc_a1, acc_b1, l1, m1 = _fold_tile(s1, qk_scale, m1, l1, acc_a1, acc_b1, va, vb, DB, PREC)
+        return acc_a0, acc_b0, l0, m0, acc_a1, acc_b1, l1, m1
+
+    @triton.jit
+    def _load_rows(q_ptr, start, rows, length, h, stride_qt, stride_qh, DA: tl.constexpr, DB: tl.constexpr):
+        """A block of rows' queries (rows past the segment read its last one) and a zero state:
+        -> qa, qb, m, l, acc_a, acc_b."""
+        q_rows = q_ptr + (start + tl.minimum(rows, length - 1))[:, None] * stride_qt + h * stride_qh
+        qa, qb = _load_values(q_rows, DA, DB)
+        m = tl.full([rows.shape[0]], -1.0e30, tl.float32)
+        l = tl.zeros([rows.shape[0]], tl.float32)
+        acc_a = tl.zeros([rows.shape[0], DA], tl.float32)
+        acc_b = tl.zeros([rows.shape[0], DB if DB > 0 else 16], tl.float32)
+        return qa, qb, m, l, acc_a, acc_b
+
+    @triton.jit
+    def _store_rows(o_ptr, start, rows, length, h, stride_ot, stride_oh, acc_a, acc_b, l,
+                    DA: tl.constexpr, DB: tl.constexpr):
+        rm = (rows < length)[:, None]
+        o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh
+        tl.store(o_rows + tl.arange(0, DA)[None, :], (acc_a / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm)
+        if DB > 0:
+            tl.store(o_rows + DA + tl.arange(0, DB)[None, :], (acc_b / l[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=rm)
 
     @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
     def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale,
@@ -110,10 +171,12 @@ if triton is not None:
                                  stride_ot, stride_oh,
                                  DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_TAIL: tl.constexpr,
-                                 CAUSAL: tl.constexpr, GROUP: tl.constexpr):
+                                 CAUSAL: tl.constexpr, GROUP: tl.constexpr, PAIRED: tl.constexpr):
         """FlashAttention over one segment, for BLOCK_M of its rows and query head h (key head
         h // GROUP). SPLIT_TAIL: the key tiles that need no mask in one loop, the rest (the partial
-        tile; CAUSAL: the tiles from the block's first row on) in a second loop; else every tile masked."""
+        tile; CAUSAL: the tiles from the block's first row on) in a second loop; else every tile masked.
+        PAIRED (bidirectional, SPLIT_TAIL): the rows as two blocks of BLOCK_M / 2 whose unmasked tiles
+        share one loop (`_attend_full_tiles_paired`)."""
         tile = tl.program_id(0)
         if CAUSAL:  # the last blocks of a segment have the most keys: start them first
             tile = tl.num_programs(0) - 1 - tile
@@ -121,22 +184,32 @@ if triton is not None:
         seg = tl.program_id(2)
         start = tl.load(cu_ptr + seg).to(tl.int64)  # row offsets in 64 bits: long videos pass 2^31 elements
         length = (tl.load(cu_ptr + seg + 1) - start).to(tl.int32)
-        if tile * BLOCK_M < length:
+        kvh = h // GROUP
+        k_base = k_ptr + start * stride_kt + kvh * stride_kh
+        v_base = v_ptr + start * stride_vt + kvh * stride_vh
+        if PAIRED:
+            if tile * BLOCK_M < length:
+                rows0 = tile * BLOCK_M + tl.arange(0, BLOCK_M // 2)
+                rows1 = rows0 + BLOCK_M // 2
+                qa0, qb0, m0, l0, acc_a0, acc_b0 = _load_rows(q_ptr, start, rows0, length, h, stride_qt,
+                                                              stride_qh, DA, DB)
+                qa1, qb1, m1, l1, acc_a1, acc_b1 = _load_rows(q_ptr, start, rows1, length, h, stride_qt,
+                                                              stride_qh, DA, DB)
+                full = (length // BLOCK_N) * BLOCK_N
+                acc_a0, acc_b0, l0, m0, acc_a1, acc_b1, l1, m1 = _attend_full_tiles_paired(
+                    acc_a0, acc_b0, l0, m0, acc_a1, acc_b1, l1, m1, qa0, qb0, qa1, qb1, k_base, v_base,
+                    stride_kt, stride_vt, 0, full, qk_scale, DA, DB, BLOCK_N, PREC)
+                acc_a0, acc_b0, l0, m0 = _attend_tiles(acc_a0, acc_b0, l0, m0, qa0, qb0, rows0, k_base, v_base,
+                                                       stride_kt, stride_vt, full, length, length, qk_scale, DA,
+                                                       DB, BLOCK_N, PREC, True, False)
+                acc_a1, acc_b1, l1, m1 = _attend_tiles(acc_a1, acc_b1, l1, m1, qa1, qb1, rows1, k_base, v_base,
+                                                       stride_kt, stride_vt, full, length, length, qk_scale, DA,
+                                                       DB, BLOCK_N, PREC, True, False)
+                _store_rows(o_ptr, start, rows0, length, h, stride_ot, stride_oh, acc_a0, acc_b0, l0, DA, DB)
+                _store_rows(o_ptr, start, rows1, length, h, stride_ot, stride_oh, acc_a1, acc_b1, l1, DA, DB)
+        elif tile * BLOCK_M < length:
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            da = tl.arange(0, DA)
-            db = DA + tl.arange(0, DB if DB > 0 else 16)
-            q_rows = q_ptr + (start + tl.minimum(rows, length - 1))[:, None] * stride_qt + h * stride_qh
-            qa = tl.load(q_rows + da[None, :])
-            qb = qa  # DB == 0: never read
-            if DB > 0:
-                qb = tl.load(q_rows + db[None, :])
-            m = tl.full([BLOCK_M], -1.0e30, tl.float32)
-            l = tl.zeros([BLOCK_M], tl.float32)
-            acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
-            acc_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], tl.float32)
-            kvh = h // GROUP
-            k_base = k_ptr + start * stride_kt + kvh * stride_kh
-            v_base = v_ptr + start * stride_vt + kvh * stride_vh
+            qa, qb, m, l, acc_a, acc_b = _load_rows(q_ptr, start, rows, length, h, stride_qt, stride_qh, DA, DB)
             end = length
             if CAUSAL:
                 end = tl.minimum(length, (tile + 1) * BLOCK_M)
@@ -151,17 +224,29 @@ if triton is not None:
             acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
                                                stride_vt, unmasked_end, end, length, qk_scale, DA, DB, BLOCK_N,
                                                PREC, True, CAUSAL)
-            rm = rows < length
-            o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh
-            tl.store(o_rows + da[None, :], (acc_a / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
-            if DB > 0:
-                tl.store(o_rows + db[None, :], (acc_b / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm[:, None])
+            _store_rows(o_ptr, start, rows, length, h, stride_ot, stride_oh, acc_a, acc_b, l, DA, DB)
+
+
+def default_tiles(max_len: int, causal: bool) -> tuple[int, bool, int]:
+    """(block_m, pair, num_stages), by the H200 sweeps (BENCHMARKS.md; 4 warps in each case):
+    - images: 128 rows as two paired blocks of 64, 4 warps, 3 stages (six 1024x1024 images: 2226
+      against 2342 us unpaired with 8 warps; one: 422 against 429);
+    - no segment longer than 64 (Qwen2.5-VL's 64-patch windows): 64 rows, 4 warps (29 against 41 us
+      for an image's 86 windows, where half of each 128-row tile would be empty);
+    - causal prompts: 64 rows, 4 warps, 2 stages (the fastest or within 6% of it at 607 and 1400
+      tokens, head_dim 128)."""
+    if causal:
+        return 64, False, 2
+    if max_len <= 64:
+        return 64, False, 3
+    return 128, True, 3
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_len: int, scale: float, block_m: int | None = None, block_n: int = 64,
                      num_warps: int | None = None, num_stages: int | None = None, split_tail: bool = True,
-                     causal: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                     causal: bool = False, out: torch.Tensor | None = None,
+                     pair: bool | None = None) -> torch.Tensor:
     """q: [N, H, D]; k, v: [N, Hkv, D] with H a multiple of Hkv (query heads share key heads in
     groups); last dims contiguous, rows may be strided (views of a fused qkv); cu_seqlens: [S + 1]
     int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1]; max_len: the
@@ -169,16 +254,20 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     only (causal: to its own position and those before it there). `out`: where to write it
     ([N, H, D], last dim contiguous, e.g. rows of a larger buffer), else a new tensor.
 
-    Tiles, by the H200 sweeps: 128 rows, 8 warps and 3 stages for images; 64 rows and 4 warps where
-    no segment is longer than 64 (Qwen2.5-VL's 64-patch windows: 29 against 41 us for an image's 86
-    windows, where half of each 128-row tile would be empty); causal prompts 64 rows, 4 warps and 2
-    stages (the fastest or within 6% of it at 607 and 1400 tokens, head_dim 128)."""
+    Tiles: `default_tiles` for what is not given (`pair`: as they say where block_m is not given,
+    else False; warps: 4 for 64 rows or paired blocks, else 8). pair: block_m rows as two blocks of
+    block_m / 2 whose full key tiles share one loop (bidirectional, split tails only)."""
+    tiles = default_tiles(max_len, causal)
+    if pair is None:
+        pair = block_m is None and tiles[1]
     if block_m is None:
-        block_m = 64 if max_len <= 64 or causal else 128
+        block_m = tiles[0]
     if num_warps is None:
-        num_warps = 4 if block_m <= 64 else 8
+        num_warps = 4 if block_m <= 64 or pair else 8
     if num_stages is None:
-        num_stages = 2 if causal else 3
+        num_stages = tiles[2]
+    if pair and (causal or not split_tail or block_m < 32):
+        raise ValueError("paired blocks are for bidirectional attention with split tails, of at least 32 rows")
     N, H, D = q.shape
     split = split_head_dim(D)
     if split is None:
@@ -198,7 +287,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_TAIL=split_tail, CAUSAL=causal,
-        GROUP=H // k.shape[1], num_warps=num_warps, num_stages=num_stages)
+        GROUP=H // k.shape[1], PAIRED=pair, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
