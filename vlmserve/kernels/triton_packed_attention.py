@@ -234,12 +234,13 @@ def default_tiles(max_len: int, causal: bool) -> tuple[int, bool, int]:
     - no segment longer than 64 (Qwen2.5-VL's 64-patch windows): 64 rows, 4 warps (29 against 41 us
       for an image's 86 windows, where half of each 128-row tile would be empty);
     - causal prompts: 64 rows, 4 warps, 2 stages (the fastest or within 6% of it at 607 and 1400
-      tokens, head_dim 128)."""
+      tokens, head_dim 128).
+    VLMSERVE_VISION_ATTENTION_PAIRED=0: images unpaired, 8 warps (for A/B runs)."""
     if causal:
         return 64, False, 2
     if max_len <= 64:
         return 64, False, 3
-    return 128, True, 3
+    return 128, os.environ.get("VLMSERVE_VISION_ATTENTION_PAIRED", "1") != "0", 3
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
