@@ -67,12 +67,12 @@ def usable(q: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _load_values(v_rows, DA: tl.constexpr, DB: tl.constexpr):
+    def _load_split(ptrs, DA: tl.constexpr, DB: tl.constexpr):
         """Columns :DA and DA:DA + DB of a tile of rows (DB == 0: the first again, never read)."""
-        va = tl.load(v_rows + tl.arange(0, DA)[None, :])
+        va = tl.load(ptrs + tl.arange(0, DA)[None, :])
         vb = va
         if DB > 0:
-            vb = tl.load(v_rows + DA + tl.arange(0, DB)[None, :])
+            vb = tl.load(ptrs + DA + tl.arange(0, DB)[None, :])
         return va, vb
 
     @triton.jit
@@ -101,7 +101,7 @@ if triton is not None:
                     keep = keep & ((n0 + tl.arange(0, BLOCK_N))[None, :] <= rows[:, None])
                 s = tl.where(keep, s * qk_scale, -1.0e30)
                 scale = 1.0
-            va, vb = _load_values(v_base + cols[:, None].to(tl.int64) * stride_vt, DA, DB)
+            va, vb = _load_split(v_base + cols[:, None].to(tl.int64) * stride_vt, DA, DB)
             acc_a, acc_b, l, m = _fold_tile(s, scale, m, l, acc_a, acc_b, va, vb, DB, PREC)
         return acc_a, acc_b, l, m
 
@@ -138,7 +138,7 @@ if triton is not None:
                 kb = tl.trans(tl.load(k_rows + db[None, :]))
                 s0 = tl.dot(qb0, kb, s0, input_precision=PREC)
                 s1 = tl.dot(qb1, kb, s1, input_precision=PREC)
-            va, vb = _load_values(v_base + cols * stride_vt, DA, DB)
+            va, vb = _load_split(v_base + cols * stride_vt, DA, DB)
             acc_a0, acc_b0, l0, m0 = _fold_tile(s0, qk_scale, m0, l0, acc_a0, acc_b0, va, vb, DB, PREC)
             acc_a1, acc_b1, l1, m1 = _fold_tile(s1, qk_scale, m1, l1, acc_a1, acc_b1, va, vb, DB, PREC)
         return acc_a0, acc_b0, l0, m0, acc_a1, acc_b1, l1, m1
@@ -148,7 +148,7 @@ if triton is not None:
         """A block of rows' queries (rows past the segment read its last one) and a zero state:
         -> qa, qb, m, l, acc_a, acc_b."""
         q_rows = q_ptr + (start + tl.minimum(rows, length - 1))[:, None] * stride_qt + h * stride_qh
-        qa, qb = _load_values(q_rows, DA, DB)
+        qa, qb = _load_split(q_rows, DA, DB)
         m = tl.full([rows.shape[0]], -1.0e30, tl.float32)
         l = tl.zeros([rows.shape[0]], tl.float32)
         acc_a = tl.zeros([rows.shape[0], DA], tl.float32)
@@ -158,6 +158,7 @@ if triton is not None:
     @triton.jit
     def _store_rows(o_ptr, start, rows, length, h, stride_ot, stride_oh, acc_a, acc_b, l,
                     DA: tl.constexpr, DB: tl.constexpr):
+        """The block's outputs, acc / l, for its rows inside the segment."""
         rm = (rows < length)[:, None]
         o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh
         tl.store(o_rows + tl.arange(0, DA)[None, :], (acc_a / l[:, None]).to(o_ptr.dtype.element_ty), mask=rm)
