@@ -6,6 +6,11 @@ import torch
 # Two cores on CI: one intra-op pool, no oversubscription.
 torch.set_num_threads(int(os.environ.get("VLMSERVE_TEST_THREADS", "2")))
 
+# Each engine built freezes the heap after a full collection (engine/heap.py): ~0.25 s in this process's
+# heap on the CPU machine, for every engine a test builds (~1 min of CI in all); tests/test_engine_heap.py
+# turns it on where it is under test.
+os.environ.setdefault("VLMSERVE_GC_FREEZE", "0")
+
 # Without a GPU, the Triton kernels' tests run them in Triton's interpreter. It must be chosen before
 # anything imports triton (transformers may), so for the whole session, not per test module.
 if not torch.cuda.is_available():

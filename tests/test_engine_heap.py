@@ -18,7 +18,8 @@ def _generate(llm):
     assert len(out[0].outputs[0].token_ids) == 4
 
 
-def test_engine_freezes_its_heap_and_a_deleted_engine_is_collected(llava_dir):
+def test_engine_freezes_its_heap_and_a_deleted_engine_is_collected(llava_dir, monkeypatch):
+    monkeypatch.setenv("VLMSERVE_GC_FREEZE", "1")  # the default; conftest turns it off for the other tests
     gc.unfreeze()
     llm = LLM(llava_dir)
     frozen = gc.get_freeze_count()
