@@ -2,7 +2,7 @@
 
 A full collection (the oldest generation) walks every container object in the process. Once torch
 and transformers are imported and a model is built that is over 400k objects: ~0.22 s on a 2-core
-CI machine, and on an H200 host one such pause stalled each throughput run for ~0.23 s, the GPU idle
+CI machine, and on an H200 host one such pause came in most throughput runs, the GPU idle for 0.23-0.26 s
 while the engine thread could not queue the next step (BENCHMARKS.md). So a built engine moves what
 exists into the collector's permanent generation (`gc.freeze`): later collections walk only the
 objects made since (requests, sequences, outputs).
