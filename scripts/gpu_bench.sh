@@ -13,7 +13,8 @@
 #   check_sweep    scripts/gpu_check.py with the tile-size sweeps (--sweep)
 #   {llava,qwen}_{latency,throughput,profile,trace}
 #                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
-#                  (TRACE_STEP=0: the trace profiles the first prefill step, host ops included)
+#                  (TRACE_STEP=0: the trace profiles the first prefill step, host ops included; TRACE_TOP: rows of
+#                  its kernel tables)
 #   {llava,qwen}_sync  latency and throughput (vlmserve only) with async scheduling off (VLMSERVE_ASYNC_SCHEDULING=0)
 #   {llava,qwen}_vlm   throughput, vlmserve only (A/B of SEQS or env settings)
 #   {llava,qwen}_noprefetch  latency with the encoder prefetch off (VLMSERVE_ENCODER_PREFETCH=0; on by default)
@@ -152,7 +153,7 @@ for part in $PARTS; do
                     --image-size "$image" --out "$OUT/$part.json" ;;
                 trace) step "$part" "${T_TRACE:-120}" python scripts/gpu_step_trace.py --model-shape "$shape" \
                     --image-size "$image" --num-prompts "$n" --max-num-seqs "$SEQS" --out "$OUT/$part.json" \
-                    ${TRACE_STEP:+--profile-prefill-step "$TRACE_STEP"} ;;
+                    ${TRACE_STEP:+--profile-prefill-step "$TRACE_STEP"} ${TRACE_TOP:+--top-kernels "$TRACE_TOP"} ;;
             esac ;;
         llava_noprefetch|qwen_noprefetch)  # bench latency with the encoder prefetch off (VLMSERVE_ENCODER_PREFETCH=0)
             tag=${part%%_*}

@@ -82,6 +82,7 @@ def main() -> int:
     workload_args(p, num_prompts=500)
     p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--profile-prefill-step", type=int, default=12, help="profile the prefill step of this index")
+    p.add_argument("--top-kernels", type=int, default=15, help="rows of each kernel table")
     p.add_argument("--out", default="step_trace.json")
     args = p.parse_args()
     bw = copy_bandwidth()
@@ -165,7 +166,7 @@ def main() -> int:
         prof = prof_box.get(key)
         if prof is None:
             continue
-        res[f"{name}_gpu_busy_ms"], res[f"{name}_top_kernels"] = kernel_table(prof, n, top=15)
+        res[f"{name}_gpu_busy_ms"], res[f"{name}_top_kernels"] = kernel_table(prof, n, top=args.top_kernels)
         res[f"{name}_top_cpu_ops"] = cpu_table(prof, n, top=15)
     if "prefill_wall" in prof_box:
         res["prefill_step_wall_ms"] = 1e3 * prof_box["prefill_wall"]
