@@ -37,9 +37,8 @@ class PinnedBudget:
     Qwen2-VL's 1024x1024 images) made the engine thread's kernel launches take 0.5 ms and a step
     0.24 s longer (scripts/gpu_step_trace.py --profile-prefill-step 0). Within the budget, freed
     buffers come back through torch's pinned-memory cache instead; images past it stay in pageable
-    memory until their upload, which stages them in pinned memory then (`DevicePixels.to`). It
-    also bounds the pinned memory a long queue of requests holds. VLMSERVE_PINNED_STAGING_MB sets
-    it (64)."""
+    memory, which the runner's copy reads synchronously (~0.3 ms for 3 MB). It also bounds the
+    pinned memory a long queue of requests holds. VLMSERVE_PINNED_STAGING_MB sets it (64)."""
 
     def __init__(self, limit_bytes: int):
         self.limit = limit_bytes
@@ -91,18 +90,7 @@ class DevicePixels:
         return cls(copy, finish)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> torch.Tensor:
-        """The pixel values on `device`. An image staged in pageable memory (past PINNED_BUDGET) is
-        first copied into a pinned buffer from torch's pinned-memory cache (the buffers of earlier
-        uploads, reused once their copies are done): from pageable memory, CUDA's copy makes the
-        host wait until the stream has run what was queued before it, here the step that runs now
-        while the engine builds the next one (H200: 0.5 ms of copy on the stream for each
-        1024x1024 image, and the GPU idle while the host finished the step)."""
-        image = self.image
-        if non_blocking and torch.device(device).type == "cuda" and not image.is_pinned():
-            pinned = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
-            np.copyto(pinned.numpy(), image.numpy())  # one thread's memcpy, as in `staged`
-            image = pinned
-        return self.finish(image.to(device, non_blocking=non_blocking))
+        return self.finish(self.image.to(device, non_blocking=non_blocking))
 
     @property
     def nbytes(self) -> int:
