@@ -56,6 +56,9 @@ mkdir -p "$OUT"
 LOG="$OUT/run.log"
 LLAVA_N=${LLAVA_N:-500}; LLAVA_HFB=${LLAVA_HFB:-192,256}; QWEN_N=${QWEN_N:-128}; QWEN_HFB=${QWEN_HFB:-64,96}
 SEQS=${SEQS:-256}
+# bench latency of the table: TTFT over 20 requests (each new prompt and image), the whole generation over 5,
+# two warm-ups of each (Qwen2-VL's encoder graph for an image layout is captured the second time it is met)
+LAT_ARGS=${LAT_ARGS:-"--num-iters 5 --num-iters-ttft 20 --num-iters-warmup 2"}
 PARTS=${*:-check llava qwen}
 BENCH="python -m vlmserve.entrypoints.cli bench"
 
@@ -145,8 +148,8 @@ for part in $PARTS; do
             else shape=qwen2-vl-7b; image=1024x1024; n=$QWEN_N; hfb=$QWEN_HFB; fi
             m="--random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image"
             case $what in
-                latency) step "$part" "${T_LAT:-110}" $BENCH latency $m --backends vlmserve --num-iters 5 \
-                    --num-iters-warmup 1 --output-json "$OUT/$part.json" ;;
+                latency) step "$part" "${T_LAT:-110}" $BENCH latency $m --backends vlmserve $LAT_ARGS \
+                    --output-json "$OUT/$part.json" ;;
                 throughput) step "$part" "${T_TPUT:-240}" $BENCH throughput $m --num-prompts "$n" \
                     --backends vlmserve,hf --hf-batch-size "$hfb" --max-num-seqs "$SEQS" --output-json "$OUT/$part.json" ;;
                 profile) step "$part" "${T_PROF:-90}" python scripts/gpu_profile.py --model-shape "$shape" \
@@ -247,7 +250,7 @@ for part in $PARTS; do
                     --output-json "$OUT/before_latency$r.json"
             done ;;
         before_latency)  # bench latency of both models with the tree in $BEFORE (the table's latency parts are the after)
-            lat="--backends vlmserve --num-iters 5 --num-iters-warmup 1"
+            lat="--backends vlmserve $LAT_ARGS"
             for tag in llava qwen; do
                 if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
                 step "before_${tag}_latency" "${T_LAT:-110}" env -C "$BEFORE" PYTHONPATH="$BEFORE" $BENCH latency \

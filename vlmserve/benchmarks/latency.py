@@ -1,7 +1,7 @@
 """Latency of one batch (default: a single request): time to first token (generate with one output
-token) and the whole generation (--output-len tokens, EOS ignored), median over --num-iters runs
-after warm-ups, each run on new prompts and new images (so neither the prefix cache nor the encoder
-cache serves them). Decode speed is (output_len - 1) / (latency - TTFT) tokens per second per
+token) and the whole generation (--output-len tokens, EOS ignored), medians over --num-iters-ttft and
+--num-iters runs after warm-ups, each run on new prompts and new images (so neither the prefix cache
+nor the encoder cache serves them); the TTFT's 10th and 90th percentiles too. Decode speed is (output_len - 1) / (latency - TTFT) tokens per second per
 sequence. Takes the model and workload options of `vlmserve bench throughput` (--num-prompts and
 the HF batch sizes are not used); --backends vlmserve,hf runs HF `generate` on the same inputs."""
 from __future__ import annotations
@@ -23,8 +23,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     tp.add_cli_args(p)
     g = p.add_argument_group("latency")
     g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--num-iters", type=int, default=5)
-    g.add_argument("--num-iters-warmup", type=int, default=2)
+    g.add_argument("--num-iters", type=int, default=5, help="timed runs of the whole generation")
+    g.add_argument("--num-iters-ttft", type=int, default=None,
+                   help="timed TTFT runs (default: --num-iters); each is one short request, so more are cheap")
+    g.add_argument("--num-iters-warmup", type=int, default=2, help="untimed runs before each kind")
 
 
 def _timed(fn, runs: int, warm: int) -> list[float]:
@@ -39,9 +41,23 @@ def _timed(fn, runs: int, warm: int) -> list[float]:
 
 def _summary(name: str, ttft: list[float], full: list[float], output_len: int, **extra) -> dict:
     t, f = statistics.median(ttft), statistics.median(full)
-    return {"backend": name, "ttft_ms": 1e3 * t, "latency_s": f, "ttft_all_ms": [1e3 * x for x in ttft],
+    p10, p90 = _percentiles(ttft, (10, 90))
+    return {"backend": name, "ttft_ms": 1e3 * t, "ttft_p10_ms": 1e3 * p10, "ttft_p90_ms": 1e3 * p90,
+            "latency_s": f, "ttft_all_ms": [1e3 * x for x in ttft],
             "latency_all_s": full,
             "decode_tok_per_s": (output_len - 1) / (f - t) if output_len > 1 and f > t else None, **extra}
+
+
+def _percentiles(xs: list[float], ps: tuple[int, ...]) -> list[float]:
+    """Linear-interpolated percentiles (statistics.quantiles' 'inclusive' method); one value: itself."""
+    if len(xs) == 1:
+        return [xs[0]] * len(ps)
+    cuts = statistics.quantiles(xs, n=100, method="inclusive")
+    return [cuts[p - 1] for p in ps]
+
+
+def _ttft_runs(args) -> int:
+    return args.num_iters if args.num_iters_ttft is None else args.num_iters_ttft
 
 
 def run_vlmserve(args, model_dir, batches) -> dict:
@@ -58,12 +74,12 @@ def run_vlmserve(args, model_dir, batches) -> dict:
 
     def gen(n):
         def run(i):
-            outs = llm.generate(inputs[i + (0 if n == 1 else len(inputs) // 2)],
+            outs = llm.generate(inputs[i + (0 if n == 1 else _ttft_runs(args) + args.num_iters_warmup)],
                                 SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
             assert all(len(o.outputs[0].token_ids) == n for o in outs)
         return run
 
-    ttft = _timed(gen(1), args.num_iters, args.num_iters_warmup)
+    ttft = _timed(gen(1), _ttft_runs(args), args.num_iters_warmup)
     full = _timed(gen(args.output_len), args.num_iters, args.num_iters_warmup)
     pre = None
     if isinstance(batches[0][0], dict):  # the CPU image preprocessing inside each TTFT
@@ -109,7 +125,7 @@ def run_hf(args, model_dir, batches) -> dict:
     @torch.inference_mode()
     def gen(n):
         def run(i):
-            batch = batches[i + (0 if n == 1 else len(batches) // 2)]
+            batch = batches[i + (0 if n == 1 else _ttft_runs(args) + args.num_iters_warmup)]
             if processor is not None:
                 enc = processor(text=[p["prompt"] for p in batch], images=[p["image"] for p in batch],
                                 return_tensors="pt", padding=True).to(device)
@@ -122,7 +138,7 @@ def run_hf(args, model_dir, batches) -> dict:
                 torch.cuda.synchronize()
         return run
 
-    ttft = _timed(gen(1), args.num_iters, args.num_iters_warmup)
+    ttft = _timed(gen(1), _ttft_runs(args), args.num_iters_warmup)
     full = _timed(gen(args.output_len), args.num_iters, args.num_iters_warmup)
     res = _summary("hf", ttft, full, args.output_len, notes="generate, SDPA")
     del model
@@ -146,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
         model_dir = args.random_model_dir or (tmp_dir := tempfile.mkdtemp(prefix="vlmserve-bench-model-"))
         tp.make_random_model(args, model_dir)
     try:
-        n_batches = 2 * (args.num_iters + args.num_iters_warmup)  # TTFT runs, then full runs: all new
+        n_batches = _ttft_runs(args) + args.num_iters + 2 * args.num_iters_warmup  # TTFT runs, then full runs: all new
         n = n_batches * args.batch_size
         if tp.is_llava(model_dir):
             prompts = tp.make_mm_prompts(model_dir, n, args.input_len, args.seed, args.source_image_size)
@@ -169,13 +185,14 @@ def main(args: argparse.Namespace) -> int:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{command}\n{started:%Y-%m-%d %H:%M %Z}; {dev}; torch {torch.__version__}")
-    print("| backend | TTFT ms | latency s | decode tok/s per seq | notes |\n|---|---|---|---|---|")
+    print("| backend | TTFT ms (p10-p90) | latency s | decode tok/s per seq | notes |\n|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['backend']} | - | - | - | ERROR {r['error'][:60]} |")
         else:
             dec = f"{r['decode_tok_per_s']:.1f}" if r["decode_tok_per_s"] else "-"
-            print(f"| {r['backend']} | {r['ttft_ms']:.1f} | {r['latency_s']:.3f} | {dec} | {r['notes']} |")
+            ttft = f"{r['ttft_ms']:.1f} ({r['ttft_p10_ms']:.1f}-{r['ttft_p90_ms']:.1f})"
+            print(f"| {r['backend']} | {ttft} | {r['latency_s']:.3f} | {dec} | {r['notes']} |")
     if args.output_json:
         settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "benchmark")}
         with open(args.output_json, "w") as f:
