@@ -5,7 +5,8 @@ where launching made the host wait for the device (torch's sync debug mode) coun
 --step-gaps: CUDA events around each launch, on the step's stream, give where the device waited for the
 host in the run itself: the gap between one step's last queued work and the next step's first, and
 the time from the run's start to its first step (an event completes only once the work queued
-before it has, so a gap is time the stream had nothing to run).
+before it has, so a gap is time the stream had nothing to run); and the launches in which the caching
+allocator went to the driver (cudaMalloc, cudaFree, retries: a cudaFree waits for the device).
 
 If the device never idles, the run's time is the waits plus the host work that overlaps them; a
 launch that syncs turns that step's host work into device idle time. --profile-decode N profiles N
@@ -94,6 +95,7 @@ def main() -> int:
                 out = launch(sched, *a, **k)
             if args.step_gaps:
                 events[-1][2].record()
+                alloc_events(len(events) - 1, kind)
             t[f"launch {kind} s"] += time.perf_counter() - t0
             if len(sites) > n0:
                 kinds[f"{kind} launches that synced"] += 1
@@ -107,6 +109,18 @@ def main() -> int:
             return collect(step)
 
         runner.launch, runner.collect = timed_launch, timed_collect
+        # the caching allocator's trips to the driver: a cudaFree (after a failed cudaMalloc, a retry) waits for
+        # the whole device, so a launch that frees turns the queued work into host wait and then device idle
+        counted = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+        alloc_by_step: list[dict] = []
+        last_stats = [{k: torch.cuda.memory_stats().get(k, 0) for k in counted}]
+
+        def alloc_events(step: int, kind: str) -> None:
+            now = {k: torch.cuda.memory_stats().get(k, 0) for k in counted}
+            moved = {k: now[k] - last_stats[0][k] for k in counted if now[k] != last_stats[0][k]}
+            if moved:
+                alloc_by_step.append({"step": step, "kind": kind, **moved})
+            last_stats[0] = now
         events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         run_start = torch.cuda.Event(enable_timing=True)
         pauses: dict[int, list[float]] = collections.defaultdict(list)  # the garbage collector's, by generation
@@ -135,6 +149,8 @@ def main() -> int:
            "gc_frozen_objects": gc.get_freeze_count()}
     if events:
         res["step_gaps"] = step_gaps(run_start, events)
+        res["allocator_by_launch"] = alloc_by_step[:40]
+        res["allocator_totals"] = {k: sum(a.get(k, 0) for a in alloc_by_step) for k in counted}
     if "wall_ms" in prof_box:  # N decode steps, launch to launch
         busy, top = kernel_table(prof_box["prof"], args.profile_decode, top=16)
         res.update(decode_profile_batch=prof_box["batch"], decode_profile_wall_ms_per_step=prof_box["wall_ms"],
