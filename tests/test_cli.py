@@ -19,8 +19,7 @@ def test_serve_without_the_server_packages_says_why(monkeypatch):
 
 def test_bench_latency_runs_both_backends_with_separate_ttft_runs(tmp_path):
     """`vlmserve bench latency` on a tiny random LLaVA on the CPU: --num-iters-ttft TTFT runs and
-    --num-iters whole generations per backend, each on its own prompt and image, their medians and
-    the TTFT's spread in the JSON."""
+    --num-iters whole generations per backend, their medians and the TTFT's spread in the JSON."""
     out = tmp_path / "lat.json"
     rc = cli.main(["bench", "latency", "--random-model", "--random-model-arch", "llava", "--num-layers", "2",
                    "--hidden-size", "64", "--head-dim", "16", "--num-heads", "4", "--num-kv-heads", "4",
