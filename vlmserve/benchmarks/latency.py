@@ -2,8 +2,9 @@
 token) and the whole generation (--output-len tokens, EOS ignored), medians over --num-iters-ttft and
 --num-iters runs after warm-ups, each run on new prompts and new images (so neither the prefix cache
 nor the encoder cache serves them); the TTFT's 10th and 90th percentiles too. Decode speed is
-(output_len - 1) / (latency - TTFT) tokens per second per sequence. Takes the model and workload options of `vlmserve bench throughput` (--num-prompts and
-the HF batch sizes are not used); --backends vlmserve,hf runs HF `generate` on the same inputs."""
+(output_len - 1) / (latency - TTFT) tokens per second per sequence. Takes the model and workload
+options of `vlmserve bench throughput` (--num-prompts and the HF batch sizes are not used);
+--backends vlmserve,hf runs HF `generate` on the same inputs."""
 from __future__ import annotations
 
 import argparse
