@@ -11,7 +11,9 @@ allocator went to the driver (cudaMalloc, cudaFree, retries: a cudaFree waits fo
 If the device never idles, the run's time is the waits plus the host work that overlaps them; a
 launch that syncs turns that step's host work into device idle time. --profile-decode N profiles N
 decode steps from the --profile-after'th on (the full batch, async as in the run): the GPU's busy
-time per step, where it idles between kernels and what the host is doing then.
+time per step, where it idles between kernels and what the host is doing then. --profile-launches A:N profiles
+launches A..A+N-1 of any kind (prefill steps included) and lists, for the largest idle gaps of the GPU, the host's
+aten ops and CUDA runtime calls around them.
 
     python scripts/gpu_async_trace.py --model-shape llava-1.5-7b --image-size 336x336 --num-prompts 300"""
 from __future__ import annotations
@@ -26,7 +28,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from gpu_profile import gpu_timeline, kernel_table  # noqa: E402  (scripts/ is on the path as a script)
+from gpu_profile import (gap_host_events, gpu_timeline, kernel_table,  # noqa: E402  (scripts/: the path)
+                         launch_leads)
 from gpu_step_trace import make_workload, workload_args  # noqa: E402
 from vlmserve.testing.sync_watch import sync_sites
 
@@ -54,6 +57,7 @@ def main() -> int:
     p.add_argument("--watch-syncs", type=int, default=1, help="0: time only (the watch costs host time)")
     p.add_argument("--profile-decode", type=int, default=0, help="decode steps to profile (0: none)")
     p.add_argument("--profile-after", type=int, default=40, help="decode steps before the profiled ones")
+    p.add_argument("--profile-launches", default="", help="A:N: profile launches A..A+N-1 (any kind)")
     p.add_argument("--step-gaps", type=int, default=0, help="1: events around each launch (device idle)")
     p.add_argument("--out", default="async_trace.json")
     args = p.parse_args()
@@ -79,9 +83,23 @@ def main() -> int:
                 prof_box["wall_ms"] = (time.perf_counter() - prof_box["t0"]) * 1e3 / args.profile_decode
                 prof_box["prof"].__exit__(None, None, None)
 
+        first, count = (int(x) for x in args.profile_launches.split(":")) if args.profile_launches else (-1, 0)
+        launch_kinds: list[str] = []
+
+        def profile_launches() -> None:  # starts the profiler before launch `first`, stops it before first + count
+            n = len(launch_kinds)
+            if n == first:
+                prof_box["launches"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                prof_box["launches"].__enter__()
+            elif n == first + count and "launches" in prof_box:
+                prof_box["launches"].__exit__(None, None, None)
+                prof_box["launch_kinds"] = launch_kinds[first:]
+
         def timed_launch(sched, *a, **k):
             kind = "decode" if all(s.num_new_tokens == 1 for s in sched.scheduled) else "prefill/mixed"
             profile_decodes(kind, sched)
+            profile_launches()
+            launch_kinds.append(kind)
             kinds[kind] += 1
             t0 = time.perf_counter()
             n0 = len(sites)
@@ -157,6 +175,11 @@ def main() -> int:
         res.update(decode_profile_batch=prof_box["batch"], decode_profile_wall_ms_per_step=prof_box["wall_ms"],
                    decode_profile_gpu_busy_ms_per_step=busy, decode_profile_top_kernels=top,
                    decode_profile_timeline=gpu_timeline(prof_box["prof"], top=12))
+    if "launch_kinds" in prof_box:
+        res.update(profiled_launches=prof_box["launch_kinds"],
+                   profiled_timeline=gpu_timeline(prof_box["launches"], top=8),
+                   profiled_gap_hosts=gap_host_events(prof_box["launches"]),
+                   profiled_launch_leads=launch_leads(prof_box["launches"]))
     print(json.dumps(res, indent=1))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -17,9 +17,7 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
 from vlmserve import LLM, SamplingParams
@@ -90,6 +88,90 @@ def gpu_timeline(prof, top: int = 8) -> dict:
                           "before": b.name[:60], "host_ops": spanning(t, t + g)}
                          for g, t, a, b in gaps[:top]],
     }
+
+
+def gap_host_events(prof, top: int = 6, min_gap_ms: float = 1.0, window_ms: float = 3.0) -> list[dict]:
+    """For the largest idle gaps between kernels (at least min_gap_ms): the host events (aten ops and CUDA runtime
+    calls) that overlap the gap (20 us or longer, or a copy, sync or allocation), and the last ten that ended in
+    the window_ms before it, in time order, their starts relative to the gap's; a runtime call through the gap (a
+    copy, a sync) is where the host was held, none at all: Python work."""
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = sorted((e for e in prof.events() if e.device_type == cuda), key=lambda e: e.time_range.start)
+    host = sorted((e for e in prof.events() if e.device_type != cuda), key=lambda e: e.time_range.start)
+    if not kernels:
+        return []
+    gaps, end, prev = [], kernels[0].time_range.end, kernels[0]
+    for e in kernels[1:]:
+        if e.time_range.start - end >= min_gap_ms * 1e3:
+            gaps.append((e.time_range.start - end, end, prev, e))
+        if e.time_range.end > end:
+            end, prev = e.time_range.end, e
+    held = ("cudaStream", "cudaEvent", "cudaMemcpy", "cudaDevice", "cudaHost", "cudaMalloc", "cudaFree")
+
+    def rows(evs, t0):
+        return [{"name": h.name[:48], "start_ms": round((h.time_range.start - t0) / 1e3, 3),
+                 "ms": round((h.time_range.end - h.time_range.start) / 1e3, 3)} for h in evs]
+
+    out = []
+    for g, t0, before, after in sorted(gaps, key=lambda x: -x[0])[:top]:
+        t1 = t0 + g
+        inside = [h for h in host if h.time_range.end >= t0 and h.time_range.start <= t1
+                  and (h.time_range.end - h.time_range.start >= 20 or h.name.startswith(held))]
+        lead = [h for h in host if t0 - window_ms * 1e3 <= h.time_range.end < t0]
+        out.append({"gap_ms": g / 1e3, "kernel_before": before.name[:50], "kernel_after": after.name[:50],
+                    "host_in_gap": rows(inside[:30], t0), "host_before_gap": rows(lead[-10:], t0)})
+    return out
+
+
+def launch_leads(prof) -> dict:
+    """How far ahead of the GPU the host queues work: for each kernel and copy, the time from its launch call's
+    start on the host to its start on the GPU (percentiles, ms), and the host's time in each CUDA runtime or driver
+    call (count, total, longest): a launch that blocks (a full queue) shows as a long call. From the profiler's
+    trace, whose events pair a call with its kernel by correlation id."""
+    import json
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    finally:
+        os.unlink(path)
+    calls, device = {}, []
+    by_api: dict = {}
+    for e in events:
+        cat, corr = e.get("cat", ""), (e.get("args") or {}).get("correlation")
+        if cat in ("cuda_runtime", "cuda_driver"):
+            if corr is not None:
+                calls[corr] = e
+            a = by_api.setdefault(e["name"], [0, 0.0, 0.0])
+            a[0] += 1
+            a[1] += e.get("dur", 0) / 1e3
+            a[2] = max(a[2], e.get("dur", 0) / 1e3)
+        elif cat in ("kernel", "gpu_memcpy", "gpu_memset") and corr is not None:
+            device.append(e)
+    leads = sorted((e["ts"] - calls[e["args"]["correlation"]]["ts"]) / 1e3 for e in device
+                   if e["args"]["correlation"] in calls)
+    if not leads:
+        return {}
+
+    def pct(q):
+        return round(leads[min(len(leads) - 1, int(q * len(leads)))], 3)
+
+    ops = sorted((e for e in events if e.get("cat") == "cpu_op"), key=lambda e: -e.get("dur", 0))[:15]
+    lazy = [e for e in events if "Lazy" in e.get("name", "")]
+    device.sort(key=lambda e: e["ts"])
+    tail = [e for e in device[-12:] if e["args"]["correlation"] in calls]
+    return {"n": len(leads), "lead_ms_p10_p50_p90_max": [pct(0.1), pct(0.5), pct(0.9), round(leads[-1], 3)],
+            "last_kernels_lead_ms": [(e["name"][:40], round((e["ts"] - calls[e["args"]["correlation"]]["ts"]) / 1e3,
+                                                            3)) for e in tail],
+            "longest_cpu_ops": [(e["name"][:40], round(e.get("dur", 0) / 1e3, 3)) for e in ops],
+            "lazy_loading": [len(lazy), round(sum(e.get("dur", 0) for e in lazy) / 1e3, 3)],
+            "host_calls": sorted(([k, v[0], round(v[1], 3), round(v[2], 3)] for k, v in by_api.items()),
+                                 key=lambda r: -r[2])[:12]}
 
 
 def encoder_graph_check(model, graphs, pixels: torch.Tensor) -> dict:

@@ -294,18 +294,27 @@ def decode_tiles(cache: torch.Tensor, num_seqs: int) -> tuple[int, int]:
     return default_decode_tiles(cache)
 
 
+def decode_stages(group: int, block_n: int) -> int:
+    """Pipeline stages of the decode kernel's loads: 2 for 128-token tiles where each KV head serves one query
+    head (MHA: LLaVA-1.5's Llama-2), else Triton's 3. H200, in CUDA graphs, LLaVA's shapes (BENCHMARKS.md):
+    244 sequences of 608-736 tokens 603-618 us against 610-626 with 3 stages, in three calls; 64 sequences 172-173
+    against 177-178. With a GQA group (Qwen2-VL's 7 query heads a KV head), 2 stages were 10% slower."""
+    return 2 if group == 1 and block_n == 128 else 3
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float,
                            sliding_window: int | None = None, num_splits: int = 1,
                            out: torch.Tensor | None = None, block_n: int | None = None,
-                           num_warps: int | None = None) -> torch.Tensor:
+                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """q: [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, >= blocks of the
     longest sequence]; seq_lens [B] (the query is the token at seq_len - 1; 0: a padded row, output
-    zeros). Returns [B, Hq, D]."""
+    zeros). Returns [B, Hq, D]. Tiles and stages: default_decode_tiles and decode_stages where not given."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     group = Hq // Hkv
     tiles = default_decode_tiles(k_cache)
     block_n, num_warps = block_n or tiles[0], num_warps or tiles[1]
+    num_stages = num_stages or decode_stages(group, block_n)
     block_d = _next_pow2(D)
     if out is None:
         out = torch.empty_like(q)
@@ -324,7 +333,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=D, BLOCK_D=block_d,
-        BLOCK_N=block_n, PREC=_dot_precision(k_cache), PDL=on, num_warps=num_warps, **pdl.launch_options(on))
+        BLOCK_N=block_n, PREC=_dot_precision(k_cache), PDL=on, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch_options(on))
     if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1), Hq,
                                       NUM_SPLITS=num_splits, D=D, BLOCK_D=block_d, PDL=on, **pdl.launch_options(on))

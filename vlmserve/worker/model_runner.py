@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from vlmserve.config import CacheConfig, ModelConfig, SchedulerConfig, text_config
-from vlmserve.device_utils import to_device
+from vlmserve.device_utils import pinned, to_device
 from vlmserve.engine.scheduler import SchedulerOutput, ScheduledSeq
 from vlmserve.engine.sequence import Sequence
 from vlmserve.layers.attention import Attention, AttentionMetadata
@@ -182,6 +182,22 @@ class ModelRunner:
             # a lone fresh prompt's graph: captured at first use, it cost the H200 ~0.4 s at the
             # start of a throughput run (cuDNN's plan, the eager pass, the capture)
             self._get_prefill_graphs().warm_up()
+        self._warm_up_logits()
+
+    def _warm_up_logits(self) -> None:
+        """Run the LM head and greedy sampling at every row count a step can sample (1..max_num_seqs). The first
+        GEMM whose shape takes a cuBLAS kernel the process has not run yet waits for all the work queued on the
+        device (H200, torch 2.11; with CUDA_MODULE_LOADING=EAGER too). Prefill steps sample a new count of rows
+        now and then: their LM head held the host until the GPU had run the whole step (~550 ms for Qwen2-VL's),
+        and the GPU then idled while the host built the next step (BENCHMARKS.md)."""
+        if self.device.type != "cuda":
+            return
+        hidden = text_config(self.model_config.hf_config).hidden_size
+        x = torch.zeros((self.scheduler_config.max_num_seqs, hidden), dtype=self.model_config.dtype,
+                        device=self.device)
+        for m in range(1, x.shape[0] + 1):
+            self.model.compute_logits(x[:m]).float().argmax(dim=-1)
+        torch.cuda.synchronize(self.device)
 
     # ---- one step ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -265,7 +281,7 @@ class ModelRunner:
         pieces.append(np.array(tables_pending, dtype=np.int64))
         host = torch.from_numpy(np.concatenate(pieces))
         if on_gpu:
-            host = host.pin_memory()
+            host = pinned(host)
         num_vectors = 3 + (not multirow)
         tables_at = num_vectors * T + B - T
         pending_from = tables_at + B * max_blocks
@@ -284,7 +300,7 @@ class ModelRunner:
             pos_host = multirow_positions(items, positions, qsl, self.position_rows)
             self._reserve_positions(int(pos_host.max()))  # read here, on the host, not on the GPU
             if on_gpu:
-                pos_host = pos_host.pin_memory()
+                pos_host = pinned(pos_host)
         hidden = None
         if self.use_cuda_graphs and num_decodes == B and \
                 all(it.seq.num_computed_tokens >= it.seq.num_prompt_tokens for it in items):
