@@ -135,7 +135,7 @@ for part in $PARTS; do
             step gpu_tests "${T_TESTS:-300}" python -m pytest -q -p no:cacheprovider tests/test_fresh_prefill.py \
                 tests/test_device_pixels.py tests/test_prefill_graphs.py tests/test_encoder_graphs.py \
                 tests/test_async_scheduling.py tests/test_encoder_prefetch.py tests/test_kernel_warmup.py \
-                tests/test_triton_gemv.py tests/test_pdl.py tests/test_engine_heap.py ;;
+                tests/test_triton_gemv.py tests/test_pdl.py tests/test_engine_heap.py tests/test_device_utils.py ;;
         vision_sweep)  # the Triton vision attention's variants and tiles, each in its own process
             step vision_sweep "${T_VSWEEP:-400}" python scripts/gpu_vision_attention_sweep.py \
                 --out "$OUT/vision_sweep.json" ${VSWEEP_CONFIGS:+--configs "$VSWEEP_CONFIGS"} ;;
