@@ -336,7 +336,7 @@ def test_chat_puts_the_vision_tokens(llms):
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
                                              {"type": "text", "text": "what is it"}]}]
     out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
-    ids = llm.get_tokenizer()(f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + chat(f"{IMAGE}what is it"),
+    ids = llm.get_tokenizer()("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + chat(f"{IMAGE}what is it"),
                               add_special_tokens=False).input_ids
     gen = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": img}}, GREEDY, use_tqdm=False)[0]
     assert out.prompt_token_ids == gen.prompt_token_ids

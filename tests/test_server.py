@@ -3,7 +3,6 @@ the built-in demo model."""
 import asyncio
 import functools
 import http.server
-import json
 import os
 import socket
 import subprocess
