@@ -298,7 +298,7 @@ class ModelRunner:
         pos_host = None
         if multirow:  # M-RoPE: [rows, T], from the sequences' own prompt positions
             pos_host = multirow_positions(items, positions, qsl, self.position_rows)
-            self._reserve_positions(int(pos_host.max()))  # read here, on the host, not on the GPU
+            self._reserve_positions(int(pos_host.numpy().max()))  # on the host, not the GPU; numpy: one thread
             if on_gpu:
                 pos_host = pinned(pos_host)
         hidden = None

@@ -15,7 +15,9 @@ def multirow_positions(items, positions, query_start_loc: list[int], rows: int) 
     with `mrope_positions` takes them for its prompt tokens (prefill chunks, prefix-cache hits and
     recomputes after preemption slice the same stored table) and plain position + delta in every
     row for the tokens after the prompt."""
-    out = torch.from_numpy(np.array(positions, dtype=np.int64)).expand(rows, -1).clone()
+    # numpy, one thread: torch's copies and reductions of a 16k-token step's [3, T] go through its intra-op
+    # pool, whose wake-ups took ms on a 16-core GPU host (BENCHMARKS.md)
+    out = np.repeat(np.asarray(positions, dtype=np.int64)[None, :], rows, axis=0)
     for i, it in enumerate(items):
         seq = it.seq
         table = seq.mrope_positions
@@ -25,8 +27,8 @@ def multirow_positions(items, positions, query_start_loc: list[int], rows: int) 
         prompt_len = table.shape[1]
         end = min(c + n, prompt_len)
         if c < end:
-            out[:, start:start + end - c] = table[:, c:end]
+            out[:, start:start + end - c] = np.asarray(table[:, c:end])
         if c + n > prompt_len and seq.mrope_position_delta:
             first = max(c, prompt_len)
             out[:, start + first - c:start + n] += seq.mrope_position_delta
-    return out
+    return torch.from_numpy(out)
