@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import statistics
 import tempfile
@@ -57,15 +58,13 @@ def kernel_table(prof, steps: int, top: int = 12) -> tuple[float, list[dict]]:
     return sum(r["ms_per_step"] for r in rows), rows[:top]
 
 
-def gpu_timeline(prof, top: int = 8) -> dict:
-    """Where the GPU sits idle in one profiled request: from the first host event to the first
-    kernel, the largest gaps between kernels (with the kernels around them and the host ops that
-    span them), and from the last kernel to the last host event."""
+def _kernel_gaps(prof) -> tuple[list, list, float]:
+    """The profile's GPU events in start order, the idle gaps between them, largest first, as (length,
+    start, the event before, the event after) in us, and the end of the last event."""
     cuda = torch.autograd.DeviceType.CUDA
     kernels = sorted((e for e in prof.events() if e.device_type == cuda), key=lambda e: e.time_range.start)
-    host = [e for e in prof.events() if e.device_type != cuda]
-    if not kernels or not host:
-        return {}
+    if not kernels:
+        return [], [], 0.0
     gaps, end, prev = [], kernels[0].time_range.end, kernels[0]
     for e in kernels[1:]:
         if e.time_range.start > end:
@@ -73,6 +72,17 @@ def gpu_timeline(prof, top: int = 8) -> dict:
         if e.time_range.end > end:
             end, prev = e.time_range.end, e
     gaps.sort(key=lambda g: -g[0])
+    return kernels, gaps, end
+
+
+def gpu_timeline(prof, top: int = 8) -> dict:
+    """Where the GPU sits idle in one profiled request: from the first host event to the first
+    kernel, the largest gaps between kernels (with the kernels around them and the host ops that
+    span them), and from the last kernel to the last host event."""
+    kernels, gaps, end = _kernel_gaps(prof)
+    host = [e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CUDA]
+    if not kernels or not host:
+        return {}
 
     def spanning(t0, t1):  # the innermost host ops running through the whole gap
         ops = [h for h in host if h.time_range.start <= t0 and h.time_range.end >= t1]
@@ -95,17 +105,9 @@ def gap_host_events(prof, top: int = 6, min_gap_ms: float = 1.0, window_ms: floa
     calls) that overlap the gap (20 us or longer, or a copy, sync or allocation), and the last ten that ended in
     the window_ms before it, in time order, their starts relative to the gap's; a runtime call through the gap (a
     copy, a sync) is where the host was held, none at all: Python work."""
-    cuda = torch.autograd.DeviceType.CUDA
-    kernels = sorted((e for e in prof.events() if e.device_type == cuda), key=lambda e: e.time_range.start)
-    host = sorted((e for e in prof.events() if e.device_type != cuda), key=lambda e: e.time_range.start)
-    if not kernels:
-        return []
-    gaps, end, prev = [], kernels[0].time_range.end, kernels[0]
-    for e in kernels[1:]:
-        if e.time_range.start - end >= min_gap_ms * 1e3:
-            gaps.append((e.time_range.start - end, end, prev, e))
-        if e.time_range.end > end:
-            end, prev = e.time_range.end, e
+    gaps = [g for g in _kernel_gaps(prof)[1] if g[0] >= min_gap_ms * 1e3]
+    host = sorted((e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CUDA),
+                  key=lambda e: e.time_range.start)
     held = ("cudaStream", "cudaEvent", "cudaMemcpy", "cudaDevice", "cudaHost", "cudaMalloc", "cudaFree")
 
     def rows(evs, t0):
@@ -113,7 +115,7 @@ def gap_host_events(prof, top: int = 6, min_gap_ms: float = 1.0, window_ms: floa
                  "ms": round((h.time_range.end - h.time_range.start) / 1e3, 3)} for h in evs]
 
     out = []
-    for g, t0, before, after in sorted(gaps, key=lambda x: -x[0])[:top]:
+    for g, t0, before, after in gaps[:top]:
         t1 = t0 + g
         inside = [h for h in host if h.time_range.end >= t0 and h.time_range.start <= t1
                   and (h.time_range.end - h.time_range.start >= 20 or h.name.startswith(held))]
@@ -128,10 +130,6 @@ def launch_leads(prof) -> dict:
     start on the host to its start on the GPU (percentiles, ms), and the host's time in each CUDA runtime or driver
     call (count, total, longest): a launch that blocks (a full queue) shows as a long call. From the profiler's
     trace, whose events pair a call with its kernel by correlation id."""
-    import json
-    import os
-    import tempfile
-
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:

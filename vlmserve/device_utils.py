@@ -9,15 +9,19 @@ import numpy as np
 import torch
 
 
+def copy_by_one_thread(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src) for host tensors of one shape and dtype, as one thread's memcpy. torch's copy_ goes
+    through its intra-op thread pool from 32k elements on, and waking the pool cost a 16-core GPU host
+    milliseconds (BENCHMARKS.md: 0.5-3.7 ms for a prefill step's ~0.5 MB of inputs, 5-10 ms an image)."""
+    if src.dtype == torch.bfloat16:  # numpy has no bfloat16
+        return dst.copy_(src)
+    np.copyto(dst.numpy(), src.numpy())
+    return dst
+
+
 def pinned(t: torch.Tensor) -> torch.Tensor:
-    """A pinned copy of the host tensor t, copied by one thread. Tensor.pin_memory() copies through torch's
-    intra-op thread pool from 32k elements on: in profiled prefill steps on the H200's 16-core host its copy of
-    the step's inputs (~0.5 MB) took 0.5-3.7 ms (BENCHMARKS.md), a memcpy of that size well under 0.1 ms."""
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    if t.dtype == torch.bfloat16 or not t.is_contiguous():  # no numpy view of these
-        return out.copy_(t)
-    np.copyto(out.numpy(), t.numpy())
-    return out
+    """A pinned copy of the host tensor t, in place of Tensor.pin_memory(), whose copy takes the thread pool."""
+    return copy_by_one_thread(torch.empty(t.shape, dtype=t.dtype, pin_memory=True), t)
 
 
 def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -19,8 +19,9 @@ import threading
 import weakref
 from collections.abc import Callable
 
-import numpy as np
 import torch
+
+from vlmserve.device_utils import copy_by_one_thread
 
 
 def device_preprocess_enabled(device: torch.device | str | None) -> bool:
@@ -84,9 +85,7 @@ class DevicePixels:
             weakref.finalize(copy, PINNED_BUDGET.give_back, nbytes)
         else:
             copy = torch.empty(image.shape, dtype=image.dtype)
-        # one thread's memcpy: torch's copy_ wakes its intra-op thread pool for a buffer this
-        # size, which took 5-10 ms per image on a 16-core GPU host (a media worker thread each)
-        np.copyto(copy.numpy(), image.numpy())
+        copy_by_one_thread(copy, image)  # a media worker thread each
         return cls(copy, finish)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> torch.Tensor:
