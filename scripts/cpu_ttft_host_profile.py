@@ -6,13 +6,15 @@ Every request has a fresh random image (no prefix- or encoder-cache hit).
 
 By default the processors hand over the uint8 image for the encoder's device to finish
 (`DevicePixels`, as on a GPU engine; here the "device" is the CPU, so resizing and normalizing
-run inside the forward and are not counted); --host-preprocess keeps the CPU engine's own path
+run inside the encoder and are not counted); --host-preprocess keeps the CPU engine's own path
 (resize and normalize on the host, counted in processing).
 
-The stages (median ms per request) are timed by wrapping the engine's functions; "before forward"
-runs from the generate call to the first item reaching the encoder (items_to_device), and "other"
-is what the named stages leave of it. --cprofile N prints a cProfile of N requests' host work
-(generate call to the encoder), sorted by own time.
+The stages (median ms per request) are timed by wrapping the engine's functions, from the generate
+call to the launch of the language model's step; "other" is what the named stages leave of the
+host's part of it. The encoders run inside it (a lone prompt's as soon as its media are processed,
+before the prompt is tokenized): on the CPU they run there and then, on a GPU they are queued, and
+the host work after they start ("host while encoding") runs while the device encodes. --cprofile N
+prints a cProfile of N requests' host work (generate call to the step), sorted by own time.
 
     python scripts/cpu_ttft_host_profile.py [--models llava,qwen2_vl] [--iters 30] [--cprofile 20]"""
 from __future__ import annotations
@@ -32,19 +34,17 @@ from PIL import Image
 
 STAGES = [  # (label, owner, attribute): wrapped, timed per call
     ("tokenize", "llm", "_prompt_token_ids"),
-    ("mm processing (all)", "engine", "process_multimodal"),
+    ("process media", "engine", "process_media"),
     ("  read pixels (tobytes)", "image_utils", "pil_bytes"),
     ("  process_raw", "proc", "process_raw"),
     ("  staging copy", "device_pixels", "staged"),
     ("  hash_item", "processing", "hash_item"),
-    ("  expand placeholders", "proc", "_expand"),
+    ("place (expand placeholders)", "engine", "place_media"),
     ("validate_prompt", "engine", "validate_prompt"),
     ("add_request", "engine", "add_request"),
     ("  prompt_positions", "proc", "prompt_positions"),
     ("schedule", "scheduler", "schedule"),
     ("  block hashes", "block_manager", "_update_hashes"),
-    ("launch until forward", "runner", "launch"),
-    ("  multirow positions", "model_runner", "multirow_positions"),
 ]
 
 
@@ -64,43 +64,62 @@ def make_models(root: str, which: list[str]) -> dict[str, str]:
 
 
 class Timeline:
-    """Per request: the time of each wrapped stage (summed over its calls) and the start of the
-    forward (the first items_to_device call)."""
+    """Per request: the time of each wrapped stage (summed over its calls) up to the launch of the
+    language model's step (`launch`), and the span of the encoders (`_encode_missing`) before it."""
 
     def __init__(self):
         self.t0 = None
-        self.forward_at = None
+        self.step_at = None
+        self.encoder_spans: list[tuple[float, float]] = []
         self.acc: dict[str, float] = {}
         self.profiler: cProfile.Profile | None = None
 
     def reset(self, profiler=None):
-        self.acc, self.forward_at, self.profiler = {}, None, profiler
+        self.acc, self.step_at, self.encoder_spans, self.profiler = {}, None, [], profiler
         self.t0 = time.perf_counter()
 
     def wrap(self, label, fn):
         @functools.wraps(fn)
         def timed(*a, **kw):
-            if self.forward_at is not None:  # after the forward started: not host work before it
+            if self.step_at is not None:  # after the step's launch: not host work before it
                 return fn(*a, **kw)
             t = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                if self.forward_at is None or label == "launch until forward":
-                    end = self.forward_at if label == "launch until forward" and self.forward_at else \
-                        time.perf_counter()
-                    self.acc[label] = self.acc.get(label, 0.0) + end - t
+                if self.step_at is None:
+                    self.acc[label] = self.acc.get(label, 0.0) + time.perf_counter() - t
         return timed
 
-    def mark_forward(self, fn):
+    def mark_encoder(self, fn):
+        @functools.wraps(fn)
+        def encode(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if self.step_at is None:
+                    self.encoder_spans.append((t, time.perf_counter()))
+        return encode
+
+    def mark_step(self, fn):
         @functools.wraps(fn)
         def first(*a, **kw):
-            if self.forward_at is None:
-                self.forward_at = time.perf_counter()
+            if self.step_at is None:
+                self.step_at = time.perf_counter()
                 if self.profiler is not None:
                     self.profiler.disable()
             return fn(*a, **kw)
         return first
+
+    def host_times(self) -> dict[str, float]:
+        """Host time before the first encoder call, after it up to the step (encoders left out),
+        and in all (the encoders left out)."""
+        enc = sum(b - a for a, b in self.encoder_spans)
+        start = self.encoder_spans[0][0] if self.encoder_spans else self.step_at
+        before = start - self.t0
+        return {"host before the encoders": before, "host while encoding": self.step_at - start - enc,
+                "host before the step": self.step_at - self.t0 - enc, "encoders (CPU)": enc}
 
 
 def instrument(llm, tl: Timeline) -> None:
@@ -108,13 +127,11 @@ def instrument(llm, tl: Timeline) -> None:
     import vlmserve.multimodal.hashing as hashing
     import vlmserve.multimodal.image_utils as image_utils
     import vlmserve.multimodal.processing as processing
-    import vlmserve.worker.model_runner as model_runner
 
     eng = llm.llm_engine
     owners = {"llm": llm, "engine": eng, "proc": eng.mm_processor, "scheduler": eng.scheduler,
-              "block_manager": eng.block_manager, "runner": eng.runner, "image_utils": image_utils,
-              "device_pixels": device_pixels.DevicePixels, "processing": processing,
-              "model_runner": model_runner}
+              "block_manager": eng.block_manager, "image_utils": image_utils,
+              "device_pixels": device_pixels.DevicePixels, "processing": processing}
     for label, owner, attr in STAGES:
         obj = owners[owner]
         fn = getattr(obj, attr)
@@ -124,7 +141,8 @@ def instrument(llm, tl: Timeline) -> None:
             setattr(obj, attr, tl.wrap(label, fn))
     # the hash reads pixels through image_utils.pil_bytes, as do the processors' RGB readers
     hashing.pil_bytes = image_utils.pil_bytes
-    model_runner.items_to_device = tl.mark_forward(model_runner.items_to_device)
+    eng.runner._encode_missing = tl.mark_encoder(eng.runner._encode_missing)
+    eng.runner.launch = tl.mark_step(eng.runner.launch)
 
 
 def prompt_text(model: str, tok, n_tokens: int, rng) -> str:
@@ -170,13 +188,14 @@ def run(model: str, model_dir: str, args) -> dict[str, float]:
             prof.disable()
         if args.warmup <= i < args.warmup + args.iters:
             row = dict(tl.acc)
-            row["before forward"] = tl.forward_at - tl.t0
+            row.update(tl.host_times())
             named = [label for label, _, _ in STAGES if not label.startswith(" ")]
-            row["other"] = row["before forward"] - sum(row.get(k, 0.0) for k in named)
+            row["other"] = row["host before the step"] - sum(row.get(k, 0.0) for k in named)
             row["generate (whole, incl. model)"] = total
             rows.append(row)
     med = {}
-    for label in [s[0] for s in STAGES] + ["other", "before forward", "generate (whole, incl. model)"]:
+    for label in [s[0] for s in STAGES] + ["other", "host before the encoders", "host while encoding",
+                                           "host before the step", "encoders (CPU)", "generate (whole, incl. model)"]:
         vals = [r.get(label, 0.0) for r in rows]
         med[label] = 1e3 * statistics.median(vals)
     print(f"\n== {model}: prompt {len(out[0].prompt_token_ids)} tokens, image {side}x{side}, "

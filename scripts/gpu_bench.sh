@@ -22,7 +22,8 @@
 #   pdl_ab         bench latency of both models, programmatic dependent launch on and off (VLMSERVE_PDL=0)
 #   rotary_ab      bench latency of both models, rotary inside the KV store's kernel on/off
 #   variants       bench latency of VARIANT_MODELS (llava qwen) under each setting of VARIANTS
-#                  ("name:VAR=V,VAR=V;name:-" , - for none), AB_ROUNDS rounds, all rows in variants.jsonl
+#                  ("name:VAR=V,VAR=V;name:-" , - for none; TREE=path runs the tree there, as $BEFORE below),
+#                  AB_ROUNDS rounds, all rows in variants.jsonl (VARIANT_LAT: the bench's iteration options)
 #   gemv_sweep     scripts/gpu_gemv_sweep.py: the GEMV's tiles in decode chains against cuBLAS
 #   gemv_shapes    scripts/gpu_gemv_shapes.py: each decode GEMV shape apart, tiles and fused work
 #   decode_single  gpu_check.py --single: the decode attention at single-stream shapes, splits x tiles
@@ -180,9 +181,13 @@ for part in $PARTS; do
                     if [ "$model" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
                     for setting in "${settings[@]}"; do
                         name=${setting%%:*}; vars=${setting#*:}; [ "$vars" = - ] && vars=
-                        step "${model}_latency_${name}_r$r" "${T_LAT:-110}" env ${vars//,/ } $BENCH latency --random-model \
+                        tree=$PWD
+                        for v in ${vars//,/ }; do [ "${v%%=*}" = TREE ] && tree=$(realpath "${v#*=}"); done
+                        step "${model}_latency_${name}_r$r" "${T_LAT:-110}" env -C "$tree" PYTHONPATH="$tree" ${vars//,/ } \
+                            $BENCH latency --random-model \
                             --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image \
-                            --backends vlmserve --num-iters "${LAT_ITERS:-5}" --num-iters-warmup 1 --output-json "$OUT/one.json"
+                            --backends vlmserve ${VARIANT_LAT:---num-iters ${LAT_ITERS:-5} --num-iters-warmup 1} \
+                            --output-json "$OUT/one.json"
                         python -c "import json, sys; d = json.load(open(sys.argv[1])); print(json.dumps(
                             {'model': sys.argv[2], 'variant': sys.argv[3], 'round': sys.argv[4], 'settings': sys.argv[5],
                              'result': d}))" "$OUT/one.json" "$model" "$name" "$r" "$vars" >> "$OUT/variants.jsonl"

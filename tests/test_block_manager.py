@@ -91,6 +91,28 @@ def test_different_extra_keys_do_not_hit():
     assert len(bm.get_computed_blocks(same)) == 2
 
 
+def test_which_media_cached_blocks_hold():
+    """may_hold_media: an item's content hash while a cached block holds its tokens (the engine then
+    leaves its encoder to the step, which may find the tokens in the prefix cache), not after the
+    last such block is evicted or the cache reset."""
+    from vlmserve.multimodal.inputs import MultiModalItem
+
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = Sequence(next(_ids), "r", 0, list(range(10)), SamplingParams(),
+                 mm_items=[MultiModalItem("image", 2, 5, {}, "cat"), MultiModalItem("image", 8, 1, {}, "dog")])
+    assert not bm.may_hold_media("cat")
+    run_prefill(bm, a)  # full blocks 0 and 1 hold the cat; the dog is in block 2, not full
+    assert bm.may_hold_media("cat") and not bm.may_hold_media("dog") and bm.media_blocks["cat"] == 2
+    bm.free(a)
+    assert bm.may_hold_media("cat")  # freed blocks stay cached
+    big = seq(list(range(100, 112)))  # takes 3 free blocks: the least recently freed first
+    run_prefill(bm, big)
+    assert bm.may_hold_media("cat") and bm.media_blocks["cat"] == 1  # block 0 stays, the last freed
+    bm.free(big)
+    bm.reset_prefix_cache()
+    assert not bm.may_hold_media("cat") and not bm.media_blocks
+
+
 def _drive(sched, steps=1000):
     """Pretend to run the model: computed tokens advance; each finished prefill/decode samples a
     token until 5 are out. Returns the order sequences finished in."""

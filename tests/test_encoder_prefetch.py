@@ -1,8 +1,10 @@
 """Encoder prefetch (on unless VLMSERVE_ENCODER_PREFETCH=0): an idle engine encodes the next request's media
-before scheduling its step. The outputs (tokens and logprobs) are the engine's without it, every
-image still goes through the encoder once, and only the items that the first chunk reaches past
-the prefix cache are prefetched."""
+before scheduling its step, and `LLM.generate` with one prompt with media starts its encoders before
+tokenizing the prompt. The outputs (tokens and logprobs) are the engine's without it, every image
+still goes through the encoder once, and the step's prefetch takes only the items that the first
+chunk reaches past the prefix cache."""
 import numpy as np
+import pytest
 from PIL import Image
 
 from vlmserve import LLM, SamplingParams
@@ -59,18 +61,56 @@ def test_same_outputs_each_image_encoded_once(llava_dir, monkeypatch):
     assert runs[True][2] == 4
 
 
+def run_engine(llm, request_id, prompt):
+    """A request through the engine's own API (as the server queues them): no encoding before it."""
+    eng = llm.llm_engine
+    ids, items = eng.process_multimodal(llm.get_tokenizer()(prompt["prompt"]).input_ids, prompt["multi_modal_data"])
+    eng.add_request(request_id, ids, GREEDY, mm_items=items)
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    return outs[0]
+
+
 def test_only_what_the_first_chunk_reaches(llava_dir, monkeypatch):
     llm = engine(llava_dir, monkeypatch, True, max_num_batched_tokens=24)
     runner = llm.llm_engine.runner
     late = {"prompt": "word " * 30 + "<image>", "multi_modal_data": {"image": image(6)}}
-    out_late = llm.generate(late, GREEDY, use_tqdm=False)[0]
+    out_late = run_engine(llm, "late", late)
     assert runner.num_prefetched_items == 0 and runner.encoder_cache.num_encoded_items == 1
     early = {"prompt": "look <image> here", "multi_modal_data": {"image": image(7)}}
-    out_early = llm.generate(early, GREEDY, use_tqdm=False)[0]
+    out_early = run_engine(llm, "early", early)
     assert runner.num_prefetched_items == 1 and runner.encoder_cache.num_encoded_items == 2
 
     ref = engine(llava_dir, monkeypatch, False, max_num_batched_tokens=24)
     assert outputs([out_late, out_early]) == outputs([ref.generate(p, GREEDY, use_tqdm=False)[0] for p in (late, early)])
+
+
+def test_lone_prompt_encoded_before_it_is_tokenized(llava_dir, monkeypatch):
+    """generate with one prompt with media: its image is encoded before the prompt is tokenized, past
+    the first chunk too (all of a lone prompt's items come before its first token)."""
+    llm = engine(llava_dir, monkeypatch, True, max_num_batched_tokens=24)
+    runner = llm.llm_engine.runner
+    seen = []
+    tokenize = llm._prompt_token_ids
+
+    def recording(prompt):
+        seen.append(runner.encoder_cache.num_encoded_items)
+        return tokenize(prompt)
+
+    monkeypatch.setattr(llm, "_prompt_token_ids", recording)
+    late = {"prompt": "word " * 30 + "<image>", "multi_modal_data": {"image": image(6)}}
+    got = llm.generate([late, {"prompt": "plain text"}], GREEDY, use_tqdm=False)
+    assert seen == [0, 1]  # the text prompt first (before any processing), then the image prompt
+    assert runner.num_prefetched_items == 1 and runner.encoder_cache.num_encoded_items == 1
+    ref = engine(llava_dir, monkeypatch, False, max_num_batched_tokens=24)
+    assert outputs(got) == outputs(ref.generate([late, {"prompt": "plain text"}], GREEDY, use_tqdm=False))
+    assert ref.llm_engine.runner.num_prefetched_items == 0
+    # a bad prompt still fails alone, named, after its image was encoded
+    with pytest.raises(ValueError, match="prompt 0: .*placeholder"):
+        llm.generate({"prompt": "no placeholder", "multi_modal_data": {"image": image(9)}}, GREEDY, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert_close_outputs(llm.generate(late, GREEDY, use_tqdm=False), got[:1])  # now a prefix-cache hit
 
 
 def test_no_prefetch_behind_a_prefix_cache_hit(llava_dir, monkeypatch):

@@ -16,12 +16,13 @@ from vlmserve.engine.sequence import Sequence
 
 
 class KVBlock:
-    __slots__ = ("block_id", "ref_count", "hash")
+    __slots__ = ("block_id", "ref_count", "hash", "media")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
         self.hash: bytes | None = None
+        self.media: tuple[str, ...] = ()  # content hashes of the items in it, while it is cached
 
 
 def hash_block(parent: bytes | None, token_ids: list[int], extra_keys: tuple) -> bytes:
@@ -41,6 +42,7 @@ class BlockManager:
         # Blocks with ref_count 0, least recently freed first.
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}  # chain hash -> block id
+        self.media_blocks: dict[str, int] = {}  # item content hash -> cached blocks holding it
         self.num_hit_tokens = 0
         self.num_queried_tokens = 0
 
@@ -138,7 +140,7 @@ class BlockManager:
         if block.hash is not None:  # evict its cached contents
             if self.cached.get(block.hash) == block_id:
                 del self.cached[block.hash]
-            block.hash = None
+            self._uncache(block)
         block.ref_count = 1
         return block_id
 
@@ -157,7 +159,26 @@ class BlockManager:
             if block.hash is None and h not in self.cached:
                 block.hash = h
                 self.cached[h] = block.block_id
+                if seq.mm_items:
+                    block.media = tuple(key for key, _ in seq.block_extra_keys(i, self.block_size))
+                    for key in block.media:
+                        self.media_blocks[key] = self.media_blocks.get(key, 0) + 1
         seq.num_cached_blocks = num_full
+
+    def _uncache(self, block: KVBlock) -> None:
+        block.hash = None
+        for key in block.media:
+            left = self.media_blocks[key] - 1
+            if left:
+                self.media_blocks[key] = left
+            else:
+                del self.media_blocks[key]
+        block.media = ()
+
+    def may_hold_media(self, content_hash: str) -> bool:
+        """Whether some cached block holds placeholder tokens of the item with this content hash (a
+        prompt with it may then find them in the prefix cache, and need no encoder for them)."""
+        return content_hash in self.media_blocks
 
     def free(self, seq: Sequence) -> None:
         # Tail blocks first, so that shared prefixes stay cached longest.
@@ -171,6 +192,6 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         for block in self.blocks:
-            if block.ref_count == 0:
-                block.hash = None
+            if block.ref_count == 0 and block.hash is not None:
+                self._uncache(block)
         self.cached = {h: b for h, b in self.cached.items() if self.blocks[b].hash is not None}

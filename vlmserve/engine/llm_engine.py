@@ -19,7 +19,7 @@ from vlmserve.engine.scheduler import Scheduler
 from vlmserve.engine.sequence import Sequence
 from vlmserve.multimodal import MULTIMODAL_REGISTRY, MultiModalItem
 from vlmserve.multimodal.device_pixels import device_preprocess_enabled
-from vlmserve.multimodal.processing import MultiModalInputError
+from vlmserve.multimodal.processing import MultiModalInputError, ProcessedMedia
 from vlmserve.outputs import CompletionOutput, RequestOutput
 from vlmserve.sampling_params import SamplingParams
 from vlmserve.worker.model_runner import LaunchedStep, ModelRunner
@@ -185,10 +185,32 @@ class LLMEngine:
                 # A prompt that names placeholders with no media is caught here too.
                 return self.mm_processor.apply(prompt_token_ids, {}, self.limit_mm_per_prompt)
             return prompt_token_ids, []
+        return self.place_media(prompt_token_ids, self.process_media(mm_data, mm_processor_kwargs))
+
+    def process_media(self, mm_data: dict, mm_processor_kwargs: dict | None = None) -> ProcessedMedia:
+        """process_multimodal's first half, which needs no token ids: the items' model inputs and
+        content hashes."""
         if self.mm_processor is None:
             raise MultiModalInputError(f"{self.model_config.architecture} takes no multimodal input")
-        return self.mm_processor.apply(prompt_token_ids, mm_data, self.limit_mm_per_prompt,
-                                       mm_processor_kwargs)
+        return self.mm_processor.process(mm_data, self.limit_mm_per_prompt, mm_processor_kwargs)
+
+    def place_media(self, prompt_token_ids: list[int], media: ProcessedMedia) -> tuple[list[int], list[MultiModalItem]]:
+        """process_multimodal's second half: the prompt's placeholders expanded for the items."""
+        return self.mm_processor.place(prompt_token_ids, media)
+
+    def encode_ahead(self, media: ProcessedMedia) -> int:
+        """On an idle engine, start the encoders of a request's media now, before its prompt is
+        tokenized and queued (call from the thread that steps the engine): on a GPU they run while
+        the host does that work, and the request's step finds the embeddings in the encoder cache.
+        Left to the step: items that a cached KV block holds (the prompt may need no encoder for
+        them), and media larger than the encoder cache. Returns how many items went through an
+        encoder. Off with VLMSERVE_ENCODER_PREFETCH=0."""
+        if not self.prefetch_encoders or self.requests or self._in_flight is not None:
+            return 0
+        items = [it for it in media.encoder_inputs() if not self.block_manager.may_hold_media(it.hash)]
+        if not items or sum(it.length for it in items) > self.runner.encoder_cache.max_tokens:
+            return 0
+        return self.runner.encode_ahead(items)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float | None = None,

@@ -118,8 +118,18 @@ class LLM:
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
         engine = self.llm_engine
+        has_media = [isinstance(p, dict) and bool(p.get("multi_modal_data")) for p in prompts]
+        # A lone prompt with media (a latency-bound call) is prepared in this thread, the engine's:
+        # on an idle engine its encoders start before the prompt is tokenized, which then runs
+        # while the device encodes.
+        lone = sum(has_media) == 1
         parsed = []  # tokenized here: the tokenizer is not shared with the pool's threads
         for i, prompt in enumerate(prompts):
+            mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+            mm_kwargs = prompt.get("mm_processor_kwargs") if isinstance(prompt, dict) else None
+            if lone and has_media[i]:
+                parsed.append((None, None, mm_data, mm_kwargs))  # tokenized in prepare()
+                continue
             try:
                 text, ids = self._prompt_token_ids(prompt)
             except Exception as e:
@@ -127,13 +137,16 @@ class LLM:
                 if err is e:
                     raise
                 raise err from e
-            mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
-            mm_kwargs = prompt.get("mm_processor_kwargs") if isinstance(prompt, dict) else None
             parsed.append((text, ids, mm_data, mm_kwargs))
 
         def prepare(i: int) -> tuple:
             # validated by add_request, whose error run_pipelined names as it would name this one's
             text, ids, mm_data, mm_kwargs = parsed[i]
+            if ids is None:
+                processed = engine.process_media(mm_data, mm_kwargs)
+                engine.encode_ahead(processed)
+                text, ids = self._prompt_token_ids(prompts[i])
+                return (*engine.place_media(ids, processed), text)
             ids, mm_items = engine.process_multimodal(ids, mm_data, mm_kwargs)
             return ids, mm_items, text
 

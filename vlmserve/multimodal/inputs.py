@@ -22,6 +22,17 @@ class MultiModalItem:
 
 
 @dataclass
+class EncoderInput:
+    """An item as its encoder takes it, before it has a place in a prompt (the engine may encode it
+    ahead of tokenizing the prompt). The model runner's encoder path reads these four fields, which
+    a MultiModalItem has too."""
+    modality: str
+    length: int  # embeddings the encoder gives for it
+    data: dict[str, torch.Tensor]
+    hash: str
+
+
+@dataclass
 class VideoFrames:
     """A decoded video as it reaches a model's processor: the sampled frames and their rate.
     `multimodal/video.py` makes these from video files and URLs; a user may also pass frames

@@ -7,7 +7,8 @@ A model's processor subclasses `BaseMultiModalProcessor` and says:
 - `process_raw(modality, items, kwargs)`: raw items -> `ProcessedItem`s (encoder inputs and token count);
 - optionally `process_embeds(modality, value)`: precomputed embeddings -> a `ProcessedItem`;
 - optionally `prompt_positions(ids, items)`: positions that depend on the items (M-RoPE).
-`apply` does the rest: input forms, limits, matching placeholders to items, expansion, hashing."""
+`process` does the rest of the media's part (input forms, limits, hashing), and `place` matches the
+prompt's placeholders to the items and expands them; `apply` is both."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,13 +20,25 @@ from PIL import Image
 from vlmserve.config import ModelConfig, text_config
 from vlmserve.multimodal.hashing import hash_item
 from vlmserve.multimodal.image_utils import shared_pil_bytes
-from vlmserve.multimodal.inputs import MultiModalItem
+from vlmserve.multimodal.inputs import EncoderInput, MultiModalItem
 
 
 @dataclass
 class ProcessedItem:
     data: dict[str, torch.Tensor]
     num_tokens: int
+
+
+@dataclass
+class ProcessedMedia:
+    """A request's items as model inputs, before they have places in its prompt: per modality, in
+    prompt order, each item's inputs and its content hash."""
+    items: dict[str, list[ProcessedItem]]
+    hashes: dict[str, list[str]]
+
+    def encoder_inputs(self) -> list[EncoderInput]:
+        return [EncoderInput(m, p.num_tokens, p.data, h)
+                for m, group in self.items.items() for p, h in zip(group, self.hashes[m])]
 
 
 class MultiModalInputError(ValueError):
@@ -107,14 +120,17 @@ class BaseMultiModalProcessor:
     # ---- the whole request ---------------------------------------------------------------
     def apply(self, prompt_token_ids: list[int], mm_data: dict, limits: dict[str, int],
               request_kwargs: dict | None = None) -> tuple[list[int], list[MultiModalItem]]:
-        with shared_pil_bytes():  # processing and hashing read each PIL image's pixels once
-            return self._apply(prompt_token_ids, mm_data, limits, request_kwargs)
+        return self.place(prompt_token_ids, self.process(mm_data, limits, request_kwargs))
 
-    def _apply(self, prompt_token_ids: list[int], mm_data: dict, limits: dict[str, int],
-               request_kwargs: dict | None = None) -> tuple[list[int], list[MultiModalItem]]:
+    def process(self, mm_data: dict, limits: dict[str, int], request_kwargs: dict | None = None) -> ProcessedMedia:
+        """A request's media -> model inputs and content hashes, before they are placed in its prompt
+        (which needs no token ids: the engine may start the encoders before the prompt is tokenized)."""
+        with shared_pil_bytes():  # processing and hashing read each PIL image's pixels once
+            return self._process(mm_data, limits, request_kwargs)
+
+    def _process(self, mm_data: dict, limits: dict[str, int], request_kwargs: dict | None) -> ProcessedMedia:
         kwargs = {**self.mm_processor_kwargs, **(request_kwargs or {})}
-        per_modality: dict[str, list[ProcessedItem]] = {}
-        hashes: dict[str, list[str]] = {}
+        media = ProcessedMedia({}, {})
         for modality, value in mm_data.items():
             if modality not in self.modalities:
                 raise MultiModalInputError(f"this model does not take {modality!r} input "
@@ -136,11 +152,13 @@ class BaseMultiModalProcessor:
             for kind, v in parts:
                 items.append(next(processed_raw) if kind == "raw" else self.process_embeds(modality, v))
                 item_hashes.append(hash_item(v, modality=modality, **kwargs))
-            per_modality[modality], hashes[modality] = items, item_hashes
-        return self._expand(prompt_token_ids, per_modality, hashes)
+            media.items[modality], media.hashes[modality] = items, item_hashes
+        return media
 
-    def _expand(self, ids: list[int], per_modality: dict[str, list[ProcessedItem]],
-                hashes: dict[str, list[str]]) -> tuple[list[int], list[MultiModalItem]]:
+    def place(self, ids: list[int], media: ProcessedMedia) -> tuple[list[int], list[MultiModalItem]]:
+        """Each placeholder token of the prompt expanded for its item, in order: the expanded ids and
+        the items with their places in them."""
+        per_modality, hashes = media.items, media.hashes
         placeholder_of = {self.placeholder_token_id(m): m for m in self.modalities}
         # where the placeholders are, found by list.index (C speed; the prompt may be long)
         at: list[tuple[int, str]] = []

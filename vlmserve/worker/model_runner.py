@@ -90,7 +90,7 @@ class ModelRunner:
         self.position_rows = getattr(self.model, "position_rows", 1)  # 3 for M-RoPE models
         self.position_tables = [m for m in self.model.modules() if isinstance(m, MRotaryEmbedding)]
         self.encoder_cache = EncoderCache(max(16384, scheduler_config.max_num_batched_tokens))
-        self.num_prefetched_items = 0  # encoded by prefetch_encoders, ahead of their step
+        self.num_prefetched_items = 0  # encoded by encode_ahead, before their step
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -445,8 +445,9 @@ class ModelRunner:
         return embeds
 
     def _encode_missing(self, mms: list) -> int:
-        """Encode the items not in the encoder cache, all of a modality in one call, and cache their
-        embeddings (kept while the cache makes room). Returns how many went through an encoder."""
+        """Encode the items (MultiModalItems or EncoderInputs) not in the encoder cache, all of a
+        modality in one call, and cache their embeddings (kept while the cache makes room). Returns
+        how many went through an encoder."""
         cache = self.encoder_cache
         keep = {mm.hash for mm in mms}
         missing: dict[str, object] = {}
@@ -472,10 +473,17 @@ class ModelRunner:
         before that step is scheduled and built: on a GPU the encoders run while the host does that
         work, instead of after it. The step finds the embeddings in the encoder cache. Returns how
         many items went through an encoder."""
+        end = first_token + budget
+        return self.encode_ahead([mm for mm in seq.mm_items if mm.end > first_token and mm.offset < end])
+
+    @torch.inference_mode()
+    def encode_ahead(self, mms: list) -> int:
+        """Encode these items (MultiModalItems or EncoderInputs) now, if not cached, ahead of the
+        step that takes them, which will find them in the encoder cache. Returns how many went
+        through an encoder."""
         if not self.is_multimodal:
             return 0
-        end = first_token + budget
-        n = self._encode_missing([mm for mm in seq.mm_items if mm.end > first_token and mm.offset < end])
+        n = self._encode_missing(mms)
         self.num_prefetched_items += n
         return n
 
