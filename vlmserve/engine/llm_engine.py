@@ -305,9 +305,13 @@ class LLMEngine:
         prev = self._in_flight[1] if self._in_flight is not None else None
         step = self.runner.launch(sched, stop_ids, prev)
         for s in sched.scheduled:
-            if s.num_new_tokens > 1:  # a prompt chunk: hash its blocks while the device runs the step
-                self.block_manager.hash_blocks(s.seq)
             s.seq.num_computed_tokens += s.num_new_tokens
+            if s.num_new_tokens > 1:
+                # A prompt chunk: hash and register its blocks while the device runs the step, not
+                # after it, where a lone request's first token waits for them. A later step that
+                # hits them runs after this one on the stream, so it reads them written.
+                self.block_manager.hash_blocks(s.seq)
+                self.block_manager.cache_computed_blocks(s.seq)
         for seq in step.sampled_seqs:
             seq.num_pending_tokens += 1
         st.num_steps += 1

@@ -191,7 +191,12 @@ class LLM:
         return self._generate_prepared(prompts, sampling_params, use_tqdm)
 
     def _run(self, prepared: PreparedPrompts, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
-        bar = tqdm(total=len(params), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        def new_id() -> str:
+            return str(next(self._request_counter))
+
+        if not use_tqdm:  # no bar to make (a latency-bound call's first token waits for it)
+            return run_pipelined(self.llm_engine, prepared, params, new_id)
+        bar = tqdm(total=len(params), desc="Processed prompts", dynamic_ncols=True)
         t0 = time.perf_counter()
         tokens = [0, 0]  # input, output
 
@@ -203,7 +208,6 @@ class LLM:
             bar.update(1)
 
         try:
-            return run_pipelined(self.llm_engine, prepared, params,
-                                 lambda: str(next(self._request_counter)), progress)
+            return run_pipelined(self.llm_engine, prepared, params, new_id, progress)
         finally:
             bar.close()
