@@ -467,7 +467,6 @@ class ModelRunner:
                 cache.num_encoded_items += 1
         return len(missing)
 
-    @torch.inference_mode()
     def prefetch_encoders(self, seq: Sequence, first_token: int, budget: int) -> int:
         """Encode the items of `seq` that its next chunk (budget tokens from first_token) will need,
         before that step is scheduled and built: on a GPU the encoders run while the host does that
