@@ -72,8 +72,8 @@ class BlockManager:
     def hash_blocks(self, seq: Sequence) -> None:
         """Hash all of `seq`'s full blocks now. Lookups hash only up to their first miss, so that a
         fresh prompt's first step (and its vision encoder) starts after one block's hash, not all of
-        them; the engine calls this once the step is launched, while the device runs it, so that
-        registering the blocks after the step finds them hashed."""
+        them; the engine calls this once a prompt chunk's step is launched, while the device runs it,
+        and then registers the chunk's computed blocks (cache_computed_blocks), which finds them hashed."""
         if self.enable_prefix_caching:
             self._update_hashes(seq)
 
