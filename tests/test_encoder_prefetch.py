@@ -5,9 +5,11 @@ still goes through the encoder once, and the step's prefetch takes only the item
 chunk reaches past the prefix cache."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlmserve import LLM, SamplingParams
+from vlmserve.multimodal.device_pixels import DevicePixels
 from vlmserve.testing.checkpoints import make_qwen2_vl_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, ignore_eos=True)
@@ -111,6 +113,37 @@ def test_lone_prompt_encoded_before_it_is_tokenized(llava_dir, monkeypatch):
         llm.generate({"prompt": "no placeholder", "multi_modal_data": {"image": image(9)}}, GREEDY, use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     assert_close_outputs(llm.generate(late, GREEDY, use_tqdm=False), got[:1])  # now a prefix-cache hit
+
+
+def test_lone_prompt_pixels_encoded_from_the_callers_memory(llava_dir, monkeypatch):
+    """Device pixels (on the CPU here, as a GPU engine hands them over): the image of a lone prompt
+    that is encoded ahead is read where the caller holds it, with no staging copy; one left to its
+    step (its tokens may be in the prefix cache) is staged, as the pipeline's images are."""
+    llm = engine(llava_dir, monkeypatch, True)
+    eng = llm.llm_engine
+    eng.mm_processor.media_device = torch.device("cpu")
+    placed = []
+    place = eng.place_media
+    monkeypatch.setattr(eng, "place_media", lambda ids, media: placed.append(media) or place(ids, media))
+
+    def pixels(i):
+        return placed[i].items["image"][0].data["pixel_values"]
+
+    prompt = "<image> " + "the cat runs to the river " * 4
+    img = image(11)
+    got = llm.generate({"prompt": prompt, "multi_modal_data": {"image": img}}, GREEDY, use_tqdm=False)
+    assert isinstance(pixels(0), DevicePixels) and not pixels(0).is_staged
+    assert eng.runner.num_prefetched_items == 1
+    got += llm.generate({"prompt": prompt, "multi_modal_data": {"image": img.copy()}}, GREEDY, use_tqdm=False)
+    assert pixels(1).is_staged and eng.runner.num_prefetched_items == 1
+    got += llm.generate([{"prompt": prompt, "multi_modal_data": {"image": image(12 + i)}} for i in range(2)],
+                        GREEDY, use_tqdm=False)
+    assert pixels(2).is_staged and pixels(3).is_staged
+    ref = engine(llava_dir, monkeypatch, False)  # preprocessed on the host: the same numbers on the CPU
+    want = [ref.generate({"prompt": prompt, "multi_modal_data": {"image": im}}, GREEDY, use_tqdm=False)[0]
+            for im in (img, img, image(12), image(13))]
+    assert outputs(got[:2]) == outputs(want[:2])
+    assert_close_outputs(got[2:], want[2:])  # a batch of two: the last float bits differ
 
 
 def test_no_prefetch_behind_a_prefix_cache_hit(llava_dir, monkeypatch):

@@ -187,12 +187,13 @@ class LLMEngine:
             return prompt_token_ids, []
         return self.place_media(prompt_token_ids, self.process_media(mm_data, mm_processor_kwargs))
 
-    def process_media(self, mm_data: dict, mm_processor_kwargs: dict | None = None) -> ProcessedMedia:
+    def process_media(self, mm_data: dict, mm_processor_kwargs: dict | None = None,
+                      stage: bool = True) -> ProcessedMedia:
         """process_multimodal's first half, which needs no token ids: the items' model inputs and
-        content hashes."""
+        content hashes. stage=False: for `encode_ahead`, which stages what it does not encode."""
         if self.mm_processor is None:
             raise MultiModalInputError(f"{self.model_config.architecture} takes no multimodal input")
-        return self.mm_processor.process(mm_data, self.limit_mm_per_prompt, mm_processor_kwargs)
+        return self.mm_processor.process(mm_data, self.limit_mm_per_prompt, mm_processor_kwargs, stage=stage)
 
     def place_media(self, prompt_token_ids: list[int], media: ProcessedMedia) -> tuple[list[int], list[MultiModalItem]]:
         """process_multimodal's second half: the prompt's placeholders expanded for the items."""
@@ -204,13 +205,20 @@ class LLMEngine:
         the host does that work, and the request's step finds the embeddings in the encoder cache.
         Left to the step: items that a cached KV block holds (the prompt may need no encoder for
         them), and media larger than the encoder cache. Returns how many items went through an
-        encoder. Off with VLMSERVE_ENCODER_PREFETCH=0."""
-        if not self.prefetch_encoders or self.requests or self._in_flight is not None:
-            return 0
-        items = [it for it in media.encoder_inputs() if not self.block_manager.may_hold_media(it.hash)]
-        if not items or sum(it.length for it in items) > self.runner.encoder_cache.max_tokens:
-            return 0
-        return self.runner.encode_ahead(items)
+        encoder. Off with VLMSERVE_ENCODER_PREFETCH=0.
+        Media processed with stage=False are read from the caller's memory by the encoders started
+        here (no staging copy before them); the rest are staged before this returns."""
+        encoded: list[str] = []
+        try:
+            if not self.prefetch_encoders or self.requests or self._in_flight is not None:
+                return 0
+            items = [it for it in media.encoder_inputs() if not self.block_manager.may_hold_media(it.hash)]
+            if not items or sum(it.length for it in items) > self.runner.encoder_cache.max_tokens:
+                return 0
+            encoded = self.runner.encode_ahead(items)
+            return len(encoded)
+        finally:
+            media.stage(unless=set(encoded))
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float | None = None,

@@ -152,10 +152,10 @@ class FastCLIPImageProcessor:
         hw = self._resized_hw(h, w) if self.shortest_edge else (h, w)
         if self.crop and self._crop_box(*hw) is None:
             return None
-        with warnings.catch_warnings():  # PIL's buffer is read-only; the staging copy only reads it
+        with warnings.catch_warnings():  # PIL's buffer is read-only; nothing here writes to it
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(rgb)  # with Pillow's padding byte, if any: staged whole, dropped there
-        return DevicePixels.staged(x, functools.partial(self.finish_on_device, size=hw), device)
+        return DevicePixels.view(x, functools.partial(self.finish_on_device, size=hw), device)
 
     def finish_on_device(self, rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """uint8 [H, W, 3 or 4] (RGB, then any padding byte) on any device -> pixel values [3, H', W']

@@ -93,10 +93,10 @@ class FastQwen2VLImageProcessor:
         if rgb is None:
             return None
         h, w = self.resized_hw(rgb.shape[0], rgb.shape[1], min_pixels, max_pixels)
-        with warnings.catch_warnings():  # PIL's buffer is read-only; the staging copy only reads it
+        with warnings.catch_warnings():  # PIL's buffer is read-only; nothing here writes to it
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(rgb)  # with Pillow's padding byte, if any: staged whole, dropped there
-        return (DevicePixels.staged(x, functools.partial(self.finish_on_device, size=(h, w)), device),
+        return (DevicePixels.view(x, functools.partial(self.finish_on_device, size=(h, w)), device),
                 torch.tensor([[1, h // self.patch, w // self.patch]]))
 
     def finish_on_device(self, rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

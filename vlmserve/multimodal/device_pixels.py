@@ -4,9 +4,10 @@ On a GPU, resizing and normalizing a large image on the host costs more than enc
 1024x1024 image for Qwen2-VL: ~25 ms on the CPU, ~0.3 ms on an H100), and the float32 pixel values
 it gives are 8x the bytes of the uint8 image to copy to the device. So where the engine runs on
 CUDA, a processor may hand over `DevicePixels` in an item's data instead of pixel values: the
-decoded uint8 image (in pinned memory, so that the copy is asynchronous) and the function that
-finishes it. The model runner moves item data with `.to(device)`, which here copies the image
-and runs the function there; models see ordinary pixel tensors.
+decoded uint8 image and the function that finishes it. The image is staged (copied into pinned
+memory, so that the copy to the device is asynchronous) once the processing is done, unless the
+engine encodes the item at once. The model runner moves item data with `.to(device)`, which here
+copies the image and runs the function there; models see ordinary pixel tensors.
 
 The function is the processor's own torch/torchvision code, so on the CPU it gives the host path's
 numbers bit for bit, and on the GPU HF's processor's numbers for `device="cuda"` (GPU resampling
@@ -62,21 +63,37 @@ PINNED_BUDGET = PinnedBudget(int(float(os.environ.get("VLMSERVE_PINNED_STAGING_M
 
 
 class DevicePixels:
-    def __init__(self, image: torch.Tensor, finish: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, image: torch.Tensor, finish: Callable[[torch.Tensor], torch.Tensor],
+                 stage_for: torch.device | str | None = None):
         """image: the uint8 image as the processor's `finish` takes it; finish(image on a device)
-        -> the pixel values the model takes, on that device."""
+        -> the pixel values the model takes, on that device. stage_for: the image is still a view
+        of the caller's memory (such as a PIL image's), to be copied by `stage` for that device."""
         self.image = image
         self.finish = finish
+        self.stage_for = stage_for
+        self.is_staged = stage_for is None
+
+    @classmethod
+    def view(cls, image: torch.Tensor, finish: Callable[[torch.Tensor], torch.Tensor],
+             device: torch.device | str | None) -> DevicePixels:
+        """Pixels that still read the caller's memory: `stage` copies them before they outlive the
+        caller's call. An engine that encodes them at once (a lone prompt on an idle engine) copies
+        them straight to the device instead, with no staging copy before the encoder starts."""
+        return cls(image, finish, stage_for=device if device is not None else "cpu")
 
     @classmethod
     def staged(cls, image: torch.Tensor, finish: Callable[[torch.Tensor], torch.Tensor],
                device: torch.device | str | None) -> DevicePixels:
-        """A copy of the image (which may be a view of the caller's memory, such as a PIL
-        image's), pinned for a CUDA device within PINNED_BUDGET (the runner's copy then does not
-        wait), else pageable."""
+        return cls.view(image, finish, device).stage()
+
+    def stage(self) -> DevicePixels:
+        """Replace the view by a copy of the image, pinned for a CUDA device within PINNED_BUDGET (the
+        runner's copy then does not wait), else pageable. Once; returns self."""
+        if self.is_staged:
+            return self
+        image, device = self.image, self.stage_for
         nbytes = image.numel() * image.element_size()
-        if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available() \
-                and PINNED_BUDGET.take(nbytes):
+        if torch.device(device).type == "cuda" and torch.cuda.is_available() and PINNED_BUDGET.take(nbytes):
             try:
                 copy = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
             except BaseException:
@@ -85,10 +102,13 @@ class DevicePixels:
             weakref.finalize(copy, PINNED_BUDGET.give_back, nbytes)
         else:
             copy = torch.empty(image.shape, dtype=image.dtype)
-        copy_by_one_thread(copy, image)  # a media worker thread each
-        return cls(copy, finish)
+        self.image = copy_by_one_thread(copy, image)  # a media worker thread each
+        self.is_staged, self.stage_for = True, None
+        return self
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> torch.Tensor:
+        """The pixel values on `device`. From a view (pageable memory) the copy to a GPU is synchronous:
+        it waits for the stream's earlier work, which an idle engine does not have."""
         return self.finish(self.image.to(device, non_blocking=non_blocking))
 
     @property
@@ -96,7 +116,15 @@ class DevicePixels:
         return self.image.numel() * self.image.element_size()
 
     def __repr__(self) -> str:
-        return f"DevicePixels(uint8 image {tuple(self.image.shape)})"
+        state = "staged" if self.is_staged else "a view"
+        return f"DevicePixels(uint8 image {tuple(self.image.shape)}, {state})"
+
+
+def stage_all(data: dict) -> None:
+    """Stage the DevicePixels among an item's data (views of the caller's memory until then)."""
+    for v in data.values():
+        if isinstance(v, DevicePixels):
+            v.stage()
 
 
 class DeviceCopies:

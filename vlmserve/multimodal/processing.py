@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from vlmserve.config import ModelConfig, text_config
+from vlmserve.multimodal.device_pixels import stage_all
 from vlmserve.multimodal.hashing import hash_item
 from vlmserve.multimodal.image_utils import shared_pil_bytes
 from vlmserve.multimodal.inputs import EncoderInput, MultiModalItem
@@ -39,6 +40,16 @@ class ProcessedMedia:
     def encoder_inputs(self) -> list[EncoderInput]:
         return [EncoderInput(m, p.num_tokens, p.data, h)
                 for m, group in self.items.items() for p, h in zip(group, self.hashes[m])]
+
+    def stage(self, unless: set[str] = frozenset()) -> None:
+        """Stage the items' device pixels (multimodal/device_pixels.py), except those of items whose
+        hash is in `unless` (encoded already: their pixels are not read again unless the encoder
+        cache lets them go before their step, and then a copy from the caller's memory is right,
+        only synchronous)."""
+        for m, group in self.items.items():
+            for p, h in zip(group, self.hashes[m]):
+                if h not in unless:
+                    stage_all(p.data)
 
 
 class MultiModalInputError(ValueError):
@@ -122,11 +133,17 @@ class BaseMultiModalProcessor:
               request_kwargs: dict | None = None) -> tuple[list[int], list[MultiModalItem]]:
         return self.place(prompt_token_ids, self.process(mm_data, limits, request_kwargs))
 
-    def process(self, mm_data: dict, limits: dict[str, int], request_kwargs: dict | None = None) -> ProcessedMedia:
+    def process(self, mm_data: dict, limits: dict[str, int], request_kwargs: dict | None = None,
+                stage: bool = True) -> ProcessedMedia:
         """A request's media -> model inputs and content hashes, before they are placed in its prompt
-        (which needs no token ids: the engine may start the encoders before the prompt is tokenized)."""
+        (which needs no token ids: the engine may start the encoders before the prompt is tokenized).
+        stage=False: device pixels may still read the caller's memory; the caller stages them
+        (`ProcessedMedia.stage`) before the call that handed the media over returns."""
         with shared_pil_bytes():  # processing and hashing read each PIL image's pixels once
-            return self._process(mm_data, limits, request_kwargs)
+            media = self._process(mm_data, limits, request_kwargs)
+        if stage:
+            media.stage()
+        return media
 
     def _process(self, mm_data: dict, limits: dict[str, int], request_kwargs: dict | None) -> ProcessedMedia:
         kwargs = {**self.mm_processor_kwargs, **(request_kwargs or {})}

@@ -444,10 +444,10 @@ class ModelRunner:
             embeds[dst:dst + hi - lo] = cache.get(mm.hash)[lo:hi].to(embeds.dtype)
         return embeds
 
-    def _encode_missing(self, mms: list) -> int:
+    def _encode_missing(self, mms: list) -> list[str]:
         """Encode the items (MultiModalItems or EncoderInputs) not in the encoder cache, all of a
         modality in one call, and cache their embeddings (kept while the cache makes room). Returns
-        how many went through an encoder."""
+        the hashes of those that went through an encoder."""
         cache = self.encoder_cache
         keep = {mm.hash for mm in mms}
         missing: dict[str, object] = {}
@@ -465,7 +465,7 @@ class ModelRunner:
                                        f"with {mm.length} placeholder tokens")
                 cache.put(mm.hash, emb, keep)
                 cache.num_encoded_items += 1
-        return len(missing)
+        return list(missing)
 
     def prefetch_encoders(self, seq: Sequence, first_token: int, budget: int) -> int:
         """Encode the items of `seq` that its next chunk (budget tokens from first_token) will need,
@@ -473,18 +473,18 @@ class ModelRunner:
         work, instead of after it. The step finds the embeddings in the encoder cache. Returns how
         many items went through an encoder."""
         end = first_token + budget
-        return self.encode_ahead([mm for mm in seq.mm_items if mm.end > first_token and mm.offset < end])
+        return len(self.encode_ahead([mm for mm in seq.mm_items if mm.end > first_token and mm.offset < end]))
 
     @torch.inference_mode()
-    def encode_ahead(self, mms: list) -> int:
+    def encode_ahead(self, mms: list) -> list[str]:
         """Encode these items (MultiModalItems or EncoderInputs) now, if not cached, ahead of the
-        step that takes them, which will find them in the encoder cache. Returns how many went
-        through an encoder."""
+        step that takes them, which will find them in the encoder cache. Returns the hashes of those
+        that went through an encoder."""
         if not self.is_multimodal:
-            return 0
-        n = self._encode_missing(mms)
-        self.num_prefetched_items += n
-        return n
+            return []
+        encoded = self._encode_missing(mms)
+        self.num_prefetched_items += len(encoded)
+        return encoded
 
 
 def items_to_device(data: dict, device: torch.device) -> dict:
