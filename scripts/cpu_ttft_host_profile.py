@@ -37,7 +37,7 @@ STAGES = [  # (label, owner, attribute): wrapped, timed per call
     ("process media", "engine", "process_media"),
     ("  read pixels (tobytes)", "image_utils", "pil_bytes"),
     ("  process_raw", "proc", "process_raw"),
-    ("  staging copy", "device_pixels", "staged"),
+    ("staging copy", "device_pixels", "stage"),
     ("  hash_item", "processing", "hash_item"),
     ("place (expand placeholders)", "engine", "place_media"),
     ("validate_prompt", "engine", "validate_prompt"),
@@ -65,7 +65,7 @@ def make_models(root: str, which: list[str]) -> dict[str, str]:
 
 class Timeline:
     """Per request: the time of each wrapped stage (summed over its calls) up to the launch of the
-    language model's step (`launch`), and the span of the encoders (`_encode_missing`) before it."""
+    language model's step (`launch`), and the span of the encoders (`_encode`) before it."""
 
     def __init__(self):
         self.t0 = None
@@ -134,14 +134,10 @@ def instrument(llm, tl: Timeline) -> None:
               "device_pixels": device_pixels.DevicePixels, "processing": processing}
     for label, owner, attr in STAGES:
         obj = owners[owner]
-        fn = getattr(obj, attr)
-        if owner == "device_pixels":  # a classmethod: wrap the function, keep it a classmethod
-            setattr(obj, attr, classmethod(tl.wrap(label, fn.__func__)))
-        else:
-            setattr(obj, attr, tl.wrap(label, fn))
+        setattr(obj, attr, tl.wrap(label, getattr(obj, attr)))
     # the hash reads pixels through image_utils.pil_bytes, as do the processors' RGB readers
     hashing.pil_bytes = image_utils.pil_bytes
-    eng.runner._encode_missing = tl.mark_encoder(eng.runner._encode_missing)
+    eng.runner._encode = tl.mark_encoder(eng.runner._encode)
     eng.runner.launch = tl.mark_step(eng.runner.launch)
 
 

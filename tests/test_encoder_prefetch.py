@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from vlmserve import LLM, SamplingParams
+from vlmserve.multimodal import processing
 from vlmserve.multimodal.device_pixels import DevicePixels
 from vlmserve.testing.checkpoints import make_qwen2_vl_checkpoint
 
@@ -144,6 +145,41 @@ def test_lone_prompt_pixels_encoded_from_the_callers_memory(llava_dir, monkeypat
             for im in (img, img, image(12), image(13))]
     assert outputs(got[:2]) == outputs(want[:2])
     assert_close_outputs(got[2:], want[2:])  # a batch of two: the last float bits differ
+
+
+def test_new_image_hashed_while_its_encoder_runs(llava_dir, monkeypatch):
+    """A lone prompt's image of content not seen lately is hashed after its encoder was launched; one
+    seen before is hashed first (a cache may hold it: here the prefix cache does); an image given twice
+    is encoded once. The outputs are the engine's without encoding ahead."""
+    llm = engine(llava_dir, monkeypatch, True)
+    runner = llm.llm_engine.runner
+    encoder_calls, encoded_at_hash = [], []  # images through the encoder when each image is hashed
+    hash_item, embed = processing.hash_item, runner.model.embed_multimodal
+
+    def recording(value, **extra):
+        if isinstance(value, Image.Image):
+            encoded_at_hash.append(sum(encoder_calls))
+        return hash_item(value, **extra)
+
+    def counted(modality, data):
+        encoder_calls.append(len(data))
+        return embed(modality, data)
+
+    monkeypatch.setattr(processing, "hash_item", recording)
+    monkeypatch.setattr(runner.model, "embed_multimodal", counted)
+    img, other = image(21), image(22)
+    one = {"prompt": "<image> " + "the cat runs to the river " * 4, "multi_modal_data": {"image": img}}
+    twice = {"prompt": "two <image> and <image> here", "multi_modal_data": {"image": [other, other.copy()]}}
+    got = llm.generate(one, GREEDY, use_tqdm=False)
+    assert encoded_at_hash == [1]  # after its encoder
+    runner.encoder_cache.entries.clear()
+    got += llm.generate({**one, "multi_modal_data": {"image": img.copy()}}, GREEDY, use_tqdm=False)
+    assert encoded_at_hash == [1, 1] and sum(encoder_calls) == 1  # a prefix-cache hit
+    got += llm.generate(twice, GREEDY, use_tqdm=False)
+    assert encoded_at_hash == [1, 1, 1, 2]  # the second copy at once, then the first after the encoder
+    assert sum(encoder_calls) == runner.encoder_cache.num_encoded_items == runner.num_prefetched_items == 2
+    ref = engine(llava_dir, monkeypatch, False)
+    assert outputs(got) == outputs([ref.generate(p, GREEDY, use_tqdm=False)[0] for p in (one, one, twice)])
 
 
 def test_no_prefetch_behind_a_prefix_cache_hit(llava_dir, monkeypatch):

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmserve.multimodal.hashing import hash_item
+from vlmserve.multimodal.hashing import SeenMedia, fingerprint, hash_item
 from vlmserve.multimodal.image_utils import pil_bytes, shared_pil_bytes
 
 
@@ -38,3 +38,26 @@ def test_pil_pixels_read_once_per_block_and_never_stale():
     with shared_pil_bytes():
         assert pil_bytes(img) is not first
         assert hash_item(img) != outside
+
+
+def test_fingerprints_follow_hashes():
+    """Equal hashes give equal fingerprints (the premise of hashing a new image after its encoder
+    starts); what the hash tells apart by its header (mode, size, extra keys) the fingerprint does too."""
+    rng = np.random.default_rng(2)
+    arr = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    key = fingerprint(img, modality="image")
+    assert key is not None and fingerprint(img.copy(), modality="image") == key
+    assert fingerprint(img, modality="image", max_pixels=100) != key
+    assert fingerprint(Image.fromarray(arr[:, :100]), modality="image") != key
+    assert fingerprint(img.convert("RGBA"), modality="image") != key
+    assert fingerprint(arr) is None and fingerprint(torch.from_numpy(arr)) is None
+
+
+def test_seen_media_keeps_the_most_recent():
+    seen = SeenMedia(capacity=3)
+    for k in (b"a", b"b", b"c"):
+        seen.add(k)
+    seen.add(b"a")  # seen again: the most recent now
+    seen.add(b"d")
+    assert b"b" not in seen and all(k in seen for k in (b"a", b"c", b"d"))

@@ -188,12 +188,14 @@ class LLMEngine:
         return self.place_media(prompt_token_ids, self.process_media(mm_data, mm_processor_kwargs))
 
     def process_media(self, mm_data: dict, mm_processor_kwargs: dict | None = None,
-                      stage: bool = True) -> ProcessedMedia:
+                      for_encode_ahead: bool = False) -> ProcessedMedia:
         """process_multimodal's first half, which needs no token ids: the items' model inputs and
-        content hashes. stage=False: for `encode_ahead`, which stages what it does not encode."""
+        content hashes. for_encode_ahead: media for `encode_ahead`, which stages the device pixels
+        it does not encode and computes the hashes left pending (multimodal/processing.py)."""
         if self.mm_processor is None:
             raise MultiModalInputError(f"{self.model_config.architecture} takes no multimodal input")
-        return self.mm_processor.process(mm_data, self.limit_mm_per_prompt, mm_processor_kwargs, stage=stage)
+        return self.mm_processor.process(mm_data, self.limit_mm_per_prompt, mm_processor_kwargs,
+                                         stage=not for_encode_ahead, encode_first=for_encode_ahead)
 
     def place_media(self, prompt_token_ids: list[int], media: ProcessedMedia) -> tuple[list[int], list[MultiModalItem]]:
         """process_multimodal's second half: the prompt's placeholders expanded for the items."""
@@ -206,16 +208,25 @@ class LLMEngine:
         Left to the step: items that a cached KV block holds (the prompt may need no encoder for
         them), and media larger than the encoder cache. Returns how many items went through an
         encoder. Off with VLMSERVE_ENCODER_PREFETCH=0.
-        Media processed with stage=False are read from the caller's memory by the encoders started
-        here (no staging copy before them); the rest are staged before this returns."""
+        Media processed for it (`process_media(..., for_encode_ahead=True)`): the encoders read
+        the pixels where the caller holds them (no staging copy before them), and images of content
+        not seen lately are encoded before they are hashed; the rest is staged and hashed before
+        this returns."""
         encoded: list[str] = []
         try:
             if not self.prefetch_encoders or self.requests or self._in_flight is not None:
                 return 0
-            items = [it for it in media.encoder_inputs() if not self.block_manager.may_hold_media(it.hash)]
-            if not items or sum(it.length for it in items) > self.runner.encoder_cache.max_tokens:
-                return 0
-            encoded = self.runner.encode_ahead(items)
+            limit = self.runner.encoder_cache.max_tokens
+            fresh = media.fresh_inputs()
+            if fresh and sum(it.length for it, _, _ in fresh) <= limit:
+                def hashes() -> list[str]:
+                    media.finish_hashes()
+                    return [media.hashes[m][i] for _, m, i in fresh]
+                encoded += self.runner.encode_unhashed([it for it, _, _ in fresh], hashes)
+            items = [it for it in media.encoder_inputs()
+                     if it.hash not in encoded and not self.block_manager.may_hold_media(it.hash)]
+            if items and sum(it.length for it in items) <= limit:
+                encoded += self.runner.encode_ahead(items)
             return len(encoded)
         finally:
             media.stage(unless=set(encoded))

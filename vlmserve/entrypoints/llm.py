@@ -143,8 +143,8 @@ class LLM:
             # validated by add_request, whose error run_pipelined names as it would name this one's
             text, ids, mm_data, mm_kwargs = parsed[i]
             if ids is None:
-                processed = engine.process_media(mm_data, mm_kwargs, stage=False)
-                engine.encode_ahead(processed)  # reads the pixels it encodes where they are; stages the rest
+                processed = engine.process_media(mm_data, mm_kwargs, for_encode_ahead=True)
+                engine.encode_ahead(processed)
                 text, ids = self._prompt_token_ids(prompts[i])
                 return (*engine.place_media(ids, processed), text)
             ids, mm_items = engine.process_multimodal(ids, mm_data, mm_kwargs)

@@ -3,6 +3,8 @@ object carries them, so caches can recognise an image seen before."""
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -67,3 +69,41 @@ def hash_item(obj, **extra) -> str:
     if extra:
         _update(h, extra)
     return h.hexdigest()
+
+
+def fingerprint(obj, **extra) -> bytes | None:
+    """A cheap key of a PIL image whose pixels are read in Pillow's own memory (~0.05 ms for a
+    1024x1024 image on the 2-core CI machine, against ~0.8 ms for its hash): its mode, size and
+    `extra`, and 16 of its rows. Equal content hashes (hash_item with the same extra) give equal
+    fingerprints, so an image whose fingerprint was never seen has a hash that no cache holds. None for other items."""
+    if not isinstance(obj, Image.Image):
+        return None
+    data = pil_bytes(obj)
+    if not isinstance(data, np.ndarray):  # packed by tobytes(): hashed at once from that copy
+        return None
+    h = blake3(f"pil:{obj.mode}:{obj.size}:{data.shape}:{sorted(extra.items())!r}".encode())
+    h.update(np.ascontiguousarray(data[::max(1, data.shape[0] // 16)]))
+    return h.digest(16)
+
+
+class SeenMedia:
+    """Fingerprints of the items hashed lately (the most recent `capacity`; thread-safe). One that is
+    not here has content that no cache holds, unless it was pushed out by `capacity` newer ones while
+    its blocks stayed in the prefix cache: then an encoder runs for it needlessly, and its tokens still
+    come from the cache."""
+
+    def __init__(self, capacity: int = 1 << 16):
+        self.capacity = capacity
+        self._keys: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, key: bytes) -> None:
+        with self._lock:
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+            if len(self._keys) > self.capacity:
+                self._keys.popitem(last=False)
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._keys

@@ -97,12 +97,12 @@ _shared = threading.local()
 
 
 @contextlib.contextmanager
-def shared_pil_bytes():
+def shared_pil_bytes(known: list | None = None):
     """Within the block (one request's processing and hashing, in this thread), a PIL image's pixel
     bytes are read once: both need them. Images are held until the block ends, so their ids stay
-    theirs."""
+    theirs. known: (image, pil_bytes(image)) pairs read before (in an earlier block)."""
     prev = getattr(_shared, "memo", None)
-    _shared.memo = {}
+    _shared.memo = {id(image): (image, data) for image, data in known or ()}
     try:
         yield
     finally:

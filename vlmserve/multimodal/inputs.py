@@ -29,7 +29,7 @@ class EncoderInput:
     modality: str
     length: int  # embeddings the encoder gives for it
     data: dict[str, torch.Tensor]
-    hash: str
+    hash: str | None  # None: not computed yet (see ProcessedMedia.fresh_inputs)
 
 
 @dataclass

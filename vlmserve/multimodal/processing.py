@@ -19,8 +19,8 @@ from PIL import Image
 
 from vlmserve.config import ModelConfig, text_config
 from vlmserve.multimodal.device_pixels import stage_all
-from vlmserve.multimodal.hashing import hash_item
-from vlmserve.multimodal.image_utils import shared_pil_bytes
+from vlmserve.multimodal.hashing import SeenMedia, fingerprint, hash_item
+from vlmserve.multimodal.image_utils import pil_bytes, shared_pil_bytes
 from vlmserve.multimodal.inputs import EncoderInput, MultiModalItem
 
 
@@ -31,21 +31,49 @@ class ProcessedItem:
 
 
 @dataclass
+class PendingHash:
+    """An item's content hash, left until its encoder has been launched (`ProcessedMedia.finish_hashes`)."""
+    value: object
+    extra: dict
+    fingerprint: bytes
+    pixels: object  # pil_bytes(value), read while processing it
+
+
+@dataclass
 class ProcessedMedia:
     """A request's items as model inputs, before they have places in its prompt: per modality, in
-    prompt order, each item's inputs and its content hash."""
+    prompt order, each item's inputs and its content hash (pending for items of new content, where
+    the caller asked for that: see `fresh_inputs`)."""
     items: dict[str, list[ProcessedItem]]
-    hashes: dict[str, list[str]]
+    hashes: dict[str, list[str | PendingHash]]
+    seen: SeenMedia | None = None
 
     def encoder_inputs(self) -> list[EncoderInput]:
+        self.finish_hashes()
         return [EncoderInput(m, p.num_tokens, p.data, h)
                 for m, group in self.items.items() for p, h in zip(group, self.hashes[m])]
+
+    def fresh_inputs(self) -> list[tuple[EncoderInput, str, int]]:
+        """The items whose hashes are pending, as encoder inputs without a hash, each with its
+        modality and index: content never seen (SeenMedia), which no cache can hold."""
+        return [(EncoderInput(m, p.num_tokens, p.data, None), m, i) for m, group in self.items.items()
+                for i, (p, h) in enumerate(zip(group, self.hashes[m])) if isinstance(h, PendingHash)]
+
+    def finish_hashes(self) -> None:
+        for group in self.hashes.values():
+            for i, h in enumerate(group):
+                if isinstance(h, PendingHash):
+                    with shared_pil_bytes([(h.value, h.pixels)]):
+                        group[i] = hash_item(h.value, **h.extra)
+                    if self.seen is not None:
+                        self.seen.add(h.fingerprint)
 
     def stage(self, unless: set[str] = frozenset()) -> None:
         """Stage the items' device pixels (multimodal/device_pixels.py), except those of items whose
         hash is in `unless` (encoded already: their pixels are not read again unless the encoder
         cache lets them go before their step, and then a copy from the caller's memory is right,
         only synchronous)."""
+        self.finish_hashes()
         for m, group in self.items.items():
             for p, h in zip(group, self.hashes[m]):
                 if h not in unless:
@@ -78,6 +106,7 @@ class BaseMultiModalProcessor:
         # Set by the engine on a GPU: processors may then leave resizing and normalizing to that
         # device, handing over DevicePixels (multimodal/device_pixels.py) instead of pixel values.
         self.media_device: torch.device | None = None
+        self.seen_media = SeenMedia()  # fingerprints of the items hashed lately
 
     # ---- what a model's processor provides ------------------------------------------------
     def placeholder_token_id(self, modality: str) -> int:
@@ -134,20 +163,25 @@ class BaseMultiModalProcessor:
         return self.place(prompt_token_ids, self.process(mm_data, limits, request_kwargs))
 
     def process(self, mm_data: dict, limits: dict[str, int], request_kwargs: dict | None = None,
-                stage: bool = True) -> ProcessedMedia:
+                stage: bool = True, encode_first: bool = False) -> ProcessedMedia:
         """A request's media -> model inputs and content hashes, before they are placed in its prompt
         (which needs no token ids: the engine may start the encoders before the prompt is tokenized).
-        stage=False: device pixels may still read the caller's memory; the caller stages them
-        (`ProcessedMedia.stage`) before the call that handed the media over returns."""
+        For an engine that encodes the media at once:
+        - stage=False: device pixels may still read the caller's memory; the caller stages them
+          (`ProcessedMedia.stage`) before the call that handed the media over returns;
+        - encode_first: the hashes of images of content not seen lately are left pending, to be
+          computed while their encoders run (`ProcessedMedia.fresh_inputs`)."""
         with shared_pil_bytes():  # processing and hashing read each PIL image's pixels once
-            media = self._process(mm_data, limits, request_kwargs)
+            media = self._process(mm_data, limits, request_kwargs, encode_first)
         if stage:
             media.stage()
         return media
 
-    def _process(self, mm_data: dict, limits: dict[str, int], request_kwargs: dict | None) -> ProcessedMedia:
+    def _process(self, mm_data: dict, limits: dict[str, int], request_kwargs: dict | None,
+                 encode_first: bool = False) -> ProcessedMedia:
         kwargs = {**self.mm_processor_kwargs, **(request_kwargs or {})}
-        media = ProcessedMedia({}, {})
+        media = ProcessedMedia({}, {}, self.seen_media)
+        fingerprints = set()  # of this request: an image given twice is hashed at once
         for modality, value in mm_data.items():
             if modality not in self.modalities:
                 raise MultiModalInputError(f"this model does not take {modality!r} input "
@@ -168,13 +202,22 @@ class BaseMultiModalProcessor:
             items, item_hashes = [], []
             for kind, v in parts:
                 items.append(next(processed_raw) if kind == "raw" else self.process_embeds(modality, v))
-                item_hashes.append(hash_item(v, modality=modality, **kwargs))
+                extra = {"modality": modality, **kwargs}
+                key = fingerprint(v, **extra) if kind == "raw" else None
+                if encode_first and key is not None and key not in fingerprints and key not in self.seen_media:
+                    item_hashes.append(PendingHash(v, extra, key, pil_bytes(v)))
+                else:
+                    item_hashes.append(hash_item(v, **extra))
+                    if key is not None:
+                        self.seen_media.add(key)
+                fingerprints.add(key)
             media.items[modality], media.hashes[modality] = items, item_hashes
         return media
 
     def place(self, ids: list[int], media: ProcessedMedia) -> tuple[list[int], list[MultiModalItem]]:
         """Each placeholder token of the prompt expanded for its item, in order: the expanded ids and
         the items with their places in them."""
+        media.finish_hashes()
         per_modality, hashes = media.items, media.hashes
         placeholder_of = {self.placeholder_token_id(m): m for m in self.modalities}
         # where the placeholders are, found by list.index (C speed; the prompt may be long)

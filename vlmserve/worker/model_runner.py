@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -444,28 +445,52 @@ class ModelRunner:
             embeds[dst:dst + hi - lo] = cache.get(mm.hash)[lo:hi].to(embeds.dtype)
         return embeds
 
+    def _encode(self, mms: list) -> list[torch.Tensor]:
+        """The items' embeddings (MultiModalItems or EncoderInputs), all of a modality in one
+        encoder call, in the items' order."""
+        by_modality: dict[str, list[int]] = {}
+        for i, mm in enumerate(mms):
+            by_modality.setdefault(mm.modality, []).append(i)
+        out: list = [None] * len(mms)
+        for modality, idx in by_modality.items():
+            data = [items_to_device(mms[i].data, self.device) for i in idx]
+            for i, emb in zip(idx, self.model.embed_multimodal(modality, data)):
+                if emb.shape[0] != mms[i].length:
+                    raise RuntimeError(f"the encoder gave {emb.shape[0]} embeddings for a {modality} "
+                                       f"with {mms[i].length} placeholder tokens")
+                out[i] = emb
+        return out
+
     def _encode_missing(self, mms: list) -> list[str]:
-        """Encode the items (MultiModalItems or EncoderInputs) not in the encoder cache, all of a
-        modality in one call, and cache their embeddings (kept while the cache makes room). Returns
-        the hashes of those that went through an encoder."""
+        """Encode the items (MultiModalItems or EncoderInputs) not in the encoder cache and cache
+        their embeddings (kept while the cache makes room). Returns the hashes of those that went
+        through an encoder."""
         cache = self.encoder_cache
         keep = {mm.hash for mm in mms}
         missing: dict[str, object] = {}
         for mm in mms:
             if mm.hash not in missing and cache.get(mm.hash) is None:
                 missing[mm.hash] = mm
-        by_modality: dict[str, list] = {}
-        for mm in missing.values():
-            by_modality.setdefault(mm.modality, []).append(mm)
-        for modality, group in by_modality.items():
-            data = [items_to_device(mm.data, self.device) for mm in group]
-            for mm, emb in zip(group, self.model.embed_multimodal(modality, data)):
-                if emb.shape[0] != mm.length:
-                    raise RuntimeError(f"the encoder gave {emb.shape[0]} embeddings for a {modality} "
-                                       f"with {mm.length} placeholder tokens")
-                cache.put(mm.hash, emb, keep)
-                cache.num_encoded_items += 1
+        group = list(missing.values())
+        for mm, emb in zip(group, self._encode(group)):
+            cache.put(mm.hash, emb, keep)
+            cache.num_encoded_items += 1
         return list(missing)
+
+    @torch.inference_mode()
+    def encode_unhashed(self, mms: list, hashes: Callable[[], list[str]]) -> list[str]:
+        """Encode items of new content (EncoderInputs without hashes; no cache holds them) before
+        their hashes are known: the encoders are launched first, and on a GPU they run while
+        `hashes()` computes those (in the items' order); the embeddings are then cached under them.
+        Returns the hashes."""
+        embs = self._encode(mms) if self.is_multimodal else []
+        keys = hashes()
+        cache, keep = self.encoder_cache, set(keys)
+        for key, emb in zip(keys, embs):
+            cache.put(key, emb, keep)
+            cache.num_encoded_items += 1
+        self.num_prefetched_items += len(embs)
+        return keys if embs else []
 
     def prefetch_encoders(self, seq: Sequence, first_token: int, budget: int) -> int:
         """Encode the items of `seq` that its next chunk (budget tokens from first_token) will need,
