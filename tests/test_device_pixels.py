@@ -123,10 +123,7 @@ def test_gpu_device_path_is_hf_on_the_gpu():
         ref = hf(images=[image], size={"shortest_edge": QWEN_PIXELS[0], "longest_edge": QWEN_PIXELS[1]},
                  return_tensors="pt", device="cuda")
         assert torch.equal(grid, ref["image_grid_thw"].cpu())
-        # read from the PIL image's memory (a synchronous copy), then from the pinned staging copy
-        assert not deferred.is_staged and not deferred.image.is_pinned()
-        assert torch.equal(deferred.to("cuda"), ref["pixel_values"].to("cuda"))
-        assert deferred.stage().image.is_pinned()
+        assert not deferred.is_staged and deferred.stage(threads=4).image.is_pinned()
         assert torch.equal(deferred.to("cuda"), ref["pixel_values"].to("cuda"))
     hf, fast = clip_fast()
     for size in ((336, 336), (640, 480), (333, 517)):

@@ -1,8 +1,10 @@
-"""device_utils: host data onto the device through pinned memory, copied by one thread."""
+"""device_utils: host data onto the device through pinned memory, copied by one thread (or split over
+several, for a copy that holds up a latency-bound request)."""
+import numpy as np
 import pytest
 import torch
 
-from vlmserve.device_utils import pinned, to_device
+from vlmserve.device_utils import copy_in_parallel, pinned, to_device
 
 
 def test_to_device_on_cpu_converts_lists_and_dtypes():
@@ -22,3 +24,11 @@ def test_pinned_copies_match_and_are_pinned():
         assert p.data_ptr() != t.data_ptr()
     dev = to_device(big, torch.device("cuda"))
     assert torch.equal(dev.cpu(), big)
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024, 4), (7, 5, 3), (1, 4096), (13,)])
+def test_copy_in_parallel_copies_every_row(shape):
+    src = torch.from_numpy(np.random.default_rng(len(shape)).integers(0, 256, shape, dtype=np.uint8))
+    dst = torch.zeros_like(src)
+    assert copy_in_parallel(dst, src, threads=4, min_bytes_per_thread=1) is dst  # as many parts as rows allow
+    assert torch.equal(dst, src)

@@ -5,6 +5,9 @@ memory) waits for everything queued on the stream. With async scheduling, the ho
 n+1 while the device runs step n, so one such copy makes it wait for step n instead."""
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -16,6 +19,32 @@ def copy_by_one_thread(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if src.dtype == torch.bfloat16:  # numpy has no bfloat16
         return dst.copy_(src)
     np.copyto(dst.numpy(), src.numpy())
+    return dst
+
+
+_copy_pool: ThreadPoolExecutor | None = None
+_copy_pool_lock = threading.Lock()
+
+
+def copy_in_parallel(dst: torch.Tensor, src: torch.Tensor, threads: int = 4,
+                     min_bytes_per_thread: int = 1 << 20) -> torch.Tensor:
+    """copy_by_one_thread, split by rows over up to `threads` threads (this one among them), with at
+    least min_bytes_per_thread each: numpy's copy releases the GIL, so the parts run at once. For
+    copies that hold up a latency-bound request: a lone prompt's 4 MB image took ~0.8 ms to stage on
+    one thread of an H200 host, before its encoder could start."""
+    global _copy_pool
+    n = min(threads, src.shape[0] if src.dim() else 1, src.numel() * src.element_size() // min_bytes_per_thread)
+    if n <= 1 or src.dtype == torch.bfloat16:
+        return copy_by_one_thread(dst, src)
+    with _copy_pool_lock:
+        if _copy_pool is None:
+            _copy_pool = ThreadPoolExecutor(max_workers=max(threads - 1, 1), thread_name_prefix="vlmserve-copy")
+    d, s = dst.numpy(), src.numpy()
+    bounds = [len(s) * i // n for i in range(n + 1)]
+    parts = [_copy_pool.submit(np.copyto, d[a:b], s[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
+    np.copyto(d[:bounds[1]], s[:bounds[1]])
+    for part in parts:
+        part.result()
     return dst
 
 

@@ -190,12 +190,14 @@ class LLMEngine:
     def process_media(self, mm_data: dict, mm_processor_kwargs: dict | None = None,
                       for_encode_ahead: bool = False) -> ProcessedMedia:
         """process_multimodal's first half, which needs no token ids: the items' model inputs and
-        content hashes. for_encode_ahead: media for `encode_ahead`, which stages the device pixels
-        it does not encode and computes the hashes left pending (multimodal/processing.py)."""
+        content hashes. for_encode_ahead: media of a latency-bound request for `encode_ahead`: the
+        images are staged by several threads, and the hashes of new content are left pending, to be
+        computed while the encoders run (multimodal/processing.py)."""
         if self.mm_processor is None:
             raise MultiModalInputError(f"{self.model_config.architecture} takes no multimodal input")
         return self.mm_processor.process(mm_data, self.limit_mm_per_prompt, mm_processor_kwargs,
-                                         stage=not for_encode_ahead, encode_first=for_encode_ahead)
+                                         stage_threads=4 if for_encode_ahead else 1,
+                                         encode_first=for_encode_ahead)
 
     def place_media(self, prompt_token_ids: list[int], media: ProcessedMedia) -> tuple[list[int], list[MultiModalItem]]:
         """process_multimodal's second half: the prompt's placeholders expanded for the items."""
@@ -208,10 +210,8 @@ class LLMEngine:
         Left to the step: items that a cached KV block holds (the prompt may need no encoder for
         them), and media larger than the encoder cache. Returns how many items went through an
         encoder. Off with VLMSERVE_ENCODER_PREFETCH=0.
-        Media processed for it (`process_media(..., for_encode_ahead=True)`): the encoders read
-        the pixels where the caller holds them (no staging copy before them), and images of content
-        not seen lately are encoded before they are hashed; the rest is staged and hashed before
-        this returns."""
+        Media processed for it (`process_media(..., for_encode_ahead=True)`): images of content
+        not seen lately are encoded before they are hashed; all hashes are known when this returns."""
         encoded: list[str] = []
         try:
             if not self.prefetch_encoders or self.requests or self._in_flight is not None:
@@ -229,7 +229,7 @@ class LLMEngine:
                 encoded += self.runner.encode_ahead(items)
             return len(encoded)
         finally:
-            media.stage(unless=set(encoded))
+            media.finish_hashes()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float | None = None,

@@ -5,8 +5,7 @@ On a GPU, resizing and normalizing a large image on the host costs more than enc
 it gives are 8x the bytes of the uint8 image to copy to the device. So where the engine runs on
 CUDA, a processor may hand over `DevicePixels` in an item's data instead of pixel values: the
 decoded uint8 image and the function that finishes it. The image is staged (copied into pinned
-memory, so that the copy to the device is asynchronous) once the processing is done, unless the
-engine encodes the item at once. The model runner moves item data with `.to(device)`, which here
+memory, so that the copy to the device is asynchronous) once the processing is done. The model runner moves item data with `.to(device)`, which here
 copies the image and runs the function there; models see ordinary pixel tensors.
 
 The function is the processor's own torch/torchvision code, so on the CPU it gives the host path's
@@ -22,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from vlmserve.device_utils import copy_by_one_thread
+from vlmserve.device_utils import copy_by_one_thread, copy_in_parallel
 
 
 def device_preprocess_enabled(device: torch.device | str | None) -> bool:
@@ -76,9 +75,8 @@ class DevicePixels:
     @classmethod
     def view(cls, image: torch.Tensor, finish: Callable[[torch.Tensor], torch.Tensor],
              device: torch.device | str | None) -> DevicePixels:
-        """Pixels that still read the caller's memory: `stage` copies them before they outlive the
-        caller's call. An engine that encodes them at once (a lone prompt on an idle engine) copies
-        them straight to the device instead, with no staging copy before the encoder starts."""
+        """Pixels that still read the caller's memory, until `stage` copies them (the processor's
+        caller says with how many threads)."""
         return cls(image, finish, stage_for=device if device is not None else "cpu")
 
     @classmethod
@@ -86,9 +84,10 @@ class DevicePixels:
                device: torch.device | str | None) -> DevicePixels:
         return cls.view(image, finish, device).stage()
 
-    def stage(self) -> DevicePixels:
+    def stage(self, threads: int = 1) -> DevicePixels:
         """Replace the view by a copy of the image, pinned for a CUDA device within PINNED_BUDGET (the
-        runner's copy then does not wait), else pageable. Once; returns self."""
+        runner's copy then does not wait), else pageable; made by up to `threads` threads. Once;
+        returns self."""
         if self.is_staged:
             return self
         image, device = self.image, self.stage_for
@@ -102,13 +101,12 @@ class DevicePixels:
             weakref.finalize(copy, PINNED_BUDGET.give_back, nbytes)
         else:
             copy = torch.empty(image.shape, dtype=image.dtype)
-        self.image = copy_by_one_thread(copy, image)  # a media worker thread each
+        # a media worker thread each; several for a lone prompt's images, which hold up its encoder
+        self.image = copy_by_one_thread(copy, image) if threads <= 1 else copy_in_parallel(copy, image, threads)
         self.is_staged, self.stage_for = True, None
         return self
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> torch.Tensor:
-        """The pixel values on `device`. From a view (pageable memory) the copy to a GPU is synchronous:
-        it waits for the stream's earlier work, which an idle engine does not have."""
         return self.finish(self.image.to(device, non_blocking=non_blocking))
 
     @property
@@ -120,11 +118,11 @@ class DevicePixels:
         return f"DevicePixels(uint8 image {tuple(self.image.shape)}, {state})"
 
 
-def stage_all(data: dict) -> None:
+def stage_all(data: dict, threads: int = 1) -> None:
     """Stage the DevicePixels among an item's data (views of the caller's memory until then)."""
     for v in data.values():
         if isinstance(v, DevicePixels):
-            v.stage()
+            v.stage(threads)
 
 
 class DeviceCopies:

@@ -68,16 +68,11 @@ class ProcessedMedia:
                     if self.seen is not None:
                         self.seen.add(h.fingerprint)
 
-    def stage(self, unless: set[str] = frozenset()) -> None:
-        """Stage the items' device pixels (multimodal/device_pixels.py), except those of items whose
-        hash is in `unless` (encoded already: their pixels are not read again unless the encoder
-        cache lets them go before their step, and then a copy from the caller's memory is right,
-        only synchronous)."""
-        self.finish_hashes()
-        for m, group in self.items.items():
-            for p, h in zip(group, self.hashes[m]):
-                if h not in unless:
-                    stage_all(p.data)
+    def stage(self, threads: int = 1) -> None:
+        """Stage the items' device pixels (multimodal/device_pixels.py) with up to `threads` threads each."""
+        for group in self.items.values():
+            for p in group:
+                stage_all(p.data, threads)
 
 
 class MultiModalInputError(ValueError):
@@ -163,18 +158,15 @@ class BaseMultiModalProcessor:
         return self.place(prompt_token_ids, self.process(mm_data, limits, request_kwargs))
 
     def process(self, mm_data: dict, limits: dict[str, int], request_kwargs: dict | None = None,
-                stage: bool = True, encode_first: bool = False) -> ProcessedMedia:
+                stage_threads: int = 1, encode_first: bool = False) -> ProcessedMedia:
         """A request's media -> model inputs and content hashes, before they are placed in its prompt
         (which needs no token ids: the engine may start the encoders before the prompt is tokenized).
-        For an engine that encodes the media at once:
-        - stage=False: device pixels may still read the caller's memory; the caller stages them
-          (`ProcessedMedia.stage`) before the call that handed the media over returns;
-        - encode_first: the hashes of images of content not seen lately are left pending, to be
-          computed while their encoders run (`ProcessedMedia.fresh_inputs`)."""
+        stage_threads: the threads that copy each image's device pixels out of the caller's memory.
+        encode_first: the hashes of images of content not seen lately are left pending, to be
+        computed while their encoders run (`ProcessedMedia.fresh_inputs`)."""
         with shared_pil_bytes():  # processing and hashing read each PIL image's pixels once
             media = self._process(mm_data, limits, request_kwargs, encode_first)
-        if stage:
-            media.stage()
+        media.stage(stage_threads)
         return media
 
     def _process(self, mm_data: dict, limits: dict[str, int], request_kwargs: dict | None,
