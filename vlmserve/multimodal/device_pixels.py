@@ -5,8 +5,9 @@ On a GPU, resizing and normalizing a large image on the host costs more than enc
 it gives are 8x the bytes of the uint8 image to copy to the device. So where the engine runs on
 CUDA, a processor may hand over `DevicePixels` in an item's data instead of pixel values: the
 decoded uint8 image and the function that finishes it. The image is staged (copied into pinned
-memory, so that the copy to the device is asynchronous) once the processing is done. The model runner moves item data with `.to(device)`, which here
-copies the image and runs the function there; models see ordinary pixel tensors.
+memory, so that the copy to the device is asynchronous) once the processing is done. The model
+runner moves item data with `.to(device)`, which here copies the image and runs the function
+there; models see ordinary pixel tensors.
 
 The function is the processor's own torch/torchvision code, so on the CPU it gives the host path's
 numbers bit for bit, and on the GPU HF's processor's numbers for `device="cuda"` (GPU resampling

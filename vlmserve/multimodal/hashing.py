@@ -75,7 +75,8 @@ def fingerprint(obj, **extra) -> bytes | None:
     """A cheap key of a PIL image whose pixels are read in Pillow's own memory (~0.05 ms for a
     1024x1024 image on the 2-core CI machine, against ~0.8 ms for its hash): its mode, size and
     `extra`, and 16 of its rows. Equal content hashes (hash_item with the same extra) give equal
-    fingerprints, so an image whose fingerprint was never seen has a hash that no cache holds. None for other items."""
+    fingerprints, so an image whose fingerprint was never seen has a hash that no cache holds.
+    None for other items."""
     if not isinstance(obj, Image.Image):
         return None
     data = pil_bytes(obj)
