@@ -218,11 +218,8 @@ class LLMEngine:
                 return 0
             limit = self.runner.encoder_cache.max_tokens
             fresh = media.fresh_inputs()
-            if fresh and sum(it.length for it, _, _ in fresh) <= limit:
-                def hashes() -> list[str]:
-                    media.finish_hashes()
-                    return [media.hashes[m][i] for _, m, i in fresh]
-                encoded += self.runner.encode_unhashed([it for it, _, _ in fresh], hashes)
+            if fresh and sum(it.length for it in fresh) <= limit:
+                encoded += self.runner.encode_unhashed(fresh, media.finish_hashes)
             items = [it for it in media.encoder_inputs()
                      if it.hash not in encoded and not self.block_manager.may_hold_media(it.hash)]
             if items and sum(it.length for it in items) <= limit:

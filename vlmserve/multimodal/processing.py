@@ -53,20 +53,25 @@ class ProcessedMedia:
         return [EncoderInput(m, p.num_tokens, p.data, h)
                 for m, group in self.items.items() for p, h in zip(group, self.hashes[m])]
 
-    def fresh_inputs(self) -> list[tuple[EncoderInput, str, int]]:
-        """The items whose hashes are pending, as encoder inputs without a hash, each with its
-        modality and index: content never seen (SeenMedia), which no cache can hold."""
-        return [(EncoderInput(m, p.num_tokens, p.data, None), m, i) for m, group in self.items.items()
-                for i, (p, h) in enumerate(zip(group, self.hashes[m])) if isinstance(h, PendingHash)]
+    def fresh_inputs(self) -> list[EncoderInput]:
+        """The items whose hashes are pending, as encoder inputs without a hash: content never seen
+        (SeenMedia), which no cache can hold. finish_hashes gives their hashes, in this order."""
+        return [EncoderInput(m, p.num_tokens, p.data, None) for m, group in self.items.items()
+                for p, h in zip(group, self.hashes[m]) if isinstance(h, PendingHash)]
 
-    def finish_hashes(self) -> None:
-        for group in self.hashes.values():
+    def finish_hashes(self) -> list[str]:
+        """Compute the pending hashes; returns them in the items' order (fresh_inputs')."""
+        done = []
+        for m in self.items:
+            group = self.hashes[m]
             for i, h in enumerate(group):
                 if isinstance(h, PendingHash):
                     with shared_pil_bytes([(h.value, h.pixels)]):
                         group[i] = hash_item(h.value, **h.extra)
+                    done.append(group[i])
                     if self.seen is not None:
                         self.seen.add(h.fingerprint)
+        return done
 
     def stage(self, threads: int = 1) -> None:
         """Stage the items' device pixels (multimodal/device_pixels.py) with up to `threads` threads each."""
