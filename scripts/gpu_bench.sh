@@ -11,6 +11,8 @@
 #   vision_sweep   scripts/gpu_vision_attention_sweep.py: the Triton vision attention's variants and tiles
 #                  (VSWEEP_CONFIGS: its --configs)
 #   check_sweep    scripts/gpu_check.py with the tile-size sweeps (--sweep)
+#   last_wave      scripts/gpu_last_wave_probe.py: the vision attention's last wave cut into pieces or not
+#                  (beside $BEFORE's kernel where given)
 #   {llava,qwen}_{latency,throughput,profile,trace}
 #                  one figure of one model (trace: scripts/gpu_step_trace.py, the throughput run step by step)
 #                  (TRACE_STEP=0: the trace profiles the first prefill step, host ops included; TRACE_TOP: rows of
@@ -140,6 +142,9 @@ for part in $PARTS; do
         vision_sweep)  # the Triton vision attention's variants and tiles, each in its own process
             step vision_sweep "${T_VSWEEP:-400}" python scripts/gpu_vision_attention_sweep.py \
                 --out "$OUT/vision_sweep.json" ${VSWEEP_CONFIGS:+--configs "$VSWEEP_CONFIGS"} ;;
+        last_wave)  # the vision attention's last wave: cuts planned and forced, beside $BEFORE's kernel
+            step last_wave "${T_LWAVE:-300}" python scripts/gpu_last_wave_probe.py --out "$OUT/last_wave.json" \
+                ${BEFORE:+--before "$BEFORE"} ;;
         check_sweep)  # the kernel checks, plus tile-size sweeps of the decode attention and GEMV kernels
             step gpu_check "${T_CHECK:-240}" python scripts/gpu_check.py --sweep --out "$OUT/gpu_check.json" ;;
         llava_latency|qwen_latency|llava_throughput|qwen_throughput|llava_profile|qwen_profile|llava_trace|qwen_trace)

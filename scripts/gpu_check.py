@@ -204,11 +204,11 @@ def check_layer_norm(rows, dtype, T, n):
                  "layernorm_tbps": 2 * gb / ms_plain})
 
 
-def check_packed_attention(rows, dtype, lengths, h, d, hkv=None, causal=False, time_it=True):
+def check_packed_attention(rows, dtype, lengths, h, d, hkv=None, causal=False, time_it=True, last_split=None):
     """The Triton packed attention (head_dim split into powers of two) against its float32 torch
     reference, and timed beside what runs otherwise: bidirectional (vision) on q, k, v views of one
     fused qkv, beside torch's SDPA path; causal (fresh prompts, hkv key heads) beside FlashAttention's
-    varlen op."""
+    varlen op. last_split: the kernel's (programs cut, pieces each), else its plan for the GPU."""
     from vlmserve.kernels import triton_packed_attention as tpk
     from vlmserve.layers.vision_attention import varlen_attention
 
@@ -222,10 +222,12 @@ def check_packed_attention(rows, dtype, lengths, h, d, hkv=None, causal=False, t
         q, k, v = torch.randn(cu[-1], 3, h, d, device=DEV, dtype=dtype).unbind(1)
     scale = d ** -0.5
     cu_t = torch.tensor(cu, device=DEV, dtype=torch.int32)
-    run = lambda: tpk.packed_attention(q, k, v, cu_t, max(lengths), scale, causal=causal)  # noqa: E731
+    run = lambda: tpk.packed_attention(q, k, v, cu_t, max(lengths), scale, causal=causal,  # noqa: E731
+                                       last_split=last_split)
     row = {"kernel": "prefill_packed_attn" if causal else "vision_attn", "dtype": str(dtype),
            "shape": f"lens={lengths[:3]}{'...' if len(lengths) > 3 else ''} x{len(lengths)} H={h}"
-                    + (f"/{hkv} causal" if causal else "") + f" D={d}"}
+                    + (f"/{hkv} causal" if causal else "") + f" D={d}"
+                    + (f" cut {last_split[0]}x{last_split[1]}" if last_split else "")}
     try:  # a kernel not yet compiled on a GPU: a failure is a BAD row, not the end of the other checks
         err = rel_err(run(), tpk.reference_packed_attention(q, k, v, cu, scale, causal=causal))
     except Exception as e:  # noqa: BLE001
@@ -452,6 +454,8 @@ def main() -> int:
     check_packed_attention(rows, torch.bfloat16, [5476], 16, 80)  # one 1024x1024 image, Qwen2-VL's ViT
     check_packed_attention(rows, torch.bfloat16, [577] * 8, 16, 64)  # eight CLIP ViT-L/14-336 images
     check_packed_attention(rows, torch.float32, [100, 37, 256, 1], 4, 80, time_it=False)
+    check_packed_attention(rows, torch.bfloat16, [5476] * 2, 16, 80)  # two images: the plan cuts 56 programs in 4
+    check_packed_attention(rows, torch.float32, [100, 37, 256, 1], 4, 80, time_it=False, last_split=(10, 3))
     check_packed_attention(rows, torch.bfloat16, [607] * 27, 32, 128, hkv=32, causal=True)  # a LLaVA prefill step
     check_packed_attention(rows, torch.bfloat16, [1400] * 11, 28, 128, hkv=4, causal=True)  # Qwen2-VL's
     check_packed_attention(rows, torch.float32, [100, 37, 256, 1], 8, 96, hkv=2, causal=True, time_it=False)

@@ -7,6 +7,7 @@ Qwen2.5-VL's towers run through it."""
 import importlib
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -61,6 +62,56 @@ def test_kernel_matches_reference(d, lengths, tiles):
     k2[cu[0]:cu[1]] += 1.0
     got2 = tpk.packed_attention(q, k2, v, torch.tensor(cu, dtype=torch.int32), max(lengths), scale, **kw)
     torch.testing.assert_close(got2[cu[1]:], got[cu[1]:], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("d, lengths, last_split", [
+    (80, [100], (3, 3)),  # the last wave's programs of one segment, keys shared in three
+    (64, [100], (None, 2)),  # every program cut
+    (80, [37, 100, 5], (12, 4)),  # programs past a short segment's end among those cut (nothing to do)
+    (64, [40], (6, 7)),  # more pieces than key tiles: pieces with no keys at all
+])
+def test_last_programs_cut_over_the_keys_match_reference(d, lengths, last_split, paired):
+    """A lone image's last wave: its last programs each run as pieces over a share of the keys, whose
+    partial states a second kernel merges; every row's output is the whole softmax's, and the rows
+    of the programs not cut are those of a launch that cuts none, bit for bit."""
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    heads, block_m = 3, 32 if paired else 16
+    q, k, v = _qkv(cu[-1], heads, d, seed=d + len(lengths))
+    n_tiles = -(-max(lengths) // block_m)
+    programs = n_tiles * heads * len(lengths)
+    last_split = (programs if last_split[0] is None else last_split[0], last_split[1])
+    kw = dict(block_m=block_m, block_n=16, num_warps=4, pair=paired)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    got = tpk.packed_attention(q, k, v, cu_t, max(lengths), d ** -0.5, last_split=last_split, **kw)
+    torch.testing.assert_close(got, tpk.reference_packed_attention(q, k, v, cu, d ** -0.5), **TOL)
+    whole = tpk.packed_attention(q, k, v, cu_t, max(lengths), d ** -0.5, last_split=(0, 1), **kw)
+    cut = torch.zeros(cu[-1], heads, dtype=torch.bool)  # programs run tiles fastest, then heads, segments
+    for p in range(programs - last_split[0], programs):
+        tile, h, seg = p % n_tiles, p // n_tiles % heads, p // (n_tiles * heads)
+        cut[cu[seg] + tile * block_m:min(cu[seg] + (tile + 1) * block_m, cu[seg + 1]), h] = True
+    assert torch.equal(got[~cut], whole[~cut])
+    with pytest.raises(ValueError, match="last_split"):
+        tpk.packed_attention(q, k, v, cu_t, max(lengths), d ** -0.5, last_split=(programs + 1, 2), **kw)
+    with pytest.raises(ValueError, match="bidirectional"):
+        tpk.packed_attention(q, k, v, cu_t, max(lengths), d ** -0.5, causal=True, block_m=16, last_split=(1, 2))
+
+
+def test_last_wave_split_by_slots():
+    """What the GPU launch plans from its slots (SMs x programs an SM holds)."""
+    assert tpk.split_last_wave(688, 264) == (160, 3)  # one 1024x1024 image on an H200: 2.67 waves, not 3
+    assert tpk.split_last_wave(1376, 264) == (56, 4)  # two: 5.25, not 6
+    assert tpk.split_last_wave(4128, 264) == (0, 1)  # six: 15.67 against 16 saves under 3%
+    assert tpk.split_last_wave(528, 264) == (0, 1)  # whole waves
+    assert tpk.split_last_wave(200, 264) == (0, 1)  # under one wave
+    assert tpk.split_last_wave(688, 0) == (0, 1)  # slots unknown
+    h200 = types.SimpleNamespace(regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472,
+                                 max_threads_per_multi_processor=2048)
+    assert tpk.resident_programs(245, 80 * 1024, 4, h200) == 2  # the image kernel, as compiled by Triton 3.6
+    assert tpk.resident_programs(128, 40 * 1024, 4, h200) == 4
+    assert tpk.resident_programs(32, 0, 4, h200) == 16  # by threads
 
 
 def test_pairs_only_bidirectional_split_tiles():

@@ -166,25 +166,72 @@ if triton is not None:
             tl.store(o_rows + DA + tl.arange(0, DB)[None, :], (acc_b / l[:, None]).to(o_ptr.dtype.element_ty),
                      mask=rm)
 
+    @triton.jit
+    def _attend_range(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt, stride_vt, lo, hi, length,
+                      qk_scale, DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+        """`_attend_tiles` (bidirectional) over keys lo:hi, lo a multiple of BLOCK_N: the tiles wholly
+        inside the segment unmasked, then the partial one (at the segment's end) masked."""
+        full = tl.maximum(lo, tl.minimum(hi, (length // BLOCK_N) * BLOCK_N))
+        acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt, stride_vt,
+                                           lo, full, length, qk_scale, DA, DB, BLOCK_N, PREC, False, False)
+        return _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt, stride_vt, full, hi,
+                             length, qk_scale, DA, DB, BLOCK_N, PREC, True, False)
+
+    @triton.jit
+    def _store_piece(acc_ptr, ml_ptr, piece, offset, acc_a, acc_b, l, m, DA: tl.constexpr, DB: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+        """A piece's partial state (unnormalized outputs, running sum and max) for a block of its rows,
+        `offset` rows into its BLOCK_M, in float32: acc [pieces * BLOCK_M, DA + DB], ml [.., 2]."""
+        rows = piece * BLOCK_M + offset + tl.arange(0, l.shape[0])
+        a_rows = acc_ptr + rows[:, None].to(tl.int64) * (DA + DB)
+        tl.store(a_rows + tl.arange(0, DA)[None, :], acc_a)
+        if DB > 0:
+            tl.store(a_rows + DA + tl.arange(0, DB)[None, :], acc_b)
+        tl.store(ml_ptr + rows * 2, l)
+        tl.store(ml_ptr + rows * 2 + 1, m)
+
+    @triton.jit
+    def _program_item(item, n_tiles, n_heads, CAUSAL: tl.constexpr):
+        """(tile, head, segment) of program `item`: tiles fastest, then heads, then segments."""
+        tile = item % n_tiles
+        rest = item // n_tiles
+        if CAUSAL:  # the last blocks of a segment have the most keys: start them first
+            tile = n_tiles - 1 - tile
+        return tile, rest % n_heads, rest // n_heads
+
     @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
-    def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale,
-                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, acc_ptr, ml_ptr, qk_scale, n_tiles, n_heads,
+                                 n_whole, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                  stride_ot, stride_oh,
                                  DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_TAIL: tl.constexpr,
-                                 CAUSAL: tl.constexpr, GROUP: tl.constexpr, PAIRED: tl.constexpr):
+                                 CAUSAL: tl.constexpr, GROUP: tl.constexpr, PAIRED: tl.constexpr,
+                                 PIECES: tl.constexpr):
         """FlashAttention over one segment, for BLOCK_M of its rows and query head h (key head
         h // GROUP). SPLIT_TAIL: the key tiles that need no mask in one loop, the rest (the partial
         tile; CAUSAL: the tiles from the block's first row on) in a second loop; else every tile masked.
         PAIRED (bidirectional, SPLIT_TAIL): the rows as two blocks of BLOCK_M / 2 whose unmasked tiles
-        share one loop (`_attend_full_tiles_paired`)."""
-        tile = tl.program_id(0)
-        if CAUSAL:  # the last blocks of a segment have the most keys: start them first
-            tile = tl.num_programs(0) - 1 - tile
-        h = tl.program_id(1)
-        seg = tl.program_id(2)
+        share one loop (`_attend_full_tiles_paired`).
+        PIECES > 1 (bidirectional, SPLIT_TAIL): the first n_whole programs of the (tile, head, segment)
+        order run whole; each one after them is cut into PIECES launched programs, each over a share
+        of the keys, that leave a partial state for `_merge_pieces_kernel` (acc_ptr, ml_ptr)."""
+        pid = tl.program_id(0)
+        item = pid
+        part = 0
+        if PIECES > 1:
+            if pid >= n_whole:
+                part = (pid - n_whole) % PIECES
+                item = n_whole + (pid - n_whole) // PIECES
+        tile, h, seg = _program_item(item, n_tiles, n_heads, CAUSAL)
         start = tl.load(cu_ptr + seg).to(tl.int64)  # row offsets in 64 bits: long videos pass 2^31 elements
         length = (tl.load(cu_ptr + seg + 1) - start).to(tl.int32)
+        lo = 0
+        hi = length
+        if PIECES > 1:
+            if pid >= n_whole:  # whole key tiles, shared out as evenly as they go
+                share = tl.cdiv(tl.cdiv(length, BLOCK_N), PIECES) * BLOCK_N
+                lo = tl.minimum(part * share, length)
+                hi = tl.minimum(lo + share, length)
         kvh = h // GROUP
         k_base = k_ptr + start * stride_kt + kvh * stride_kh
         v_base = v_ptr + start * stride_vt + kvh * stride_vh
@@ -196,36 +243,79 @@ if triton is not None:
                                                               stride_qh, DA, DB)
                 qa1, qb1, m1, l1, acc_a1, acc_b1 = _load_rows(q_ptr, start, rows1, length, h, stride_qt,
                                                               stride_qh, DA, DB)
-                full = (length // BLOCK_N) * BLOCK_N
+                full = tl.maximum(lo, tl.minimum(hi, (length // BLOCK_N) * BLOCK_N))
                 acc_a0, acc_b0, l0, m0, acc_a1, acc_b1, l1, m1 = _attend_full_tiles_paired(
                     acc_a0, acc_b0, l0, m0, acc_a1, acc_b1, l1, m1, qa0, qb0, qa1, qb1, k_base, v_base,
-                    stride_kt, stride_vt, 0, full, qk_scale, DA, DB, BLOCK_N, PREC)
+                    stride_kt, stride_vt, lo, full, qk_scale, DA, DB, BLOCK_N, PREC)
                 acc_a0, acc_b0, l0, m0 = _attend_tiles(acc_a0, acc_b0, l0, m0, qa0, qb0, rows0, k_base, v_base,
-                                                       stride_kt, stride_vt, full, length, length, qk_scale, DA,
+                                                       stride_kt, stride_vt, full, hi, length, qk_scale, DA,
                                                        DB, BLOCK_N, PREC, True, False)
                 acc_a1, acc_b1, l1, m1 = _attend_tiles(acc_a1, acc_b1, l1, m1, qa1, qb1, rows1, k_base, v_base,
-                                                       stride_kt, stride_vt, full, length, length, qk_scale, DA,
+                                                       stride_kt, stride_vt, full, hi, length, qk_scale, DA,
                                                        DB, BLOCK_N, PREC, True, False)
-                _store_rows(o_ptr, start, rows0, length, h, stride_ot, stride_oh, acc_a0, acc_b0, l0, DA, DB)
-                _store_rows(o_ptr, start, rows1, length, h, stride_ot, stride_oh, acc_a1, acc_b1, l1, DA, DB)
+                if PIECES > 1 and pid >= n_whole:
+                    _store_piece(acc_ptr, ml_ptr, pid - n_whole, 0, acc_a0, acc_b0, l0, m0, DA, DB, BLOCK_M)
+                    _store_piece(acc_ptr, ml_ptr, pid - n_whole, BLOCK_M // 2, acc_a1, acc_b1, l1, m1, DA, DB,
+                                 BLOCK_M)
+                else:
+                    _store_rows(o_ptr, start, rows0, length, h, stride_ot, stride_oh, acc_a0, acc_b0, l0, DA, DB)
+                    _store_rows(o_ptr, start, rows1, length, h, stride_ot, stride_oh, acc_a1, acc_b1, l1, DA, DB)
         elif tile * BLOCK_M < length:
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
             qa, qb, m, l, acc_a, acc_b = _load_rows(q_ptr, start, rows, length, h, stride_qt, stride_qh, DA, DB)
-            end = length
             if CAUSAL:
                 end = tl.minimum(length, (tile + 1) * BLOCK_M)
-            unmasked_end = 0
-            if SPLIT_TAIL:
-                unmasked_end = (length // BLOCK_N) * BLOCK_N
-                if CAUSAL:
-                    unmasked_end = tl.minimum(unmasked_end, ((tile * BLOCK_M) // BLOCK_N) * BLOCK_N)
+                unmasked_end = 0
+                if SPLIT_TAIL:
+                    unmasked_end = tl.minimum((length // BLOCK_N) * BLOCK_N, ((tile * BLOCK_M) // BLOCK_N) * BLOCK_N)
+                    acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
+                                                       stride_vt, 0, unmasked_end, length, qk_scale, DA, DB,
+                                                       BLOCK_N, PREC, False, True)
                 acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
-                                                   stride_vt, 0, unmasked_end, length, qk_scale, DA, DB, BLOCK_N,
-                                                   PREC, False, CAUSAL)
-            acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
-                                               stride_vt, unmasked_end, end, length, qk_scale, DA, DB, BLOCK_N,
-                                               PREC, True, CAUSAL)
-            _store_rows(o_ptr, start, rows, length, h, stride_ot, stride_oh, acc_a, acc_b, l, DA, DB)
+                                                   stride_vt, unmasked_end, end, length, qk_scale, DA, DB, BLOCK_N,
+                                                   PREC, True, True)
+            elif SPLIT_TAIL:
+                acc_a, acc_b, l, m = _attend_range(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
+                                                   stride_vt, lo, hi, length, qk_scale, DA, DB, BLOCK_N, PREC)
+            else:
+                acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
+                                                   stride_vt, lo, hi, length, qk_scale, DA, DB, BLOCK_N, PREC,
+                                                   True, False)
+            if PIECES > 1 and pid >= n_whole:
+                _store_piece(acc_ptr, ml_ptr, pid - n_whole, 0, acc_a, acc_b, l, m, DA, DB, BLOCK_M)
+            else:
+                _store_rows(o_ptr, start, rows, length, h, stride_ot, stride_oh, acc_a, acc_b, l, DA, DB)
+
+    @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
+    def _merge_pieces_kernel(o_ptr, cu_ptr, acc_ptr, ml_ptr, n_tiles, n_heads, n_whole, stride_ot, stride_oh,
+                             D: tl.constexpr, D_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PIECES: tl.constexpr):
+        """The outputs of program n_whole + program_id(0), from its PIECES partial states: each
+        piece's sums rescaled to the largest running max, added, divided by the summed weights."""
+        t = tl.program_id(0)
+        tile, h, seg = _program_item(n_whole + t, n_tiles, n_heads, False)
+        start = tl.load(cu_ptr + seg).to(tl.int64)
+        length = (tl.load(cu_ptr + seg + 1) - start).to(tl.int32)
+        if tile * BLOCK_M < length:
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = tl.arange(0, D_POW2)
+            m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+            l = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D_POW2], tl.float32)
+            for j in tl.static_range(PIECES):
+                piece_rows = (t * PIECES + j) * BLOCK_M + tl.arange(0, BLOCK_M)
+                m_j = tl.load(ml_ptr + piece_rows * 2 + 1)
+                l_j = tl.load(ml_ptr + piece_rows * 2)
+                acc_j = tl.load(acc_ptr + piece_rows[:, None].to(tl.int64) * D + cols[None, :],
+                                mask=(cols < D)[None, :], other=0.0)
+                m_new = tl.maximum(m, m_j)
+                alpha = tl.exp2(m - m_new)
+                beta = tl.exp2(m_j - m_new)
+                acc = acc * alpha[:, None] + acc_j * beta[:, None]
+                l = l * alpha + l_j * beta
+                m = m_new
+            o_rows = o_ptr + (start + rows)[:, None] * stride_ot + h * stride_oh + cols[None, :]
+            tl.store(o_rows, (acc / l[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=(rows < length)[:, None] & (cols < D)[None, :])
 
 
 def default_tiles(max_len: int, causal: bool) -> tuple[int, bool, int]:
@@ -248,7 +338,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      max_len: int, scale: float, block_m: int | None = None, block_n: int = 64,
                      num_warps: int | None = None, num_stages: int | None = None, split_tail: bool = True,
                      causal: bool = False, out: torch.Tensor | None = None,
-                     pair: bool | None = None) -> torch.Tensor:
+                     pair: bool | None = None, last_split: tuple[int, int] | None = None) -> torch.Tensor:
     """q: [N, H, D]; k, v: [N, Hkv, D] with H a multiple of Hkv (query heads share key heads in
     groups); last dims contiguous, rows may be strided (views of a fused qkv); cu_seqlens: [S + 1]
     int32 on q's device, segment i spanning rows cu_seqlens[i]:cu_seqlens[i + 1]; max_len: the
@@ -258,7 +348,10 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     Tiles: `default_tiles` for what is not given (`pair`: as they say where block_m is not given,
     else False; warps: 4 for 64 rows or paired blocks, else 8). pair: block_m rows as two blocks of
-    block_m / 2 whose full key tiles share one loop (bidirectional, split tails only)."""
+    block_m / 2 whose full key tiles share one loop (bidirectional, split tails only).
+    last_split (bidirectional, split tails): (n, pieces), the last n programs (blocks of rows of a
+    head) each run as `pieces` programs over a share of the keys, merged by a second kernel; not
+    given: `split_last_wave` on a CUDA device, so that a lone image's last wave fills the GPU."""
     tiles = default_tiles(max_len, causal)
     if pair is None:
         pair = block_m is None and tiles[1]
@@ -283,14 +376,104 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     S = cu_seqlens.shape[0] - 1
     if N == 0 or S == 0:
         return out
-    grid = (triton.cdiv(max_len, block_m), H, S)
-    _packed_attention_kernel[grid](
-        q, k, v, out, cu_seqlens, float(scale) * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_TAIL=split_tail, CAUSAL=causal,
-        GROUP=H // k.shape[1], PAIRED=pair, num_warps=num_warps, num_stages=num_stages)
+    n_tiles = triton.cdiv(max_len, block_m)
+    args = (q, k, v, out, cu_seqlens)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+               out.stride(1))
+    meta = dict(DA=split[0], DB=split[1], BLOCK_M=block_m, BLOCK_N=block_n,
+                PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_TAIL=split_tail, CAUSAL=causal,
+                GROUP=H // k.shape[1], PAIRED=pair, num_warps=num_warps, num_stages=num_stages)
+    programs = n_tiles * H * S
+    if last_split is None:
+        last_split = (0, 1) if causal or not split_tail else _plan_last_split(
+            args, (n_tiles, H, programs), strides, meta, q.device)
+    cut, pieces = last_split
+    if pieces < 1 or not 0 <= cut <= programs:
+        raise ValueError(f"last_split {last_split}: cut 0..{programs} programs into at least one piece each")
+    if cut == 0 or pieces == 1:
+        cut, pieces = 0, 1
+    elif causal or not split_tail:
+        raise ValueError("last_split is for bidirectional attention with split tails")
+    n_whole = programs - cut
+    acc = ml = out  # placeholders where nothing is cut: the kernel never reads them
+    if pieces > 1:
+        acc = torch.empty((cut * pieces * block_m, D), dtype=torch.float32, device=q.device)
+        ml = torch.empty((cut * pieces * block_m, 2), dtype=torch.float32, device=q.device)
+    _packed_attention_kernel[(n_whole + cut * pieces,)](
+        *args, acc, ml, float(scale) * LOG2E, n_tiles, H, n_whole, *strides, PIECES=pieces, **meta)
+    if pieces > 1:
+        _merge_pieces_kernel[(cut,)](out, cu_seqlens, acc, ml, n_tiles, H, n_whole, out.stride(0), out.stride(1),
+                                     D=D, D_POW2=triton.next_power_of_2(D), BLOCK_M=block_m, PIECES=pieces,
+                                     num_warps=4)
     return out
+
+
+def split_last_wave(programs: int, slots: int, max_pieces: int = 4, min_gain: float = 0.03) -> tuple[int, int]:
+    """(programs to cut, pieces each) so that the launch's last wave fills the GPU: `slots` programs
+    run at once (SMs x programs an SM holds), so the programs past the last full wave would run on a
+    part of the GPU while the rest idles; cut into pieces over the keys, they spread over all of it.
+    By waves of whole-program time: one 1024x1024 image on an H200 is 688 programs in 264 slots,
+    2 full waves and 160 programs (a third wave), cut in 3: 480 pieces, 2 waves of a third each, 2.67
+    in all. (0, 1) where no count of pieces saves `min_gain` of the launch, or under one full wave
+    (an SM's lone program runs faster than a shared one, which waves do not count)."""
+    if slots <= 0 or programs < slots:
+        return 0, 1
+    full, tail = divmod(programs, slots)
+    if tail == 0:
+        return 0, 1
+    best = (full + 1.0, 1)
+    for pieces in range(2, max_pieces + 1):
+        waves = full + -(-tail * pieces // slots) / pieces
+        if waves < best[0]:
+            best = (waves, pieces)
+    if best[1] == 1 or best[0] > (full + 1.0) * (1.0 - min_gain):
+        return 0, 1
+    return tail, best[1]
+
+
+_SLOTS: dict[tuple, int] = {}
+
+
+def _plan_last_split(args: tuple, counts: tuple[int, int, int], strides: tuple, meta: dict,
+                     device: torch.device) -> tuple[int, int]:
+    """`split_last_wave` for this launch on a CUDA device, with the slots its compiled kernel leaves
+    (the cut kernel's registers and shared memory against the SM's); (0, 1) elsewhere, or where the
+    compiled kernel cannot say. VLMSERVE_VISION_ATTENTION_SPLIT=0: never cut (for A/B runs)."""
+    if device.type != "cuda" or os.environ.get("VLMSERVE_VISION_ATTENTION_SPLIT") == "0":
+        return 0, 1
+    key = (device.index, args[0].dtype, tuple(sorted(meta.items())))
+    if key not in _SLOTS:
+        _SLOTS[key] = 0
+        try:
+            compiled = compiled_kernel(args, counts, strides, meta, pieces=2)
+            props = torch.cuda.get_device_properties(device)
+            _SLOTS[key] = props.multi_processor_count * resident_programs(
+                compiled.n_regs, compiled.metadata.shared, meta["num_warps"], props)
+        except Exception:  # a Triton whose compiled kernels say less: no cuts, as before them
+            pass
+    return split_last_wave(counts[2], _SLOTS[key])
+
+
+def compiled_kernel(args: tuple, counts: tuple[int, int, int], strides: tuple, meta: dict, pieces: int):
+    """The kernel as Triton compiles it for these arguments (q, k, v, out, cu_seqlens; n_tiles,
+    n_heads, n_whole), loaded, so that it tells its registers (n_regs, n_spills) and shared memory
+    (metadata.shared)."""
+    scratch = torch.empty(2, dtype=torch.float32, device=args[0].device)
+    compiled = _packed_attention_kernel.warmup(*args, scratch, scratch, 1.0, *counts, *strides, grid=(1,),
+                                               PIECES=pieces, **meta)
+    compiled.run  # noqa: B018 (loads the binary, which tells its registers)
+    return compiled
+
+
+def resident_programs(regs_per_thread: int, shared_bytes: int, num_warps: int, props) -> int:
+    """Programs of a kernel one SM holds at once, by its registers (allocated per warp in units of
+    256), shared memory (1 KB reserved per block) and threads; props: torch's CUDA device properties."""
+    regs_per_warp = -(-max(regs_per_thread, 1) * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    by_smem = smem // (shared_bytes + 1024)
+    by_threads = props.max_threads_per_multi_processor // (32 * num_warps)
+    return max(0, min(by_regs, by_smem, by_threads, 32))
 
 
 def reference_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
