@@ -191,52 +191,29 @@ if triton is not None:
         tl.store(ml_ptr + rows * 2 + 1, m)
 
     @triton.jit
-    def _program_item(item, n_tiles, n_heads, CAUSAL: tl.constexpr):
-        """(tile, head, segment) of program `item`: tiles fastest, then heads, then segments."""
-        tile = item % n_tiles
-        rest = item // n_tiles
-        if CAUSAL:  # the last blocks of a segment have the most keys: start them first
-            tile = n_tiles - 1 - tile
-        return tile, rest % n_heads, rest // n_heads
-
-    @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
-    def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, acc_ptr, ml_ptr, qk_scale, n_tiles, n_heads,
-                                 n_whole, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                                 stride_ot, stride_oh,
-                                 DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_TAIL: tl.constexpr,
-                                 CAUSAL: tl.constexpr, GROUP: tl.constexpr, PAIRED: tl.constexpr,
-                                 PIECES: tl.constexpr):
-        """FlashAttention over one segment, for BLOCK_M of its rows and query head h (key head
-        h // GROUP). SPLIT_TAIL: the key tiles that need no mask in one loop, the rest (the partial
-        tile; CAUSAL: the tiles from the block's first row on) in a second loop; else every tile masked.
-        PAIRED (bidirectional, SPLIT_TAIL): the rows as two blocks of BLOCK_M / 2 whose unmasked tiles
-        share one loop (`_attend_full_tiles_paired`).
-        PIECES > 1 (bidirectional, SPLIT_TAIL): the first n_whole programs of the (tile, head, segment)
-        order run whole; each one after them is cut into PIECES launched programs, each over a share
-        of the keys, that leave a partial state for `_merge_pieces_kernel` (acc_ptr, ml_ptr)."""
-        pid = tl.program_id(0)
-        item = pid
-        part = 0
-        if PIECES > 1:
-            if pid >= n_whole:
-                part = (pid - n_whole) % PIECES
-                item = n_whole + (pid - n_whole) // PIECES
-        tile, h, seg = _program_item(item, n_tiles, n_heads, CAUSAL)
+    def _segment(cu_ptr, k_ptr, v_ptr, seg, kvh, stride_kt, stride_kh, stride_vt, stride_vh):
+        """A segment's first row and length, and where its keys and values of key head kvh start."""
         start = tl.load(cu_ptr + seg).to(tl.int64)  # row offsets in 64 bits: long videos pass 2^31 elements
         length = (tl.load(cu_ptr + seg + 1) - start).to(tl.int32)
-        lo = 0
-        hi = length
-        if PIECES > 1:
-            if pid >= n_whole:  # whole key tiles, shared out as evenly as they go
-                share = tl.cdiv(tl.cdiv(length, BLOCK_N), PIECES) * BLOCK_N
-                lo = tl.minimum(part * share, length)
-                hi = tl.minimum(lo + share, length)
-        kvh = h // GROUP
-        k_base = k_ptr + start * stride_kt + kvh * stride_kh
-        v_base = v_ptr + start * stride_vt + kvh * stride_vh
-        if PAIRED:
-            if tile * BLOCK_M < length:
+        return start, length, k_ptr + start * stride_kt + kvh * stride_kh, v_ptr + start * stride_vt + kvh * stride_vh
+
+    @triton.jit
+    def _program_item(item, n_tiles, n_heads):
+        """(tile, head, segment) of the item-th program: tiles fastest, then heads, then segments."""
+        return item % n_tiles, item // n_tiles % n_heads, item // (n_tiles * n_heads)
+
+    @triton.jit
+    def _attend_piece(q_ptr, k_base, v_base, acc_ptr, ml_ptr, piece, part, start, length, tile, h, qk_scale,
+                      stride_qt, stride_qh, stride_kt, stride_vt, DA: tl.constexpr, DB: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PAIRED: tl.constexpr,
+                      PIECES: tl.constexpr):
+        """Piece `part` of a cut program (bidirectional, split tails): its block of rows over the
+        part-th share of the key tiles, as evenly as they go; its partial state to `_store_piece`."""
+        if tile * BLOCK_M < length:
+            share = tl.cdiv(tl.cdiv(length, BLOCK_N), PIECES) * BLOCK_N
+            lo = tl.minimum(part * share, length)
+            hi = tl.minimum(lo + share, length)
+            if PAIRED:
                 rows0 = tile * BLOCK_M + tl.arange(0, BLOCK_M // 2)
                 rows1 = rows0 + BLOCK_M // 2
                 qa0, qb0, m0, l0, acc_a0, acc_b0 = _load_rows(q_ptr, start, rows0, length, h, stride_qt,
@@ -253,38 +230,104 @@ if triton is not None:
                 acc_a1, acc_b1, l1, m1 = _attend_tiles(acc_a1, acc_b1, l1, m1, qa1, qb1, rows1, k_base, v_base,
                                                        stride_kt, stride_vt, full, hi, length, qk_scale, DA,
                                                        DB, BLOCK_N, PREC, True, False)
-                if PIECES > 1 and pid >= n_whole:
-                    _store_piece(acc_ptr, ml_ptr, pid - n_whole, 0, acc_a0, acc_b0, l0, m0, DA, DB, BLOCK_M)
-                    _store_piece(acc_ptr, ml_ptr, pid - n_whole, BLOCK_M // 2, acc_a1, acc_b1, l1, m1, DA, DB,
-                                 BLOCK_M)
-                else:
-                    _store_rows(o_ptr, start, rows0, length, h, stride_ot, stride_oh, acc_a0, acc_b0, l0, DA, DB)
-                    _store_rows(o_ptr, start, rows1, length, h, stride_ot, stride_oh, acc_a1, acc_b1, l1, DA, DB)
-        elif tile * BLOCK_M < length:
-            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            qa, qb, m, l, acc_a, acc_b = _load_rows(q_ptr, start, rows, length, h, stride_qt, stride_qh, DA, DB)
-            if CAUSAL:
-                end = tl.minimum(length, (tile + 1) * BLOCK_M)
-                unmasked_end = 0
-                if SPLIT_TAIL:
-                    unmasked_end = tl.minimum((length // BLOCK_N) * BLOCK_N, ((tile * BLOCK_M) // BLOCK_N) * BLOCK_N)
-                    acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
-                                                       stride_vt, 0, unmasked_end, length, qk_scale, DA, DB,
-                                                       BLOCK_N, PREC, False, True)
-                acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
-                                                   stride_vt, unmasked_end, end, length, qk_scale, DA, DB, BLOCK_N,
-                                                   PREC, True, True)
-            elif SPLIT_TAIL:
+                _store_piece(acc_ptr, ml_ptr, piece, 0, acc_a0, acc_b0, l0, m0, DA, DB, BLOCK_M)
+                _store_piece(acc_ptr, ml_ptr, piece, BLOCK_M // 2, acc_a1, acc_b1, l1, m1, DA, DB, BLOCK_M)
+            else:
+                rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+                qa, qb, m, l, acc_a, acc_b = _load_rows(q_ptr, start, rows, length, h, stride_qt, stride_qh, DA,
+                                                        DB)
                 acc_a, acc_b, l, m = _attend_range(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
                                                    stride_vt, lo, hi, length, qk_scale, DA, DB, BLOCK_N, PREC)
-            else:
-                acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt,
-                                                   stride_vt, lo, hi, length, qk_scale, DA, DB, BLOCK_N, PREC,
-                                                   True, False)
-            if PIECES > 1 and pid >= n_whole:
-                _store_piece(acc_ptr, ml_ptr, pid - n_whole, 0, acc_a, acc_b, l, m, DA, DB, BLOCK_M)
-            else:
-                _store_rows(o_ptr, start, rows, length, h, stride_ot, stride_oh, acc_a, acc_b, l, DA, DB)
+                _store_piece(acc_ptr, ml_ptr, piece, 0, acc_a, acc_b, l, m, DA, DB, BLOCK_M)
+
+    @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
+    def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, acc_ptr, ml_ptr, qk_scale, n_tiles, n_heads,
+                                 n_programs, n_whole, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                 stride_ot, stride_oh,
+                                 DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+                                 CAUSAL: tl.constexpr, GROUP: tl.constexpr, PAIRED: tl.constexpr,
+                                 PIECES: tl.constexpr):
+        """FlashAttention over one segment, for BLOCK_M of its rows and query head h (key head
+        h // GROUP). SPLIT_TAIL: the key tiles that need no mask in one loop, the rest (the partial
+        tile; CAUSAL: the tiles from the block's first row on) in a second loop; else every tile masked.
+        PAIRED (bidirectional, SPLIT_TAIL): the rows as two blocks of BLOCK_M / 2 whose unmasked tiles
+        share one loop (`_attend_full_tiles_paired`).
+        PIECES > 1 (bidirectional, SPLIT_TAIL): of the n_programs (tile, head, segment) programs, in
+        that order, the first n_whole run whole; each one after them is cut into PIECES programs
+        (grid.z past the segments), each over a share of the keys, that leave a partial state for
+        `_merge_pieces_kernel` (acc_ptr, ml_ptr). The grid stays 3D rather than one dimension decoded
+        here: that ran 2-3% slower on an H200 (BENCHMARKS.md)."""
+        tile = tl.program_id(0)
+        if CAUSAL:  # the last blocks of a segment have the most keys: start them first
+            tile = n_tiles - 1 - tile
+        h = tl.program_id(1)
+        seg = tl.program_id(2)
+        if PIECES > 1 and (seg * n_heads + h) * n_tiles + tile >= n_whole:  # cut, or a piece of a cut one
+            piece = (seg * n_heads + h) * n_tiles + tile - n_programs
+            if (piece >= 0) & (piece < (n_programs - n_whole) * PIECES):
+                tile, h, seg = _program_item(n_whole + piece // PIECES, n_tiles, n_heads)
+                start, length, k_base, v_base = _segment(cu_ptr, k_ptr, v_ptr, seg, h // GROUP, stride_kt,
+                                                         stride_kh, stride_vt, stride_vh)
+                _attend_piece(q_ptr, k_base, v_base, acc_ptr, ml_ptr, piece, piece % PIECES, start, length, tile,
+                              h, qk_scale, stride_qt, stride_qh, stride_kt, stride_vt, DA, DB, BLOCK_M, BLOCK_N,
+                              PREC, PAIRED, PIECES)
+        else:
+            start, length, k_base, v_base = _segment(cu_ptr, k_ptr, v_ptr, seg, h // GROUP, stride_kt, stride_kh,
+                                                     stride_vt, stride_vh)
+            if tile * BLOCK_M < length:
+                if PAIRED:
+                    _attend_block_pair(q_ptr, o_ptr, k_base, v_base, start, length, tile, h, qk_scale, stride_qt,
+                                       stride_qh, stride_kt, stride_vt, stride_ot, stride_oh, DA, DB, BLOCK_M,
+                                       BLOCK_N, PREC)
+                else:
+                    _attend_block(q_ptr, o_ptr, k_base, v_base, start, length, tile, h, qk_scale, stride_qt,
+                                  stride_qh, stride_kt, stride_vt, stride_ot, stride_oh, DA, DB, BLOCK_M, BLOCK_N,
+                                  PREC, SPLIT_TAIL, CAUSAL)
+
+    @triton.jit
+    def _attend_block_pair(q_ptr, o_ptr, k_base, v_base, start, length, tile, h, qk_scale, stride_qt, stride_qh,
+                           stride_kt, stride_vt, stride_ot, stride_oh, DA: tl.constexpr, DB: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+        """A whole program of PAIRED: BLOCK_M rows of a segment as two blocks; their outputs."""
+        rows0 = tile * BLOCK_M + tl.arange(0, BLOCK_M // 2)
+        rows1 = rows0 + BLOCK_M // 2
+        qa0, qb0, m0, l0, acc_a0, acc_b0 = _load_rows(q_ptr, start, rows0, length, h, stride_qt, stride_qh, DA, DB)
+        qa1, qb1, m1, l1, acc_a1, acc_b1 = _load_rows(q_ptr, start, rows1, length, h, stride_qt, stride_qh, DA, DB)
+        full = (length // BLOCK_N) * BLOCK_N
+        acc_a0, acc_b0, l0, m0, acc_a1, acc_b1, l1, m1 = _attend_full_tiles_paired(
+            acc_a0, acc_b0, l0, m0, acc_a1, acc_b1, l1, m1, qa0, qb0, qa1, qb1, k_base, v_base,
+            stride_kt, stride_vt, 0, full, qk_scale, DA, DB, BLOCK_N, PREC)
+        acc_a0, acc_b0, l0, m0 = _attend_tiles(acc_a0, acc_b0, l0, m0, qa0, qb0, rows0, k_base, v_base, stride_kt,
+                                               stride_vt, full, length, length, qk_scale, DA, DB, BLOCK_N, PREC, True,
+                                               False)
+        acc_a1, acc_b1, l1, m1 = _attend_tiles(acc_a1, acc_b1, l1, m1, qa1, qb1, rows1, k_base, v_base, stride_kt,
+                                               stride_vt, full, length, length, qk_scale, DA, DB, BLOCK_N, PREC, True,
+                                               False)
+        _store_rows(o_ptr, start, rows0, length, h, stride_ot, stride_oh, acc_a0, acc_b0, l0, DA, DB)
+        _store_rows(o_ptr, start, rows1, length, h, stride_ot, stride_oh, acc_a1, acc_b1, l1, DA, DB)
+
+    @triton.jit
+    def _attend_block(q_ptr, o_ptr, k_base, v_base, start, length, tile, h, qk_scale, stride_qt, stride_qh,
+                      stride_kt, stride_vt, stride_ot, stride_oh, DA: tl.constexpr, DB: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+                      CAUSAL: tl.constexpr):
+        """A whole program not PAIRED: BLOCK_M rows of a segment; their outputs."""
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        qa, qb, m, l, acc_a, acc_b = _load_rows(q_ptr, start, rows, length, h, stride_qt, stride_qh, DA, DB)
+        end = length
+        if CAUSAL:
+            end = tl.minimum(length, (tile + 1) * BLOCK_M)
+        unmasked_end = 0
+        if SPLIT_TAIL:
+            unmasked_end = (length // BLOCK_N) * BLOCK_N
+            if CAUSAL:
+                unmasked_end = tl.minimum(unmasked_end, ((tile * BLOCK_M) // BLOCK_N) * BLOCK_N)
+            acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt, stride_vt,
+                                               0, unmasked_end, length, qk_scale, DA, DB, BLOCK_N, PREC, False, CAUSAL)
+        acc_a, acc_b, l, m = _attend_tiles(acc_a, acc_b, l, m, qa, qb, rows, k_base, v_base, stride_kt, stride_vt,
+                                           unmasked_end, end, length, qk_scale, DA, DB, BLOCK_N, PREC, True, CAUSAL)
+        _store_rows(o_ptr, start, rows, length, h, stride_ot, stride_oh, acc_a, acc_b, l, DA, DB)
 
     @triton.jit(do_not_specialize_on_alignment=["cu_ptr"])
     def _merge_pieces_kernel(o_ptr, cu_ptr, acc_ptr, ml_ptr, n_tiles, n_heads, n_whole, stride_ot, stride_oh,
@@ -292,7 +335,7 @@ if triton is not None:
         """The outputs of program n_whole + program_id(0), from its PIECES partial states: each
         piece's sums rescaled to the largest running max, added, divided by the summed weights."""
         t = tl.program_id(0)
-        tile, h, seg = _program_item(n_whole + t, n_tiles, n_heads, False)
+        tile, h, seg = _program_item(n_whole + t, n_tiles, n_heads)
         start = tl.load(cu_ptr + seg).to(tl.int64)
         length = (tl.load(cu_ptr + seg + 1) - start).to(tl.int32)
         if tile * BLOCK_M < length:
@@ -399,8 +442,9 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if pieces > 1:
         acc = torch.empty((cut * pieces * block_m, D), dtype=torch.float32, device=q.device)
         ml = torch.empty((cut * pieces * block_m, 2), dtype=torch.float32, device=q.device)
-    _packed_attention_kernel[(n_whole + cut * pieces,)](
-        *args, acc, ml, float(scale) * LOG2E, n_tiles, H, n_whole, *strides, PIECES=pieces, **meta)
+    pieces_z = triton.cdiv(cut * pieces, n_tiles * H)  # the pieces' slices of the grid, past the segments'
+    _packed_attention_kernel[(n_tiles, H, S + pieces_z)](
+        *args, acc, ml, float(scale) * LOG2E, n_tiles, H, programs, n_whole, *strides, PIECES=pieces, **meta)
     if pieces > 1:
         _merge_pieces_kernel[(cut,)](out, cu_seqlens, acc, ml, n_tiles, H, n_whole, out.stride(0), out.stride(1),
                                      D=D, D_POW2=triton.next_power_of_2(D), BLOCK_M=block_m, PIECES=pieces,
@@ -456,11 +500,11 @@ def _plan_last_split(args: tuple, counts: tuple[int, int, int], strides: tuple, 
 
 def compiled_kernel(args: tuple, counts: tuple[int, int, int], strides: tuple, meta: dict, pieces: int):
     """The kernel as Triton compiles it for these arguments (q, k, v, out, cu_seqlens; n_tiles,
-    n_heads, n_whole), loaded, so that it tells its registers (n_regs, n_spills) and shared memory
+    n_heads, programs), loaded, so that it tells its registers (n_regs, n_spills) and shared memory
     (metadata.shared)."""
     scratch = torch.empty(2, dtype=torch.float32, device=args[0].device)
-    compiled = _packed_attention_kernel.warmup(*args, scratch, scratch, 1.0, *counts, *strides, grid=(1,),
-                                               PIECES=pieces, **meta)
+    compiled = _packed_attention_kernel.warmup(*args, scratch, scratch, 1.0, *counts, counts[2], *strides,
+                                               grid=(1,), PIECES=pieces, **meta)
     compiled.run  # noqa: B018 (loads the binary, which tells its registers)
     return compiled
 
