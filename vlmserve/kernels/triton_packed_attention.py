@@ -16,7 +16,9 @@ Where it runs (H200 figures in BENCHMARKS.md; `scripts/gpu_vision_attention_swee
   against 27 us at 607 tokens).
 Most of that comes from the key tiles that need no mask (inside the segment; causal: before the
 block's first row) running in their own loop, their scale folded into the exponent. For images two
-blocks of rows share that loop, so that one's value dots overlap the other's softmax.
+blocks of rows share that loop, so that one's value dots overlap the other's softmax. Where the launch's
+last wave would fill a part of the GPU only (a lone image: 688 programs in 264 slots on an H200), its
+programs are cut into pieces over the keys and merged by a second kernel (`split_last_wave`).
 `reference_packed_attention` is the torch computation it is tested against (on the CPU through
 Triton's interpreter)."""
 from __future__ import annotations
