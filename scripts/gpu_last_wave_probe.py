@@ -77,7 +77,7 @@ def main() -> None:
         slots = result["facts"]["sms"] * result["facts"]["pieces2"]["per_sm"]
         block_m = tpk.default_tiles(L, causal=False)[0]
         programs = triton.cdiv(L, block_m) * HEADS * n
-        plan = tpk.split_last_wave(programs, slots)
+        plan = tpk.split_last_wave(programs, slots, triton.cdiv(L, 64))
         tail = programs % slots if programs >= slots else programs
         variants = {"none": (0, 1), "plan": None}
         for pieces in (2, 3, 4, 6):

@@ -101,12 +101,15 @@ def test_last_programs_cut_over_the_keys_match_reference(d, lengths, last_split,
 
 def test_last_wave_split_by_slots():
     """What the GPU launch plans from its slots (SMs x programs an SM holds)."""
-    assert tpk.split_last_wave(688, 264) == (160, 3)  # one 1024x1024 image on an H200: 2.67 waves, not 3
-    assert tpk.split_last_wave(1376, 264) == (56, 4)  # two: 5.25, not 6
-    assert tpk.split_last_wave(4128, 264) == (0, 1)  # six: 15.67 against 16 saves under 3%
-    assert tpk.split_last_wave(528, 264) == (0, 1)  # whole waves
-    assert tpk.split_last_wave(200, 264) == (0, 1)  # under one wave
-    assert tpk.split_last_wave(688, 0) == (0, 1)  # slots unknown
+    tiles = 86  # a 1024x1024 image's 5476 keys in tiles of 64
+    assert tpk.split_last_wave(688, 264, tiles) == (160, 3)  # one 1024x1024 image on an H200: 2.67 waves, not 3
+    assert tpk.split_last_wave(1376, 264, tiles) == (56, 4)  # two: 5.25, not 6
+    assert tpk.split_last_wave(1376, 264, 2) == (56, 2)  # pieces no more than the key tiles
+    assert tpk.split_last_wave(1376, 528, 1) == (0, 1)  # Qwen2.5-VL's windows: one key tile, nothing to share
+    assert tpk.split_last_wave(4128, 264, tiles) == (0, 1)  # six: 15.67 against 16 saves under 3%
+    assert tpk.split_last_wave(528, 264, tiles) == (0, 1)  # whole waves
+    assert tpk.split_last_wave(200, 264, tiles) == (0, 1)  # under one wave
+    assert tpk.split_last_wave(688, 0, tiles) == (0, 1)  # slots unknown
     h200 = types.SimpleNamespace(regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472,
                                  max_threads_per_multi_processor=2048)
     assert tpk.resident_programs(245, 80 * 1024, 4, h200) == 2  # the image kernel, as compiled by Triton 3.6

@@ -431,7 +431,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     programs = n_tiles * H * S
     if last_split is None:
         last_split = (0, 1) if causal or not split_tail else _plan_last_split(
-            args, (n_tiles, H, programs), strides, meta, q.device)
+            args, (n_tiles, H, programs), max_len, strides, meta, q.device)
     cut, pieces = last_split
     if pieces < 1 or not 0 <= cut <= programs:
         raise ValueError(f"last_split {last_split}: cut 0..{programs} programs into at least one piece each")
@@ -454,14 +454,18 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return out
 
 
-def split_last_wave(programs: int, slots: int, max_pieces: int = 4, min_gain: float = 0.03) -> tuple[int, int]:
+def split_last_wave(programs: int, slots: int, key_tiles: int, max_pieces: int = 4,
+                    min_gain: float = 0.03) -> tuple[int, int]:
     """(programs to cut, pieces each) so that the launch's last wave fills the GPU: `slots` programs
     run at once (SMs x programs an SM holds), so the programs past the last full wave would run on a
     part of the GPU while the rest idles; cut into pieces over the keys, they spread over all of it.
     By waves of whole-program time: one 1024x1024 image on an H200 is 688 programs in 264 slots,
     2 full waves and 160 programs (a third wave), cut in 3: 480 pieces, 2 waves of a third each, 2.67
     in all. (0, 1) where no count of pieces saves `min_gain` of the launch, or under one full wave
-    (an SM's lone program runs faster than a shared one, which waves do not count)."""
+    (an SM's lone program runs faster than a shared one, which waves do not count). At most
+    `key_tiles` pieces (the longest segment's): a piece without keys would only add work (Qwen2.5-VL's
+    windows of 64 tokens are one tile each)."""
+    max_pieces = min(max_pieces, key_tiles)
     if slots <= 0 or programs < slots:
         return 0, 1
     full, tail = divmod(programs, slots)
@@ -480,7 +484,7 @@ def split_last_wave(programs: int, slots: int, max_pieces: int = 4, min_gain: fl
 _SLOTS: dict[tuple, int] = {}
 
 
-def _plan_last_split(args: tuple, counts: tuple[int, int, int], strides: tuple, meta: dict,
+def _plan_last_split(args: tuple, counts: tuple[int, int, int], max_len: int, strides: tuple, meta: dict,
                      device: torch.device) -> tuple[int, int]:
     """`split_last_wave` for this launch on a CUDA device, with the slots its compiled kernel leaves
     (the cut kernel's registers and shared memory against the SM's); (0, 1) elsewhere, or where the
@@ -497,7 +501,7 @@ def _plan_last_split(args: tuple, counts: tuple[int, int, int], strides: tuple, 
                 compiled.n_regs, compiled.metadata.shared, meta["num_warps"], props)
         except Exception:  # a Triton whose compiled kernels say less: no cuts, as before them
             pass
-    return split_last_wave(counts[2], _SLOTS[key])
+    return split_last_wave(counts[2], _SLOTS[key], triton.cdiv(max_len, meta["BLOCK_N"]))
 
 
 def compiled_kernel(args: tuple, counts: tuple[int, int, int], strides: tuple, meta: dict, pieces: int):
