@@ -33,6 +33,7 @@
 #                          (VLMSERVE_TRITON_VISION_ATTENTION=1)
 # The figures of BENCHMARKS.md's table in one call (~6.5 min on an H200):
 #   llava_latency qwen_latency llava_throughput qwen_throughput check gpu_tests
+#   ttft_timeline  scripts/gpu_ttft_timeline.py: where a lone request's TTFT goes, host and device side by side
 #   preprocess     scripts/gpu_preprocess_profile.py, LLaVA and Qwen2-VL images
 #   async_test     tests/test_async_scheduling.py alone
 #   {llava,qwen}_async scripts/gpu_async_trace.py: the host's launch and wait times, syncs in launches (ASYNC_N;
@@ -266,6 +267,18 @@ for part in $PARTS; do
                 step "before_${tag}_latency" "${T_LAT:-110}" env -C "$BEFORE" PYTHONPATH="$BEFORE" $BENCH latency \
                     --random-model --model-shape $shape --input-len 32 --output-len 128 --source-image-size $image $lat \
                     --output-json "$OUT/before_${tag}_latency.json"
+            done ;;
+        ttft_timeline)  # scripts/gpu_ttft_timeline.py: a lone request's TTFT, host and device marks side by side,
+            # TL_MODELS (llava qwen), and of the tree in $BEFORE where given (its vlmserve, this tree's script)
+            for tag in ${TL_MODELS:-llava qwen}; do
+                if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
+                step "ttft_timeline_$tag" "${T_TL:-120}" python scripts/gpu_ttft_timeline.py --model-shape $shape \
+                    --image-size $image --out "$OUT/ttft_timeline_$tag.json"
+                if [ -n "$BEFORE" ]; then
+                    step "before_ttft_timeline_$tag" "${T_TL:-120}" env PYTHONPATH="$BEFORE" python \
+                        scripts/gpu_ttft_timeline.py --model-shape $shape --image-size $image \
+                        --out "$OUT/before_ttft_timeline_$tag.json"
+                fi
             done ;;
         llava_profile) step llava_profile "${T_PROF:-90}" python scripts/gpu_profile.py --model-shape llava-1.5-7b \
                 --image-size 336x336 --out "$OUT/llava_profile.json" ;;
