@@ -8,6 +8,7 @@ from torch import nn
 
 from vlmserve.layers.activation import get_act_fn
 from vlmserve.layers.layernorm import LayerNorm
+from vlmserve.layers.linear import MergedLinear
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -34,13 +35,14 @@ class CLIPAttention(nn.Module):
         self.head_dim = cfg.hidden_size // self.num_heads
         self.scale = self.head_dim ** -0.5
         d = cfg.hidden_size
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        # q|k|v in one matmul (the checkpoint's q_proj, k_proj and v_proj load as its shards): three
+        # of width d over an image's few hundred rows left most of a large GPU's SMs idle
+        self.qkv_proj = MergedLinear(d, {"q": d, "k": d, "v": d}, bias=True)
         self.out_proj = nn.Linear(d, d)
 
     def forward(self, x):
         b, n, _ = x.shape
-        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.qkv_proj(x).view(b, n, 3, self.num_heads, self.head_dim).transpose(1, 3).unbind(2)
         o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.out_proj(o.transpose(1, 2).reshape(b, n, -1))
 
@@ -64,9 +66,15 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
-    def forward(self, x):
-        h, x = self.layer_norm2(self.self_attn(self.layer_norm1(x)), x)  # the residual add inside the norm
-        return x + self.mlp(h)
+    def forward(self, x, residual=None):
+        """The layer's input is x + residual (residual None: x alone), its output the returned pair's
+        sum: each residual add happens inside the next norm's pass, not as a pass of its own."""
+        if residual is None:
+            h, residual = self.layer_norm1(x), x
+        else:
+            h, residual = self.layer_norm1(x, residual)
+        h, residual = self.layer_norm2(self.self_attn(h), residual)
+        return self.mlp(h), residual
 
 
 class CLIPEncoder(nn.Module):
@@ -99,8 +107,10 @@ class CLIPVisionModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """[B, 3, H, W] -> the hidden states of each feature layer, [B, 1 + patches, D] each."""
         h = self.pre_layrnorm(self.embeddings(pixel_values))
-        states = [h]
-        for layer in self.encoder.layers:
-            h = layer(h)
-            states.append(h)
+        states = {0: h}
+        residual = None
+        for i, layer in enumerate(self.encoder.layers, 1):
+            h, residual = layer(h, residual)
+            if i in self.feature_layers:
+                states[i] = h + residual
         return [states[l] for l in self.feature_layers]

@@ -142,7 +142,7 @@ class LlavaForConditionalGeneration(nn.Module):
         states = self.vision_tower(pixels)
         if self.select_strategy == "default":
             states = [s[:, 1:] for s in states]
-        return self.multi_modal_projector(torch.cat(states, dim=-1))
+        return self.multi_modal_projector(states[0] if len(states) == 1 else torch.cat(states, dim=-1))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         # The placeholder id may lie past the LM's embedding table; those rows are overwritten.
