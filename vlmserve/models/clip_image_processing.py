@@ -133,9 +133,9 @@ class FastCLIPImageProcessor:
         return self._rescale_normalize(x)
 
     def _rescale_normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mean is not None:  # the same two float32 ops as HF's normalize, in place
+        if self.mean is not None:  # the same two float32 ops as HF's normalize (the first reads uint8 as is)
             mean, std = self._norm.on(x.device)
-            return x.to(torch.float32).sub_(mean).div_(std)
+            return torch.sub(x, mean).div_(std) if x.dtype == torch.uint8 else x.to(torch.float32).sub_(mean).div_(std)
         if self.rescale_factor is not None:
             return x * self.rescale_factor
         return x.contiguous()
@@ -160,9 +160,9 @@ class FastCLIPImageProcessor:
     def finish_on_device(self, rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """uint8 [H, W, 3 or 4] (RGB, then any padding byte) on any device -> pixel values [3, H', W']
         there, as _torchvision gives."""
-        x = rgb[..., :3].permute(2, 0, 1).contiguous()
-        if self.shortest_edge:
-            x = self._tvF.resize(x, list(size), interpolation=self._interp, antialias=True)
+        x = rgb[..., :3].permute(2, 0, 1)
+        if self.shortest_edge and tuple(size) != tuple(x.shape[-2:]):  # (torchvision returns a same-size input)
+            x = self._tvF.resize(x.contiguous(), list(size), interpolation=self._interp, antialias=True)
         if self.crop:
             x = self._center_crop(x)
         return self._rescale_normalize(x)
