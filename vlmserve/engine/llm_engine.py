@@ -17,6 +17,7 @@ from vlmserve.engine.heap import freeze_startup_heap, release_frozen_heap
 from vlmserve.engine.output_processor import OutputProcessor
 from vlmserve.engine.scheduler import Scheduler
 from vlmserve.engine.sequence import Sequence
+from vlmserve.engine.text_encoder import text_encoder
 from vlmserve.multimodal import MULTIMODAL_REGISTRY, MultiModalItem
 from vlmserve.multimodal.device_pixels import device_preprocess_enabled
 from vlmserve.multimodal.processing import MultiModalInputError, ProcessedMedia
@@ -98,6 +99,7 @@ class LLMEngine:
         self.scheduler_config = scheduler_config
         self.device = device
         self.tokenizer = tokenizer or load_tokenizer(model_config.model, model_config.trust_remote_code)
+        self.encode_text = text_encoder(self.tokenizer)  # (text, add_special_tokens=True) -> token ids
         self.eos_token_ids = _eos_ids(model_config.model, model_config.hf_config, self.tokenizer)
         self.vocab_size = text_config(model_config.hf_config).vocab_size
 

@@ -187,6 +187,6 @@ async def prepare_chat(engine, messages: list[dict], template: str | None, conte
     engine_video, _ = split_video_kwargs(getattr(engine.mm_processor, "mm_processor_kwargs", None))
     request_video, mm_processor_kwargs = split_video_kwargs(mm_processor_kwargs)
     media = await load_media(connector, parsed.media_urls, layer_video_kwargs(engine_video, request_video))
-    ids = engine.tokenizer(text, add_special_tokens=False).input_ids
+    ids = engine.encode_text(text, add_special_tokens=False)
     ids, items = await asyncio.to_thread(engine.process_multimodal, ids, media, mm_processor_kwargs)
     return text, ids, items

@@ -87,7 +87,7 @@ class LLM:
     def _tokenize(self, text: str) -> list[int]:
         if not text:
             raise ValueError("the prompt is empty: give some text")
-        return self.get_tokenizer()(text).input_ids
+        return self.llm_engine.encode_text(text)
 
     def _prompt_token_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
