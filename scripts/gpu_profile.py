@@ -305,7 +305,7 @@ def main() -> int:
         with profile(activities=acts) as prof:  # one more new request: GPU busy time and its kernels
             llm.generate(prompts_extra[0], one, use_tqdm=False)
             sync()
-        res["ttft_gpu_busy_ms"], res["ttft_top_kernels"] = kernel_table(prof, 1)
+        res["ttft_gpu_busy_ms"], res["ttft_top_kernels"] = kernel_table(prof, 1, top=40)
         res["ttft_gpu_timeline"] = gpu_timeline(prof)
 
         # -- single-stream decode: wall per step vs GPU busy per step
