@@ -120,6 +120,8 @@ def main() -> int:
                   load_format="auto" if args.model_dir else "dummy")
         inputs = [{"prompt": x["prompt"], "multi_modal_data": {"image": x["image"]}} for x in prompts]
         one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        encode_text = getattr(llm.llm_engine, "encode_text", None)  # the backend's shortcut ("encode") or the call
+        res["text_encoder"] = getattr(encode_text, "__name__", "tokenizer call")
         llm.generate(inputs[:2], one, use_tqdm=False)  # warm-up: compiles, captures graphs
         tl, m = Timeline(), Marks()
         instrument(llm, tl)
@@ -152,6 +154,7 @@ def main() -> int:
     res["stages"] = [s[0] for s in STAGES]
     for k, v in med.items():
         print(f"{v:9.3f}  {k}")
+    print("text encoder:", res["text_encoder"])
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     return 0

@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 
+from vlmserve.engine.text_encoder import text_encoder
 from vlmserve.entrypoints.chat_utils import ChatError, prepare_chat
 from vlmserve.multimodal.inputs import VideoFrames
 from vlmserve.multimodal.media import MediaConnector, MediaError
@@ -241,7 +242,8 @@ def _engine(modalities):
     def process_multimodal(ids, mm_data, kwargs):
         calls.append((mm_data, kwargs))
         return ids, []
-    engine = SimpleNamespace(mm_processor=proc, tokenizer=_Tokenizer(), limit_mm_per_prompt={},
+    tok = _Tokenizer()
+    engine = SimpleNamespace(mm_processor=proc, tokenizer=tok, encode_text=text_encoder(tok), limit_mm_per_prompt={},
                              model_config=SimpleNamespace(model="."), process_multimodal=process_multimodal,
                              placeholder_str=lambda m, i: f"<{m}>")
     return engine, calls
