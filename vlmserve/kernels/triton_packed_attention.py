@@ -520,8 +520,8 @@ def _compile_cut_variants(args: tuple, counts: tuple[int, int, int], strides: tu
     """Both kernels' variants for every piece count a plan may choose (PIECES is a constant of their
     code), compiled when a tile configuration is first met: on a GPU engine that is its memory
     profiling, before any request. Else a run compiles each the first time a launch is cut that many
-    ways: an H200's Qwen2-VL throughput run took 12.5 s instead of 8.4 on a machine whose Triton cache
-    lacked them."""
+    ways: on an H200 whose Triton cache lacked them, Qwen2-VL's throughput run took 12.48 s; 8.48 s
+    with them compiled ahead, on a fresh machine (BENCHMARKS.md)."""
     q, out, cu = args[0], args[3], args[4]
     D = q.shape[-1]
     scratch = torch.empty(2, dtype=torch.float32, device=q.device)
