@@ -18,11 +18,12 @@ def tokenizer(request, llava_dir, text_model_dir):
 @pytest.mark.parametrize("add_special_tokens", [True, False])
 def test_shortcut_gives_the_call_ids(tokenizer, add_special_tokens):
     encode = text_encoder(tokenizer)
+    assert encode.__name__ == "encode"  # the shortcut, not the tokenizer's call
     backend = tokenizer.backend_tokenizer
     for text in TEXTS:
         want = tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         assert encode(text, add_special_tokens=add_special_tokens) == want, text
-        assert backend.encode(text, add_special_tokens=add_special_tokens).ids == want, text  # the shortcut ran
+        assert backend.encode(text, add_special_tokens=add_special_tokens).ids == want, text
 
 
 def test_settings_on_the_backend_take_the_call(tokenizer):
@@ -51,5 +52,6 @@ def test_subclass_with_its_own_call_is_not_bypassed(llava_dir):
             return super().__call__(text.upper(), **kw)
 
     tok = Shouting.from_pretrained(llava_dir)
+    assert text_encoder(tok).__name__ == "call"
     assert text_encoder(tok)("describe it") == tok("describe it").input_ids != tok.backend_tokenizer.encode(
         "describe it").ids
