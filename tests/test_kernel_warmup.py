@@ -36,3 +36,27 @@ def test_no_attention_kernel_compiles_after_startup(text_model_dir):
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [8 + 11 * (i % 7) for i in range(48)]
     assert compiled_variants() == at_start
+
+
+def test_vision_attention_cut_variants_compiled_with_the_first_launch():
+    """The first launch of a tile configuration compiles the cut's variants (2-4 pieces, both kernels): later
+    launches cut any way, at program counts of any divisibility, compile nothing (a run met them mid-run)."""
+    if tpk.default_tiles(300, False)[0] != 128:
+        pytest.skip("the image tiles changed")
+    torch.manual_seed(0)
+    qkv = torch.randn(300, 3, 16, 80, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(1)  # rows strided, as the towers' fused projections give them
+    cu = torch.tensor([0, 300], device="cuda", dtype=torch.int32)
+    tpk.packed_attention(q, k, v, cu, 300, 80 ** -0.5)  # plans its launch: meets the configuration
+    if not any(tpk._SLOTS.values()):
+        pytest.skip("this Triton's compiled kernels do not tell their registers: no cuts")
+    kernels = (tpk._packed_attention_kernel, tpk._merge_pieces_kernel)
+    before = [sum(len(c[0]) for c in kern.device_caches.values()) for kern in kernels]
+    ref = tpk.packed_attention(q, k, v, cu, 300, 80 ** -0.5, last_split=(0, 1))
+    programs = 3 * 16  # 3 blocks of 128 rows x 16 heads
+    for cut in (1, 16, 17, programs):
+        for pieces in (2, 3, 4):
+            out = tpk.packed_attention(q, k, v, cu, 300, 80 ** -0.5, last_split=(cut, pieces))
+            torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    torch.cuda.synchronize()
+    assert [sum(len(c[0]) for c in kern.device_caches.values()) for kern in kernels] == before
