@@ -38,7 +38,9 @@ def clip_module(path: str):
     return mod
 
 
-def towers(before: str | None) -> dict:
+def towers(before: str | None) -> tuple[dict, dict, torch.Tensor]:
+    """The tower of this tree and of `before`'s, on the same random weights: (their relative difference,
+    the modules by tree name, an input image)."""
     cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                            image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
     paths = {"now": os.path.join(os.path.dirname(__file__), "..", "vlmserve", "models", "clip.py")}
