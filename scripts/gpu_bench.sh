@@ -269,14 +269,15 @@ for part in $PARTS; do
                     --output-json "$OUT/before_${tag}_latency.json"
             done ;;
         ttft_timeline)  # scripts/gpu_ttft_timeline.py: a lone request's TTFT, host and device marks side by side,
-            # TL_MODELS (llava qwen), and of the tree in $BEFORE where given (its vlmserve, this tree's script)
+            # TL_MODELS (llava qwen), and of the tree in $BEFORE where given (its vlmserve, this tree's script);
+            # TL_ARGS: more of the script's options (--fine, --cprofile N)
             for tag in ${TL_MODELS:-llava qwen}; do
                 if [ "$tag" = llava ]; then shape=llava-1.5-7b; image=336x336; else shape=qwen2-vl-7b; image=1024x1024; fi
                 step "ttft_timeline_$tag" "${T_TL:-120}" python scripts/gpu_ttft_timeline.py --model-shape $shape \
-                    --image-size $image --out "$OUT/ttft_timeline_$tag.json"
+                    --image-size $image $TL_ARGS --out "$OUT/ttft_timeline_$tag.json"
                 if [ -n "$BEFORE" ]; then
                     step "before_ttft_timeline_$tag" "${T_TL:-120}" env PYTHONPATH="$BEFORE" python \
-                        scripts/gpu_ttft_timeline.py --model-shape $shape --image-size $image \
+                        scripts/gpu_ttft_timeline.py --model-shape $shape --image-size $image $TL_ARGS \
                         --out "$OUT/before_ttft_timeline_$tag.json"
                 fi
             done ;;

@@ -96,6 +96,55 @@ def add_marks(llm, m: Marks) -> None:
     wrap_after(runner, "collect", lambda _: m.mark("results read"))
 
 
+def wrap_before(owner, attr: str, fn_before) -> None:
+    orig = getattr(owner, attr)
+
+    def wrapped(*a, **kw):
+        fn_before()
+        return orig(*a, **kw)
+    setattr(owner, attr, wrapped)
+
+
+def add_fine_marks(llm, m: Marks) -> None:
+    """--fine: marks inside the path to the tower (and after the step), with events where the
+    stream's position says something: where the host's time before the tower goes."""
+    from vlmserve.multimodal.device_pixels import DevicePixels
+    from vlmserve.multimodal.processing import ProcessedMedia
+    from vlmserve.worker import encoder_graphs
+
+    eng, runner = llm.llm_engine, llm.llm_engine.runner
+    wrap_after(eng, "process_media", lambda _: m.mark("process media returned"))
+    wrap_before(runner, "_encode", lambda: m.mark("encode entered", event=True))
+    wrap_before(DevicePixels, "to", lambda: m.mark("pixels to the device", event=True))
+    wrap_after(DevicePixels, "to", lambda _: m.mark("pixels finished (queued)", event=True))
+    wrap_before(runner.model, "embed_multimodal", lambda: m.mark("embed_multimodal entered"))
+    for cls in (encoder_graphs.EncoderGraphs, encoder_graphs.GridEncoderGraphs):
+        wrap_before(cls, "__call__", lambda: m.mark("tower graphs entered", event=True))
+    wrap_before(torch.cuda.CUDAGraph, "replay", lambda: m.mark("first graph replay called", event=True))
+    wrap_after(ProcessedMedia, "finish_hashes", lambda _: m.mark("hashes done"))
+    wrap_after(llm, "_prompt_token_ids", lambda _: m.mark("tokenized"))
+    wrap_after(eng, "add_request", lambda _: m.mark("request added"))
+    wrap_after(eng.scheduler, "schedule", lambda _: m.mark("scheduled"))
+
+
+def profile_requests(llm, inputs: list, one, top: int) -> list[str]:
+    """cProfile over these requests (one at a time): the `top` functions by own time, as text."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    for x in inputs:
+        if CUDA:
+            torch.cuda.synchronize()
+        prof.enable()
+        llm.generate(x, one, use_tqdm=False)
+        prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue().splitlines()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-shape", default="llava-1.5-7b")
@@ -105,6 +154,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--model-dir", help="a checkpoint to run instead of --model-shape's random weights")
     p.add_argument("--out", default="ttft_timeline.json")
+    p.add_argument("--fine", action="store_true", help="more marks on the path to the tower (add_fine_marks)")
+    p.add_argument("--cprofile", type=int, default=0, metavar="N",
+                   help="then N more requests under cProfile: the top functions by own time")
     args = p.parse_args()
     res: dict = {"model_shape": args.model_shape, "image_size": args.image_size,
                  "device": torch.cuda.get_device_name() if CUDA else "cpu"}
@@ -113,7 +165,7 @@ def main() -> int:
             d = args.model_dir
         else:
             write_model_dir(d, args.model_shape)
-        n = args.warmup + args.iters + 2
+        n = args.warmup + args.iters + 2 + args.cprofile
         prompts = tp.make_mm_prompts(d, n, args.input_len, 1, args.image_size)
         max_len = max(len(x["ids"]) for x in prompts) + 8
         llm = LLM(d, dtype="bfloat16" if CUDA else "float32", max_model_len=max_len, max_num_seqs=1,
@@ -126,8 +178,10 @@ def main() -> int:
         tl, m = Timeline(), Marks()
         instrument(llm, tl)
         add_marks(llm, m)
+        if args.fine:
+            add_fine_marks(llm, m)
         rows, ttft = [], []
-        for i, x in enumerate(inputs[2:]):
+        for i, x in enumerate(inputs[2:len(inputs) - args.cprofile]):
             if CUDA:
                 torch.cuda.synchronize()
             m.reset()
@@ -142,6 +196,8 @@ def main() -> int:
                 row.update({f"stage: {k}": 1e3 * v for k, v in tl.acc.items()})
                 rows.append(row)
                 ttft.append(row["host: generate returned"])
+        if args.cprofile:
+            res["cprofile"] = profile_requests(llm, inputs[len(inputs) - args.cprofile:], one, 45)
     keys = sorted({k for r in rows for k in r}, key=lambda k: statistics.median([r.get(k, 0.0) for r in rows]))
     med = {k: statistics.median([r.get(k, 0.0) for r in rows]) for k in keys}
     if CUDA:
@@ -155,6 +211,8 @@ def main() -> int:
     for k, v in med.items():
         print(f"{v:9.3f}  {k}")
     print("text encoder:", res["text_encoder"])
+    for line in res.get("cprofile", []):
+        print(line)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     return 0
