@@ -59,6 +59,26 @@ def test_clip_device_path_on_cpu_is_the_host_path(size, setting):
     assert torch.equal(deferred.to("cpu"), fast(image))
 
 
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_cuda_resize_is_torchvisions_float_path(monkeypatch, mode, channels):
+    """resize_as_torchvision_on_cuda against torchvision's own code for the path it takes on CUDA (its
+    float path, forced on the CPU here), on RGB and RGBX views as the device pixels hand them over."""
+    import torchvision.transforms.v2.functional as tvF
+    from torchvision.transforms.v2.functional import _geometry
+
+    from vlmserve.models.qwen2_vl_image_processing import resize_as_torchvision_on_cuda
+
+    monkeypatch.setattr(_geometry, "_do_native_uint8_resize_on_cpu", lambda interpolation: False)
+    rgbx = torch.from_numpy(np.random.default_rng(channels).integers(0, 256, (61, 45, channels), dtype=np.uint8))
+    image = rgbx[..., :3].permute(2, 0, 1)
+    for size in ((84, 56), (28, 28), (61, 45)):
+        ref = tvF.resize(image, list(size), interpolation=tvF.InterpolationMode(mode), antialias=True)
+        out = resize_as_torchvision_on_cuda(image, size, mode)
+        assert out.dtype == torch.float32 and out.shape == (3, *size)
+        assert torch.equal(out, ref.to(torch.float32))
+
+
 def test_clip_device_path_leaves_padding_to_hf():
     _, fast = clip_fast(size={"shortest_edge": 32}, crop_size={"height": 48, "width": 48})
     assert fast.device_pixels(Image.new("RGB", (40, 30)), torch.device("cpu")) is None

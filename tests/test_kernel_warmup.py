@@ -1,5 +1,6 @@
-"""On a GPU the engine compiles its attention kernels' variants, and its decode GEMV's, at startup: a
-serving run (mixed steps of many batch sizes, chunked prefill after cached context) compiles none of them."""
+"""On a GPU the engine compiles its attention kernels' variants, and its decode GEMV's (capturing the decode
+graphs), at startup: a serving run (mixed steps of many batch sizes, chunked prefill after cached context)
+compiles none of them."""
 import pytest
 import torch
 
@@ -29,6 +30,7 @@ def test_no_attention_kernel_compiles_after_startup(text_model_dir):
     # a small step budget: long prompts go in chunks (prefill over cached context) beside decodes
     llm = LLM(d, dtype="bfloat16", max_model_len=1024, max_num_batched_tokens=256, max_num_seqs=64)
     at_start = compiled_variants()
+    assert llm.llm_engine.runner.decode_graphs is not None  # captured at startup, not by the first decode step
     assert at_start["_decode_kernel"] >= 5 and at_start["_prefill_kernel"] >= 1
     assert at_start["_packed_attention_kernel"] >= 1 or not llm.llm_engine.runner.attn_backend.fresh_path
     prompts = [{"prompt_token_ids": [(7 * i + j) % 200 + 3 for j in range(40 + 37 * (i % 13))]} for i in range(48)]

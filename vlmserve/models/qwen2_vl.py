@@ -579,7 +579,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
                 rows.append(i)
         if rows:
             grids = [tuple(int(x) for x in items[i][grid_key].reshape(-1).tolist()) for i in rows]
-            pixels = torch.cat([items[i][pix_key] for i in rows])
+            pixels = torch.cat([items[i][pix_key] for i in rows]) if len(rows) > 1 else items[rows[0]][pix_key]
             merged = (self.vision_graphs or self.visual)(pixels, grids)
             m2 = self.visual.merge ** 2
             for i, emb in zip(rows, merged.split([t * h * w // m2 for t, h, w in grids])):

@@ -103,9 +103,13 @@ class FastQwen2VLImageProcessor:
         """uint8 [H, W, 3 or 4] (RGB, then any padding byte) on any device -> the pixel values there:
         HF's resize, rescale and normalize, and patch layout, as whole-image ops (on the CPU:
         __call__'s numbers)."""
-        x = self._resize(rgb[..., :3].permute(2, 0, 1), list(size), interpolation=self._interp, antialias=True)
+        x = rgb[..., :3].permute(2, 0, 1)
         mean, std = self._norm.on(x.device)
-        x = (x.to(torch.float32) - mean) / std
+        if x.is_cuda:
+            x = resize_as_torchvision_on_cuda(x, size, self._interp.value).sub_(mean).div_(std)
+        else:  # torchvision's native uint8 kernel: other numbers than the float path
+            x = self._resize(x, list(size), interpolation=self._interp, antialias=True)
+            x = (x.to(torch.float32) - mean) / std
         p, m, t = self.patch, self.merge, self.temporal
         gh, gw = size[0] // p, size[1] // p
         x = x.view(1, 3, gh // m, m, p, gw // m, m, p).permute(2, 5, 3, 6, 1, 0, 4, 7)
@@ -129,3 +133,23 @@ class FastQwen2VLImageProcessor:
             for k in range(1, t):  # a still image is every frame of its temporal patch
                 dst[..., k, :, :].copy_(dst[..., 0, :, :])
         return out.view(gh * gw, 3 * t * p * p)
+
+
+def resize_as_torchvision_on_cuda(image: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """uint8 [3, H, W] (any strides) -> float32 [3, h, w]: the values of torchvision's antialiased
+    `resize` (bilinear or bicubic) where it takes the float path, as it does on CUDA: the same float
+    copy, interpolation, clamp (bicubic) and rounding, without its cast back to uint8 and the
+    caller's cast to float again (identities on whole values in 0..255). Fewer launches and no
+    torchvision Python before a lone image's encoder: the host queues them while the GPU waits."""
+    C, H, W = image.shape
+    if (H, W) == tuple(size):
+        return image.to(torch.float32)
+    x = image.reshape(1, C, H, W)
+    strides = x.stride()
+    if x.is_contiguous(memory_format=torch.channels_last) and x.numel() != strides[0]:
+        x = x.as_strided(x.shape, (x.numel(), *strides[1:]))  # as torchvision restrides, for the same layout
+    x = torch.nn.functional.interpolate(x.to(torch.float32), size=list(size), mode=mode, align_corners=False,
+                                        antialias=True)
+    if mode == "bicubic":
+        x = x.clamp_(min=0, max=255)
+    return x.round_().reshape(C, *size)

@@ -1,7 +1,8 @@
-"""CUDA graphs of decode steps: one graph of the model's forward per batch-size bucket, captured on
-first use into one shared memory pool (largest first, so smaller graphs reuse its memory). A decode
-batch of n sequences replays the smallest bucket >= n; the padded rows get slot -1 (the KV store
-skips them) and sequence length 0 (attention gives zeros), so they touch nothing.
+"""CUDA graphs of decode steps: one graph of the model's forward per batch-size bucket, captured at
+startup (the runner's warm_up_kernels) into one shared memory pool (largest first, so smaller graphs
+reuse its memory). A decode batch of n sequences replays the smallest bucket >= n; the padded rows
+get slot -1 (the KV store skips them) and sequence length 0 (attention gives zeros), so they touch
+nothing.
 
 Static inputs: the rows [token ids, slot mapping, sequence lengths(, 1-D positions)] of one tensor,
 M-RoPE positions ([3, T]: any leading dims) and block tables, written straight from the runner's

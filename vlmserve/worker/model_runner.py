@@ -169,8 +169,8 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up_kernels(self) -> None:
         """Compile the attention backend's kernel variants, and capture the vision tower's graphs of
-        every image-count bucket and the prefill graphs of fresh prompts, before the first request
-        (CUDA)."""
+        every image-count bucket, the prefill graphs of fresh prompts and the decode graphs, before the
+        first request (CUDA)."""
         warm_up = getattr(self.attn_backend, "warm_up", None)
         if warm_up is not None and self.kv_caches:
             warm_up(self.attn_layers)
@@ -183,6 +183,10 @@ class ModelRunner:
             # a lone fresh prompt's graph: captured at first use, it cost the H200 ~0.4 s at the
             # start of a throughput run (cuDNN's plan, the eager pass, the capture)
             self._get_prefill_graphs().warm_up()
+        if self.use_cuda_graphs and self.kv_caches:
+            # captured at the first decode step, they held that step for the capture, and compiled the
+            # decode GEMV's SiLU-and-mul variant mid-run (tests/test_kernel_warmup.py, a fresh process)
+            self._get_decode_graphs()
         self._warm_up_logits()
 
     def _warm_up_logits(self) -> None:
@@ -380,20 +384,29 @@ class ModelRunner:
         """vectors: the host rows [ids, slots, seq_lens(, positions)] of a decode-only step; tables
         [B, max_blocks] and M-RoPE positions [rows, B] (else None) on the host too; fill_pending
         writes the pending input ids into the graph's ids."""
-        if self.decode_graphs is None:
+        graphs = self._get_decode_graphs()
+        if graphs is None:
+            return None
+        return graphs.run(vectors, tables, positions, max(seq_lens), fill_pending)
+
+    def _get_decode_graphs(self):
+        """The decode steps' CUDA graphs, every batch bucket, captured when first asked for: at startup
+        (warm_up_kernels), or again after the M-RoPE tables grew. None where graphs are off, or the capture
+        failed (then decode runs eagerly from now on)."""
+        if self.decode_graphs is None and self.use_cuda_graphs:
             from vlmserve.worker.cuda_graphs import DecodeGraphs
 
-            self.decode_graphs = DecodeGraphs(self.model, self.device, self.scheduler_config.max_num_seqs,
-                                              self.model_config.max_model_len, self.block_size,
-                                              tuple(positions.shape[:-1]) if positions is not None else ())
+            graphs = DecodeGraphs(self.model, self.device, self.scheduler_config.max_num_seqs,
+                                  self.model_config.max_model_len, self.block_size,
+                                  (self.position_rows,) if self.position_rows > 1 else ())
             try:
-                self.decode_graphs.capture()
+                graphs.capture()
             except Exception as e:  # a model whose decode step syncs with the host, say
                 logger.warning("CUDA graph capture failed (%s); decoding eagerly", e)
                 self.use_cuda_graphs = False
-                self.decode_graphs = None
                 return None
-        return self.decode_graphs.run(vectors, tables, positions, max(seq_lens), fill_pending)
+            self.decode_graphs = graphs
+        return self.decode_graphs
 
     def _get_prefill_graphs(self):
         if self.prefill_graphs is None:
