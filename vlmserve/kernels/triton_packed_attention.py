@@ -498,7 +498,11 @@ def _plan_last_split(args: tuple, counts: tuple[int, int, int], max_len: int, st
     compiled kernel cannot say. VLMSERVE_VISION_ATTENTION_SPLIT=0: never cut (for A/B runs)."""
     if device.type != "cuda" or os.environ.get("VLMSERVE_VISION_ATTENTION_SPLIT") == "0":
         return 0, 1
-    key = (device.index, args[0].dtype, tuple(sorted(meta.items())))
+    # What Triton specializes the compiled code on besides `meta`: the head count, the strides (== 1,
+    # divisible by 16) and the tensors' 16-byte alignment. One model's launches share them; another
+    # model's (or test's) tower may not, and its cut variants are compiled when it is first met too.
+    key = (device.index, args[0].dtype, tuple(sorted(meta.items())), counts[1], strides,
+           tuple(t.data_ptr() % 16 == 0 for t in args[:4]))
     if key not in _SLOTS:
         _SLOTS[key] = 0
         try:
