@@ -522,10 +522,11 @@ def _plan_last_split(args: tuple, counts: tuple[int, int, int], max_len: int, st
 
 def _compile_cut_variants(args: tuple, counts: tuple[int, int, int], strides: tuple, meta: dict) -> None:
     """Both kernels' variants for every piece count a plan may choose (PIECES is a constant of their
-    code), compiled when a tile configuration is first met: on a GPU engine that is its memory
-    profiling, before any request. Else a run compiles each the first time a launch is cut that many
-    ways: on an H200 whose Triton cache lacked them, Qwen2-VL's throughput run took 12.48 s; 8.48 s
-    with them compiled ahead, on a fresh machine (BENCHMARKS.md)."""
+    code), compiled when a tile configuration with a launch's specialization (`_plan_last_split`'s
+    key) is first met: on a GPU engine that is its memory profiling, before any request. Else a run
+    compiles each the first time a launch is cut that many ways: on an H200 whose Triton cache lacked
+    them, Qwen2-VL's throughput run took 12.48 s; 8.48 s with them compiled ahead, on a fresh machine
+    (BENCHMARKS.md)."""
     q, out, cu = args[0], args[3], args[4]
     D = q.shape[-1]
     scratch = torch.empty(2, dtype=torch.float32, device=q.device)
