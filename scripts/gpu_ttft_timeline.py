@@ -117,6 +117,9 @@ def add_fine_marks(llm, m: Marks) -> None:
     wrap_before(runner, "_encode", lambda: m.mark("encode entered", event=True))
     wrap_before(DevicePixels, "to", lambda: m.mark("pixels to the device", event=True))
     wrap_after(DevicePixels, "to", lambda _: m.mark("pixels finished (queued)", event=True))
+    from vlmserve.models import qwen2_vl_image_processing as qip  # inside .to: the copy, then the finish
+    wrap_before(qip.FastQwen2VLImageProcessor, "finish_on_device", lambda: m.mark("finish entered", event=True))
+    wrap_after(qip, "resize_as_torchvision_on_cuda", lambda _: m.mark("resized (queued)", event=True))
     wrap_before(runner.model, "embed_multimodal", lambda: m.mark("embed_multimodal entered"))
     for cls in (encoder_graphs.EncoderGraphs, encoder_graphs.GridEncoderGraphs):
         wrap_before(cls, "__call__", lambda: m.mark("tower graphs entered", event=True))
