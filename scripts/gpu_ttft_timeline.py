@@ -8,6 +8,7 @@ the device's clock to the host's, so every mark below is ms from the generate ca
   replay called, the launch returned, the step's results read, generate returned;
 - device: the tower done, the launch's first work reached, the graph reached (what the launch
   queued before it done), the step done.
+"count: cudaMalloc calls" is the caching allocator's new device allocations during a request.
 "device lead at the graph" is the device's mark less the host's: about 0 where the stream had
 run out of work and waited for the host to queue the language model's graph, positive where it was
 still busy with the tower or the merge. "host after the step" is the time from the step's end on
@@ -189,6 +190,7 @@ def main() -> int:
                 torch.cuda.synchronize()
             m.reset()
             tl.reset()
+            allocs = torch.cuda.memory_stats().get("num_device_alloc", 0) if CUDA else 0
             m.mark("call", event=True)
             llm.generate(x, one, use_tqdm=False)
             m.mark("generate returned")
@@ -196,6 +198,8 @@ def main() -> int:
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 row = m.relative()
+                if CUDA:  # cudaMalloc calls of the caching allocator during the request (a count, not ms)
+                    row["count: cudaMalloc calls"] = torch.cuda.memory_stats().get("num_device_alloc", 0) - allocs
                 row.update({f"stage: {k}": 1e3 * v for k, v in tl.acc.items()})
                 rows.append(row)
                 ttft.append(row["host: generate returned"])
